@@ -1,0 +1,12 @@
+"""mhpo: stable RL for language and vision-language models.
+
+    from mhpo import policy_loss, OBJECTIVES
+    loss, stats = policy_loss("mhpo", logp, old_logp, advantages, mask)
+"""
+
+from .aggregation import AGG_MODES, global_counts, token_weights
+from .loss import policy_loss
+from .objectives import OBJECTIVES, Objective, get_objective
+
+__version__ = "0.1.0"
+__all__ = ["policy_loss", "OBJECTIVES", "Objective", "get_objective", "AGG_MODES", "token_weights", "global_counts"]

@@ -1,0 +1,62 @@
+"""Token weights for the loss aggregation modes (names as in verl).
+
+Every mode is a weighted sum J = sum_{i,t} w_it j_it with weights that are uniform inside a
+sequence, so the gradient of a token is w_it * A * M(r_it). With global counts over the whole
+optimizer step, the gradients of k micro-batches sum exactly to the full-batch gradient.
+
+    token-mean               w_it = m_it / N_tok
+    seq-mean-token-mean      w_it = m_it / (|o_i| * N_seq)              (GRPO paper)
+    seq-mean-token-sum-norm  w_it = m_it / (L * N_seq)                  (Dr. GRPO; L a constant)
+
+N_tok = masked tokens, N_seq = sequences with at least one masked token (both global if given,
+else counted in this batch), L = ``norm_length`` (default: the padded width T).
+"""
+
+from __future__ import annotations
+
+import torch
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def check_agg(mode: str) -> str:
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown aggregation {mode!r}; valid aggregations: {', '.join(AGG_MODES)}")
+    return mode
+
+
+def _count(value, name: str):
+    if value is None:
+        return None
+    v = float(value)
+    if not v > 0:
+        raise ValueError(f"{name}={value!r} must be a positive count (the global count over the step)")
+    return v
+
+
+def token_weights(
+    mask: torch.Tensor,  # [B, T] float 0/1
+    mode: str,
+    *,
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    norm_length: float | None = None,
+) -> torch.Tensor:  # [B, T]
+    """Weights w such that the aggregated objective is sum(w * j); see the module docstring."""
+    check_agg(mode)
+    if mode == "token-mean":
+        n = _count(num_tokens, "num_tokens")
+        return mask / (n if n is not None else mask.sum().clamp(min=1))
+    lengths = mask.sum(dim=-1, keepdim=True)  # [B, 1]
+    n_seq = _count(num_seqs, "num_seqs")
+    if n_seq is None:
+        n_seq = (lengths > 0).sum().clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        return mask / (lengths.clamp(min=1) * n_seq)
+    length = _count(norm_length, "norm_length") or mask.shape[-1]
+    return mask / (length * n_seq)
+
+
+def global_counts(mask: torch.Tensor) -> dict[str, int]:
+    """The counts to pass as num_tokens / num_seqs when ``mask`` is the whole step's batch."""
+    return {"num_tokens": int(mask.sum()), "num_seqs": int((mask.sum(-1) > 0).sum())}

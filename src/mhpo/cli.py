@@ -1,0 +1,48 @@
+"""The `mhpo` command line. Each subcommand lives in its own module and is imported only when used
+(so `mhpo objectives` does not pay for importing transformers).
+
+A module named here provides ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("mhpo.train", "RL with verifiable rewards on a causal LM (default: offline tiny demo)"),
+    "eval": ("mhpo.evaluate", "evaluate a run's checkpoint on its held-out set"),
+    "compare": ("mhpo.compare", "run objectives x seeds on one task and write a stability report"),
+    "report": ("mhpo.report", "re-render a comparison report from finished runs"),
+    "objectives": ("mhpo.commands.objectives", "list the registered objectives: formula and defaults"),
+    "plot-multipliers": ("mhpo.commands.plot_multipliers", "plot the gradient multiplier M(r) of every objective"),
+}
+
+
+class UsageError(ValueError):
+    """A bad command-line or config value: printed as one line, exit status 2, no traceback."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="mhpo", description="Stable RL for (vision-)language models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = argv[0] if argv and not argv[0].startswith("-") else None
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:  # import only the module that will run
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except UsageError as err:
+        print(f"mhpo {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

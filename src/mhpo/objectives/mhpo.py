@@ -1,0 +1,150 @@
+"""MHPO: Modulated Hazard-aware Policy Optimization (arXiv 2603.16929).
+
+    psi(r)  = c * tanh(log r / c)                                   Log-Fidelity Modulator (LFM)
+    zeta(r) = (softplus(sg psi) / lambda_pos)^k_pos
+            + (softplus(-sg psi) / lambda_neg)^k_neg                Decoupled Hazard Penalty (DHP)
+    J       = E[ exp(psi - sg zeta) * A ]
+    dJ/dlogp = A * exp(psi - zeta) * sech^2(log r / c)  =: A * M(r)
+
+With the paper defaults the on-policy weight is exp(-zeta(1)) = 0.265, not 1: softplus(0) = ln 2,
+so zeta(1) = (ln2/1)^1.5 + (ln2/0.8)^2 = 1.328. That is the formula as written and the default here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .registry import MAX_LOG_RATIO, HParam, Objective, Terms, Tensor, register, sat_exp
+
+PAPER_DEFAULTS = dict(c=1.5, k_pos=1.5, lambda_pos=1.0, k_neg=2.0, lambda_neg=0.8)
+
+
+def lfm(log_r: Tensor, c: float) -> Tensor:
+    """Log-Fidelity Modulator psi = c * tanh(log r / c): ~log r near r = 1, bounded in (-c, c)."""
+    return c * torch.tanh(log_r / c)
+
+
+def weibull_hazard(x: Tensor, k: float, lam: float) -> Tensor:
+    """Weibull cumulative hazard H(x) = (x / lambda)^k for x >= 0."""
+    return (x / lam).pow(k)
+
+
+def dhp(psi: Tensor, k_pos: float, lambda_pos: float, k_neg: float, lambda_neg: float) -> Tensor:
+    """Decoupled Hazard Penalty zeta = H_pos(softplus(psi)) + H_neg(softplus(-psi)); no gradient.
+
+    softplus(-x) = softplus(x) - x, so one softplus serves both directions.
+    """
+    psi = psi.detach()
+    sp = F.softplus(psi)  # s(psi)
+    return weibull_hazard(sp, k_pos, lambda_pos) + weibull_hazard(sp - psi, k_neg, lambda_neg)
+
+
+def on_policy_weight(k_pos: float, lambda_pos: float, k_neg: float, lambda_neg: float) -> float:
+    """exp(-zeta(r = 1)) = exp(-(ln2/lambda_pos)^k_pos - (ln2/lambda_neg)^k_neg); 0.265 at defaults."""
+    ln2 = math.log(2.0)
+    return math.exp(-((ln2 / lambda_pos) ** k_pos) - (ln2 / lambda_neg) ** k_neg)
+
+
+def mhpo_terms(
+    logp: Tensor,
+    log_r: Tensor,  # [B, T]
+    adv: Tensor,  # [B, T]
+    mask: Tensor,  # [B, T]
+    *,
+    c: float,
+    k_pos: float,
+    lambda_pos: float,
+    k_neg: float,
+    lambda_neg: float,
+    lfm_on: bool = True,
+    dhp_on: bool = True,
+    rescale: bool = False,
+) -> Terms:
+    """MHPO per token: j = exp(psi - sg zeta) * A,  M = exp(psi - zeta) * sech^2(log r / c).
+
+    psi = c*tanh(log r / c) (LFM; raw log r when LFM is off), zeta = DHP(psi) (0 when DHP is off).
+    ``rescale`` divides by the on-policy weight exp(-zeta(1)) so that M(1) = 1 (mhpo-rescaled only).
+    """
+    psi = lfm(log_r, c) if lfm_on else log_r
+    zeta = dhp(psi, k_pos, lambda_pos, k_neg, lambda_neg) if dhp_on else torch.zeros_like(psi)
+    scale = 1.0
+    if rescale and dhp_on:
+        scale = 1.0 / on_policy_weight(k_pos, lambda_pos, k_neg, lambda_neg)
+    # exp(psi - sg zeta); psi <= c is bounded with LFM, else saturate like `reinforce` does.
+    bounded = lfm_on and c <= MAX_LOG_RATIO
+    weight = torch.exp(psi - zeta) if bounded else sat_exp(psi - zeta)
+    if scale != 1.0:
+        weight = weight * scale
+    value = weight * adv
+    with torch.no_grad():
+        mult = weight.detach()
+        if lfm_on:
+            t = psi.detach() / c  # tanh(log r / c)
+            mult = mult * (1.0 - t * t)  # sech^2(log r / c) = 1 - tanh^2
+        survival = torch.exp(-zeta)
+    return Terms(value, mult, {"psi": psi.detach(), "zeta": zeta, "survival": survival})
+
+
+def _mhpo_hparams(c=1.5, k_pos=1.5, lambda_pos=1.0, k_neg=2.0, lambda_neg=0.8, switches=True):
+    hp = {
+        "c": HParam(c, "positive", "LFM bound: psi in (-c, c)"),
+        "k_pos": HParam(k_pos, "positive", "Weibull shape, upward shift (r > 1)"),
+        "lambda_pos": HParam(lambda_pos, "positive", "Weibull scale, upward shift"),
+        "k_neg": HParam(k_neg, "positive", "Weibull shape, downward shift (r < 1)"),
+        "lambda_neg": HParam(lambda_neg, "positive", "Weibull scale, downward shift"),
+    }
+    if switches:
+        hp["lfm"] = HParam(True, "bool", "Log-Fidelity Modulator on (off: raw log r)")
+        hp["dhp"] = HParam(True, "bool", "Decoupled Hazard Penalty on (off: zeta = 0)")
+    return hp
+
+
+def _mhpo(logp, log_r, adv, mask, *, lfm=True, dhp=True, **hp) -> Terms:
+    return mhpo_terms(logp, log_r, adv, mask, lfm_on=lfm, dhp_on=dhp, **hp)
+
+
+_mhpo.__doc__ = mhpo_terms.__doc__
+
+_FORMULA = "exp(psi - sg zeta) A;  psi = c tanh(log r / c),  zeta = (s(psi)/lp)^kp + (s(-psi)/ln)^kn"
+
+register(Objective("mhpo", _mhpo, _mhpo_hparams(), _FORMULA, "token"))
+register(
+    Objective(
+        "mhpo-lfm-only",
+        _mhpo,
+        {**_mhpo_hparams(), "dhp": HParam(False, "bool", "Decoupled Hazard Penalty on")},
+        "exp(psi) A  (ablation: DHP off, zeta = 0)",
+        "token",
+    )
+)
+register(
+    Objective(
+        "mhpo-dhp-only",
+        _mhpo,
+        {**_mhpo_hparams(), "lfm": HParam(False, "bool", "Log-Fidelity Modulator on")},
+        "exp(log r - sg zeta) A  (ablation: LFM off, psi = log r)",
+        "token",
+    )
+)
+register(
+    Objective(
+        "mhpo-symmetric",
+        _mhpo,
+        _mhpo_hparams(k_neg=1.5, lambda_neg=1.0),
+        "mhpo with k_neg = k_pos, lambda_neg = lambda_pos  (ablation: symmetric DHP)",
+        "token",
+    )
+)
+register(
+    Objective(
+        "mhpo-rescaled",
+        _mhpo,
+        _mhpo_hparams(switches=False),
+        "exp(psi - sg zeta) A / exp(-zeta(1))  (NOT the paper: on-policy weight 1 instead of 0.265)",
+        "token",
+        fixed={"rescale": True},
+    )
+)
