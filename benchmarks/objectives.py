@@ -1,0 +1,83 @@
+"""Forward + backward time of every objective on the same tensors, as a ratio to `grpo`.
+
+    .venv/bin/python benchmarks/objectives.py [--tokens 4194304] [--reps 15] [--threads N]
+
+Inputs: float32 [B, T] = [512, 8192] (4M tokens), log r ~ N(0, 0.3), 90% of tokens masked in,
+per-sequence advantages, token-mean. Each repetition times `policy_loss(..., stats=False)` plus
+`backward()`; the table gives medians. The floor row times the transcendental functions MHPO
+cannot avoid, alone, on the same tensor size: per token one tanh, two exp and one log1p.
+Not a test: these machines are noisy, so read ratios from one run, not absolute times across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mhpo import OBJECTIVES, policy_loss
+
+
+def make_inputs(tokens: int, seed: int = 0):
+    T = 8192
+    B = max(tokens // T, 1)
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g) * 5
+    logp = (old + 0.3 * torch.randn(B, T, generator=g)).requires_grad_(True)
+    adv = torch.randn(B, generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.9
+    return logp, old, adv, mask
+
+
+def time_objective(name: str, logp, old, adv, mask, reps: int, **kw) -> float:
+    """Median seconds of one forward + backward."""
+    times = []
+    for _ in range(reps + 2):
+        logp.grad = None
+        t0 = time.perf_counter()
+        loss, _ = policy_loss(name, logp, old, adv, mask, stats=False, **kw)
+        loss.backward()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])  # first two are warm-up
+
+
+def time_floor(x: torch.Tensor, reps: int) -> float:
+    """Median seconds of one tanh, two exp and one log1p over x (the transcendental floor)."""
+    times = []
+    for _ in range(reps + 2):
+        t0 = time.perf_counter()
+        a = torch.tanh(x)
+        b = torch.exp(a)
+        c = torch.log1p(b)
+        torch.exp(c)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--objectives", default=None, help="comma-separated subset (default: all)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logp, old, adv, mask = make_inputs(args.tokens)
+    names = args.objectives.split(",") if args.objectives else list(OBJECTIVES)
+    if "grpo" not in names:
+        names.insert(0, "grpo")
+    results = {n: time_objective(n, logp, old, adv, mask, args.reps) for n in names}
+    floor = time_floor(logp.detach(), args.reps)
+    base = results["grpo"]
+    print(f"{logp.numel():,} tokens float32, {torch.get_num_threads()} threads, median of {args.reps}\n")
+    print(f"| objective | fwd+bwd ms | / grpo | / floor |\n|---|---:|---:|---:|")
+    for n, t in results.items():
+        print(f"| {n} | {t * 1e3:.1f} | {t / base:.2f} | {t / floor:.2f} |")
+    print(f"| floor: tanh + 2 exp + log1p | {floor * 1e3:.1f} | {floor / base:.2f} | 1.00 |")
+
+
+if __name__ == "__main__":
+    main()
