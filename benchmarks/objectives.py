@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/objectives.py [--tokens 4194304] [--reps 15] [--threads N]
 
-Inputs: float32 [B, T] = [512, 8192] (4M tokens), log r ~ N(0, 0.3), 90% of tokens masked in,
+Rows `mhpo [impl=...]` time the plain-autograd reference and the torch.compile opt-in of MHPO
+(compilation happens in the warm-up repetitions). Inputs: float32 [B, T] = [512, 8192] (4M tokens), log r ~ N(0, 0.3), 90% of tokens masked in,
 per-sequence advantages, token-mean. Each repetition times `policy_loss(..., stats=False)` plus
 `backward()`; the table gives medians. The floor row times the transcendental functions MHPO
 cannot avoid, alone, on the same tensor size: per token one tanh, two exp and one log1p.
@@ -62,6 +63,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--objectives", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,6 +72,10 @@ def main() -> None:
     if "grpo" not in names:
         names.insert(0, "grpo")
     results = {n: time_objective(n, logp, old, adv, mask, args.reps) for n in names}
+    if "mhpo" in names:  # the fused kernel (default) against plain autograd and the compile opt-in
+        results["mhpo [impl=reference]"] = time_objective("mhpo", logp, old, adv, mask, args.reps, impl="reference")
+        if not args.no_compile:
+            results["mhpo [impl=compile]"] = time_objective("mhpo", logp, old, adv, mask, args.reps, impl="compile")
     floor = time_floor(logp.detach(), args.reps)
     base = results["grpo"]
     print(f"{logp.numel():,} tokens float32, {torch.get_num_threads()} threads, median of {args.reps}\n")

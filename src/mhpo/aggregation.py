@@ -34,27 +34,36 @@ def _count(value, name: str):
     return v
 
 
-def token_weights(
+def row_weights(
     mask: torch.Tensor,  # [B, T] float 0/1
     mode: str,
     *,
     num_tokens: float | None = None,
     num_seqs: float | None = None,
     norm_length: float | None = None,
-) -> torch.Tensor:  # [B, T]
-    """Weights w such that the aggregated objective is sum(w * j); see the module docstring."""
+) -> torch.Tensor:  # [B, 1]
+    """Per-row scale s_i with w_it = m_it * s_i: every mode weights a sequence's tokens uniformly.
+
+    token-mean: 1 / N_tok;  seq-mean-token-mean: 1 / (|o_i| N_seq);  seq-mean-token-sum-norm: 1 / (L N_seq).
+    """
     check_agg(mode)
     if mode == "token-mean":
         n = _count(num_tokens, "num_tokens")
-        return mask / (n if n is not None else mask.sum().clamp(min=1))
+        n = n if n is not None else mask.sum().clamp(min=1)
+        return torch.ones_like(mask[:, :1]) / n
     lengths = mask.sum(dim=-1, keepdim=True)  # [B, 1]
     n_seq = _count(num_seqs, "num_seqs")
     if n_seq is None:
         n_seq = (lengths > 0).sum().clamp(min=1)
     if mode == "seq-mean-token-mean":
-        return mask / (lengths.clamp(min=1) * n_seq)
+        return 1.0 / (lengths.clamp(min=1) * n_seq)
     length = _count(norm_length, "norm_length") or mask.shape[-1]
-    return mask / (length * n_seq)
+    return torch.ones_like(lengths) / (length * n_seq)
+
+
+def token_weights(mask: torch.Tensor, mode: str, **counts) -> torch.Tensor:  # [B, T]
+    """Weights w such that the aggregated objective is sum(w * j); see the module docstring."""
+    return mask * row_weights(mask, mode, **counts)
 
 
 def global_counts(mask: torch.Tensor) -> dict[str, int]:

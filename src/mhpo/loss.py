@@ -13,10 +13,10 @@ from functools import lru_cache
 
 import torch
 
-from .aggregation import check_agg, token_weights
+from .aggregation import check_agg, row_weights
 from .diagnostics import objective_stats
 from .kl import k3
-from .objectives import get_objective
+from .objectives import Terms, get_objective
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -35,6 +35,7 @@ def policy_loss(
     num_seqs: float | None = None,  # global non-empty sequence count over the step (seq-mean-*)
     norm_length: float | None = None,  # constant L for seq-mean-token-sum-norm (default T)
     stats: bool = True,
+    impl: str = "auto",  # "auto": fused kernel where one applies; "compile": that kernel via torch.compile; "reference": autograd
     **hparams,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss (scalar, to minimise) and detached float diagnostics for objective ``name``.
@@ -48,31 +49,47 @@ def policy_loss(
     check_agg(agg)
     _check_inputs(logp, old_logp, advantages, mask, ref_logp, beta)
 
-    dtype = torch.float32 if logp.dtype in _HALF else logp.dtype
-    m = mask.to(dtype)  # [B, T]
-    keep = mask.bool()
-    lp = logp.to(dtype)
-    adv = advantages.to(dtype)
-    adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand_as(lp)  # [B, T]
-    log_r = torch.where(keep, lp - old_logp.to(dtype), torch.zeros_like(lp))  # [B, T]
+    if impl not in IMPLS:
+        raise ValueError(f"policy_loss: unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
 
-    terms = objective(lp, log_r, adv, m, **hp)
-    per_token = -terms.value  # [B, T]
+    dtype = torch.float32 if logp.dtype in _HALF else logp.dtype
+    keep = mask.bool()  # [B, T]
+    m = keep.to(dtype)
+    lp = logp.to(dtype)
+    old = old_logp.to(dtype)
+    adv = advantages.to(dtype)
+    adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv  # [B, 1] or [B, T]
+    row = row_weights(m, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)  # [B, 1]
+
+    fast = None
+    if impl != "reference":
+        fast = objective.fast(lp, old, m * (adv * row), stats, compiled=impl == "compile", **hp)
+    if fast is not None:  # loss = -sum w A exp(psi - sg zeta), analytic backward
+        loss, parts = fast
+        if stats:
+            with torch.no_grad():
+                log_r = torch.where(keep, lp - old, 0.0)
+                terms = Terms(log_r, parts[2], {"psi": parts[0], "zeta": parts[1], "survival": torch.exp(-parts[1])})
+    else:
+        log_r = torch.where(keep, lp - old, torch.zeros_like(lp))  # [B, T]
+        terms = objective(lp, log_r, adv.expand_as(lp), m, **hp)
+        loss = -(terms.value * (m * row)).sum()
     kl = None
     if ref_logp is not None:
-        kl = k3(lp, torch.where(keep, ref_logp.to(dtype), lp.detach()))
+        kl = k3(lp, torch.where(keep, ref_logp.to(dtype), lp.detach()))  # [B, T]
         if beta:
-            per_token = per_token + beta * kl
-    w = token_weights(m, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
-    loss = (torch.where(keep, per_token, torch.zeros_like(per_token)) * w).sum()
+            loss = loss + beta * (kl * (m * row)).sum()
 
     out: dict[str, float] = {}
     if stats:
         ref_m = _on_policy_multiplier(name, tuple(sorted(hp.items())), dtype)  # (M(1) | A>0, A<=0)
-        on_policy = torch.where(adv > 0, ref_m[0], ref_m[1])
+        on_policy = torch.where(adv.expand_as(lp) > 0, ref_m[0], ref_m[1])
         out = objective_stats(log_r, keep, terms.multiplier, on_policy, terms.extras, kl)
         out["loss"] = float(loss.detach())
     return loss, out
+
+
+IMPLS = ("auto", "compile", "reference")
 
 
 @lru_cache(maxsize=256)
@@ -111,12 +128,18 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, beta) -> None:
         raise ValueError("policy_loss: 'mask' must be bool or hold only 0 and 1")
     for arg in ("logp", "old_logp", "advantages", "ref_logp"):
         if arg in tensors:
-            bad = ~torch.isfinite(tensors[arg])
-            if bad.any():
-                raise ValueError(
-                    f"policy_loss: {arg!r} contains NaN or inf ({int(bad.sum())} of {bad.numel()} elements)"
-                )
+            _check_finite(arg, tensors[arg])
     if not isinstance(beta, (int, float)) or beta < 0 or beta != beta:
         raise ValueError(f"policy_loss: beta={beta!r} must be a number >= 0")
     if beta and ref_logp is None:
         raise ValueError(f"policy_loss: beta={beta} needs 'ref_logp' (the reference policy's log-probs)")
+
+
+def _check_finite(arg: str, t: torch.Tensor) -> None:
+    """ValueError if t holds NaN or inf. One reduction: a NaN or inf anywhere makes the sum
+    non-finite; only then (or if finite values overflowed the sum) is each element checked."""
+    if torch.isfinite(t.detach().sum(dtype=torch.float64)):
+        return
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        raise ValueError(f"policy_loss: {arg!r} contains NaN or inf ({int(bad.sum())} of {bad.numel()} elements)")

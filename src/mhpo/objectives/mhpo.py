@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .mhpo_fused import mhpo_fused_loss
 from .registry import MAX_LOG_RATIO, HParam, Objective, Terms, Tensor, register, sat_exp
 
 PAPER_DEFAULTS = dict(c=1.5, k_pos=1.5, lambda_pos=1.0, k_neg=2.0, lambda_neg=0.8)
@@ -106,11 +107,23 @@ def _mhpo(logp, log_r, adv, mask, *, lfm=True, dhp=True, **hp) -> Terms:
     return mhpo_terms(logp, log_r, adv, mask, lfm_on=lfm, dhp_on=dhp, **hp)
 
 
+def _mhpo_fast(logp, old_logp, coef, *, want_stats, compiled=False, lfm=True, dhp=True, rescale=False, **hp):
+    """The fused path (see mhpo_fused) for LFM and DHP both on; None otherwise."""
+    if not (lfm and dhp) or hp["c"] > MAX_LOG_RATIO:
+        return None
+    scale = 1.0 / on_policy_weight(hp["k_pos"], hp["lambda_pos"], hp["k_neg"], hp["lambda_neg"]) if rescale else 1.0
+    coef = coef * scale if rescale else coef
+    loss, parts = mhpo_fused_loss(logp, old_logp, coef, want_stats=want_stats, compiled=compiled, **hp)
+    if parts is not None and rescale:
+        parts = (parts[0], parts[1], parts[2] * scale)
+    return loss, parts
+
+
 _mhpo.__doc__ = mhpo_terms.__doc__
 
 _FORMULA = "exp(psi - sg zeta) A;  psi = c tanh(log r / c),  zeta = (s(psi)/lp)^kp + (s(-psi)/ln)^kn"
 
-register(Objective("mhpo", _mhpo, _mhpo_hparams(), _FORMULA, "token"))
+register(Objective("mhpo", _mhpo, _mhpo_hparams(), _FORMULA, "token", fused=_mhpo_fast))
 register(
     Objective(
         "mhpo-lfm-only",
@@ -118,6 +131,7 @@ register(
         {**_mhpo_hparams(), "dhp": HParam(False, "bool", "Decoupled Hazard Penalty on")},
         "exp(psi) A  (ablation: DHP off, zeta = 0)",
         "token",
+        fused=_mhpo_fast,
     )
 )
 register(
@@ -127,6 +141,7 @@ register(
         {**_mhpo_hparams(), "lfm": HParam(False, "bool", "Log-Fidelity Modulator on")},
         "exp(log r - sg zeta) A  (ablation: LFM off, psi = log r)",
         "token",
+        fused=_mhpo_fast,
     )
 )
 register(
@@ -136,6 +151,7 @@ register(
         _mhpo_hparams(k_neg=1.5, lambda_neg=1.0),
         "mhpo with k_neg = k_pos, lambda_neg = lambda_pos  (ablation: symmetric DHP)",
         "token",
+        fused=_mhpo_fast,
     )
 )
 register(
@@ -146,5 +162,6 @@ register(
         "exp(psi - sg zeta) A / exp(-zeta(1))  (NOT the paper: on-policy weight 1 instead of 0.265)",
         "token",
         fixed={"rescale": True},
+        fused=_mhpo_fast,
     )
 )
