@@ -106,15 +106,22 @@ class MHPOLoss(torch.autograd.Function):
         return grad * -g, None, None, None, None, None
 
 
+def chunk_size(device: torch.device, n: int) -> int:
+    """Tokens per chunk: cache-sized on CPU; on an accelerator one chunk (a loop would only add
+    kernel launches; the fused form still saves the backward graph and its temporaries)."""
+    return max(min(CHUNK if device.type == "cpu" else n, n), 1)
+
+
 def _chunked(logp, old_logp, coef, hp, want_stats):
     """The chunk loop: (sum coef*w, coef*M [N], [psi, zeta, M] or [])."""
     n = logp.numel()
+    chunk = chunk_size(logp.device, n)
     grad = torch.empty_like(logp)  # coef * M = -d loss / d logp
     stats = [torch.empty_like(logp) for _ in range(3)] if want_stats else []  # psi, zeta, M
-    buf = torch.empty(min(CHUNK, n), dtype=logp.dtype, device=logp.device)
+    buf = torch.empty(chunk, dtype=logp.dtype, device=logp.device)
     total = torch.zeros((), dtype=torch.float64, device=logp.device)  # sum coef * w
-    for s in range(0, n, CHUNK):
-        e = min(s + CHUNK, n)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
         x = torch.sub(logp[s:e], old_logp[s:e], out=buf[: e - s])
         total += _chunk(x, coef[s:e], *hp, grad[s:e], [b[s:e] for b in stats] if want_stats else None)
     return total, grad, stats
