@@ -187,6 +187,7 @@ def test_diagnostics_match_independent_computation():
     assert s["ratio/p1"] == pytest.approx(order[round(0.01 * (n - 1))], rel=1e-12)
     assert s["ratio/p99"] == pytest.approx(order[round(0.99 * (n - 1))], rel=1e-12)
     assert s["log_ratio/abs_mean"] == pytest.approx(np.abs(x).mean(), rel=1e-12)
+    assert s["log_ratio/abs_p99"] == pytest.approx(np.sort(np.abs(x))[round(0.99 * (n - 1))], rel=1e-12)
 
     psi = 1.5 * np.tanh(x / 1.5)
     sp = np.log1p(np.exp(psi))

@@ -1,7 +1,7 @@
 """Detached diagnostics of one objective evaluation, over masked-in tokens only.
 
     ratio/{mean,min,max,p1,p99}   r = exp(log r)  (percentiles: nearest rank)
-    log_ratio/abs_mean            mean |log r|
+    log_ratio/abs_mean, abs_p99   mean and 99th percentile of |log r|
     clip_frac                     fraction of tokens with M(r) < 0.1 * M(1): gradient zeroed or
                                   damped below 10% of its on-policy value (generalised clip fraction)
     multiplier/mean               mean M(r) = (dJ/dlogp) / A
@@ -43,7 +43,7 @@ def objective_stats(
     n = int(mask.sum())
     stats: dict[str, float] = {"tokens": float(n)}
     if n == 0:
-        keys = ["ratio/mean", "ratio/min", "ratio/max", "ratio/p1", "ratio/p99", "log_ratio/abs_mean"]
+        keys = ["ratio/mean", "ratio/min", "ratio/max", "ratio/p1", "ratio/p99", "log_ratio/abs_mean", "log_ratio/abs_p99"]
         keys += ["clip_frac", "multiplier/mean"] + [f"mhpo/{k}_mean" for k in extras if k in _MHPO]
         stats.update({k: 0.0 for k in keys})
         if kl is not None:
@@ -56,7 +56,9 @@ def objective_stats(
     stats["ratio/max"] = _exp(float(lr.max()))
     stats["ratio/p1"] = _exp(p1)
     stats["ratio/p99"] = _exp(p99)
-    stats["log_ratio/abs_mean"] = float(lr.abs().mean())
+    abs_lr = lr.abs()
+    stats["log_ratio/abs_mean"] = float(abs_lr.mean())
+    stats["log_ratio/abs_p99"] = masked_quantiles(abs_lr, (0.99,))[0]
     m = multiplier[mask]
     stats["clip_frac"] = float((m < DAMPED * on_policy_multiplier[mask]).double().mean())
     stats["multiplier/mean"] = float(m.double().mean())
