@@ -52,7 +52,7 @@ def token_level(name, lr, adv, hp):
             j = torch.where(adv < 0, torch.maximum(j, hp["dual_clip"] * adv), j)
         return j, torch.where(clipped, 0.0, r)
     if name == "sapo":
-        tau = torch.where(adv > 0, hp["tau_pos"], hp["tau_neg"])
+        tau = torch.where(adv > 0, torch.full_like(r, hp["tau_pos"]), torch.full_like(r, hp["tau_neg"]))
         s = torch.sigmoid(tau * (r - 1))
         return s * 4 / tau * adv, 4 * s * (1 - s) * r
     if name == "cispo":

@@ -298,3 +298,34 @@ def test_aggregation_modes_weight_sequences_as_documented():
     assert loss("seq-mean-token-sum-norm", norm_length=10) == pytest.approx((1 / 10 + 6 / 10) / 2)
     assert loss("token-mean", num_tokens=8) == pytest.approx(7 / 8)
     assert loss("seq-mean-token-mean", num_seqs=4) == pytest.approx(3 / 4)
+
+
+def test_sapo_temperatures_are_exact_in_float64():
+    """tau_neg = 1.05 must not pass through float32 (it would become 1.0499999523)."""
+    logp = torch.zeros(1, 1, dtype=torch.float64)
+    old = torch.full_like(logp, -0.5)
+    loss, _ = policy_loss("sapo", logp, old, torch.tensor([-1.0], dtype=torch.float64), torch.ones_like(logp, dtype=torch.bool), stats=False)
+    r, tau = math.exp(0.5), 1.05
+    expected = 1.0 / (1.0 + math.exp(-tau * (r - 1))) * 4 / tau  # loss = -(-1) * f(r)
+    assert float(loss) == pytest.approx(expected, rel=1e-15, abs=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_token_losses_aggregate_to_policy_loss(name, impl):
+    from mhpo import token_losses, token_weights
+
+    logp, old, adv, mask = random_batch(21, per_token_adv=True)
+    refp = old + 0.2
+    for agg in AGG_MODES:
+        x1 = logp.clone().requires_grad_(True)
+        loss, stats = policy_loss(name, x1, old, adv, mask, agg=agg, ref_logp=refp, beta=0.03, impl=impl)
+        loss.backward()
+        x2 = logp.clone().requires_grad_(True)
+        t = token_losses(name, x2, old, adv, mask, ref_logp=refp, stats=True, impl=impl)
+        assert torch.all(t.policy[~mask] == 0) and torch.all(t.kl[~mask] == 0)
+        total = ((t.policy + 0.03 * t.kl) * token_weights(mask.double(), agg)).sum()
+        total.backward()
+        torch.testing.assert_close(total, loss, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-12, atol=1e-14)
+        assert t.stats == {k: v for k, v in stats.items() if k != "loss"}

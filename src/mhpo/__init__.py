@@ -5,8 +5,8 @@
 """
 
 from .aggregation import AGG_MODES, global_counts, token_weights
-from .loss import policy_loss
+from .loss import TokenLosses, policy_loss, token_losses
 from .objectives import OBJECTIVES, Objective, get_objective
 
 __version__ = "0.1.0"
-__all__ = ["policy_loss", "OBJECTIVES", "Objective", "get_objective", "AGG_MODES", "token_weights", "global_counts"]
+__all__ = ["policy_loss", "token_losses", "TokenLosses", "OBJECTIVES", "Objective", "get_objective", "AGG_MODES", "token_weights", "global_counts"]

@@ -1,24 +1,41 @@
-"""`policy_loss`: one call for every registered objective.
+"""`policy_loss` and `token_losses`: one call for every registered objective.
 
     loss = sum_{i,t} w_it * ( beta * k3_it - j_it )
 
 with j the objective's per-token value (see :mod:`mhpo.objectives`), w the aggregation weights
 (see :mod:`mhpo.aggregation`) and k3 the KL to a reference policy. The loss is to be minimised;
 its gradient with respect to logp_it is w_it * (beta * dk3/dlogp - A_it * M(r_it)).
+
+`token_losses` returns the per-token pieces (-j, k3, log r) unaggregated, for engines that
+aggregate themselves (verl's agg_loss, TRL's normaliser); `policy_loss` aggregates them.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+from typing import Mapping
 
 import torch
 
 from .aggregation import check_agg, row_weights
 from .diagnostics import objective_stats
 from .kl import k3
-from .objectives import Terms, get_objective
+from .objectives import Objective, Terms, get_objective
 
 _HALF = (torch.float16, torch.bfloat16)
+IMPLS = ("auto", "compile", "reference")
+
+
+@dataclass(frozen=True)
+class TokenLosses:
+    """The per-token pieces of the loss: [B, T], 0 outside the mask."""
+
+    policy: torch.Tensor  # -j_it, carries the gradient
+    kl: torch.Tensor | None  # k3_it to the reference (None without ref_logp), carries the gradient
+    log_r: torch.Tensor  # logp - old_logp, carries the gradient
+    keep: torch.Tensor  # bool mask
+    stats: dict[str, float] = field(default_factory=dict)  # diagnostics when asked for ('loss' excluded)
 
 
 def policy_loss(
@@ -41,55 +58,114 @@ def policy_loss(
     """Loss (scalar, to minimise) and detached float diagnostics for objective ``name``.
 
     Half-precision inputs are computed in float32; the loss is float32 then. Global counts make
-    k micro-batches (gradient accumulation, data parallel) sum to the full-batch gradient.
+    k micro-batches (gradient accumulation, data parallel) sum to exactly the full-batch gradient.
     Raises ValueError on an unknown objective, aggregation or hparam, a bad shape, or NaN/inf input.
     """
-    objective = get_objective(name)
-    hp = objective.resolve(hparams)
     check_agg(agg)
-    _check_inputs(logp, old_logp, advantages, mask, ref_logp, beta)
-
-    if impl not in IMPLS:
-        raise ValueError(f"policy_loss: unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
-
-    dtype = torch.float32 if logp.dtype in _HALF else logp.dtype
-    keep = mask.bool()  # [B, T]
-    m = keep.to(dtype)
-    lp = logp.to(dtype)
-    old = old_logp.to(dtype)
-    adv = advantages.to(dtype)
-    adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv  # [B, 1] or [B, T]
-    row = row_weights(m, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)  # [B, 1]
-
-    fast = None
-    if impl != "reference":
-        fast = objective.fast(lp, old, m * (adv * row), stats, compiled=impl == "compile", **hp)
+    x = _prepare(name, logp, old_logp, advantages, mask, ref_logp, beta, impl, hparams)
+    row = row_weights(x.m, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)  # [B, 1]
+    fast = x.fast(x.m * (x.adv * row), stats, per_token=False)
     if fast is not None:  # loss = -sum w A exp(psi - sg zeta), analytic backward
-        loss, parts = fast
-        if stats:
-            with torch.no_grad():
-                log_r = torch.where(keep, lp - old, 0.0)
-                terms = Terms(log_r, parts[2], {"psi": parts[0], "zeta": parts[1], "survival": torch.exp(-parts[1])})
+        loss, terms = fast
     else:
-        log_r = torch.where(keep, lp - old, torch.zeros_like(lp))  # [B, T]
-        terms = objective(lp, log_r, adv.expand_as(lp), m, **hp)
-        loss = -(terms.value * (m * row)).sum()
-    kl = None
-    if ref_logp is not None:
-        kl = k3(lp, torch.where(keep, ref_logp.to(dtype), lp.detach()))  # [B, T]
-        if beta:
-            loss = loss + beta * (kl * (m * row)).sum()
-
+        terms = x.objective(x.lp, x.log_r, x.adv.expand_as(x.lp), x.m, **x.hp)
+        loss = -(terms.value * (x.m * row)).sum()
+    kl = x.kl()
+    if kl is not None and beta:
+        loss = loss + beta * (kl * (x.m * row)).sum()
     out: dict[str, float] = {}
     if stats:
-        ref_m = _on_policy_multiplier(name, tuple(sorted(hp.items())), dtype)  # (M(1) | A>0, A<=0)
-        on_policy = torch.where(adv.expand_as(lp) > 0, ref_m[0], ref_m[1])
-        out = objective_stats(log_r, keep, terms.multiplier, on_policy, terms.extras, kl)
+        out = x.stats(terms, kl)
         out["loss"] = float(loss.detach())
     return loss, out
 
 
-IMPLS = ("auto", "compile", "reference")
+def token_losses(
+    name: str,
+    logp: torch.Tensor,  # [B, T]
+    old_logp: torch.Tensor,  # [B, T]
+    advantages: torch.Tensor,  # [B] or [B, T]
+    mask: torch.Tensor,  # [B, T]
+    *,
+    ref_logp: torch.Tensor | None = None,  # [B, T]
+    stats: bool = False,
+    impl: str = "auto",
+    **hparams,
+) -> TokenLosses:
+    """The per-token loss -j_it and k3_it, unaggregated (0 outside the mask), as policy_loss forms them:
+    ``policy_loss(...) == ((t.policy + beta * t.kl) * token_weights(mask, agg)).sum()``."""
+    x = _prepare(name, logp, old_logp, advantages, mask, ref_logp, 0.0, impl, hparams)
+    fast = x.fast(x.m * x.adv, stats, per_token=True)
+    if fast is not None:
+        policy, terms = fast
+    else:
+        terms = x.objective(x.lp, x.log_r, x.adv.expand_as(x.lp), x.m, **x.hp)
+        policy = torch.where(x.keep, -terms.value, torch.zeros_like(x.lp))
+    kl = x.kl()
+    if kl is not None:
+        kl = torch.where(x.keep, kl, torch.zeros_like(kl))
+    return TokenLosses(policy, kl, x.log_r, x.keep, x.stats(terms, kl) if stats else {})
+
+
+@dataclass
+class _Prepared:
+    """Validated inputs in the compute dtype (float32 for half precision)."""
+
+    name: str
+    objective: Objective
+    hp: Mapping[str, object]
+    impl: str
+    lp: torch.Tensor  # [B, T], carries the gradient
+    old: torch.Tensor  # [B, T]
+    adv: torch.Tensor  # [B, 1] or [B, T]
+    keep: torch.Tensor  # [B, T] bool
+    m: torch.Tensor  # [B, T] 0/1 in the compute dtype
+    ref: torch.Tensor | None  # [B, T]
+
+    @cached_property
+    def log_r(self) -> torch.Tensor:  # [B, T] logp - old_logp, 0 outside the mask; carries the gradient
+        return torch.where(self.keep, self.lp - self.old, torch.zeros_like(self.lp))
+
+    def fast(self, coef: torch.Tensor, want_stats: bool, per_token: bool):
+        """The objective's fused path with per-token coefficients coef, or None."""
+        if self.impl == "reference":
+            return None
+        out = self.objective.fast(
+            self.lp, self.old, coef, want_stats, compiled=self.impl == "compile", per_token=per_token, **self.hp
+        )
+        if out is None:
+            return None
+        value, parts = out
+        terms = None
+        if want_stats:  # parts = (psi, zeta, M)
+            terms = Terms(value, parts[2], {"psi": parts[0], "zeta": parts[1], "survival": torch.exp(-parts[1])})
+        return value, terms
+
+    def kl(self) -> torch.Tensor | None:
+        if self.ref is None:
+            return None
+        return k3(self.lp, torch.where(self.keep, self.ref, self.lp.detach()))  # [B, T]
+
+    def stats(self, terms: Terms, kl: torch.Tensor | None) -> dict[str, float]:
+        ref_m = _on_policy_multiplier(self.name, tuple(sorted(self.hp.items())), self.lp.dtype)  # A>0, A<=0
+        on_policy = torch.where(self.adv.expand_as(self.lp) > 0, ref_m[0], ref_m[1])
+        return objective_stats(self.log_r.detach(), self.keep, terms.multiplier, on_policy, terms.extras, kl)
+
+
+def _prepare(name, logp, old_logp, advantages, mask, ref_logp, beta, impl, hparams) -> _Prepared:
+    objective = get_objective(name)
+    hp = objective.resolve(hparams)
+    if impl not in IMPLS:
+        raise ValueError(f"policy_loss: unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+    _check_inputs(logp, old_logp, advantages, mask, ref_logp, beta)
+    dtype = torch.float32 if logp.dtype in _HALF else logp.dtype
+    keep = mask.bool()
+    lp = logp.to(dtype)
+    old = old_logp.to(dtype)
+    adv = advantages.to(dtype)
+    adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
+    ref = ref_logp.to(dtype) if ref_logp is not None else None
+    return _Prepared(name, objective, hp, impl, lp, old, adv, keep, keep.to(dtype), ref)
 
 
 @lru_cache(maxsize=256)

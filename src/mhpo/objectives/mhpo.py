@@ -107,13 +107,15 @@ def _mhpo(logp, log_r, adv, mask, *, lfm=True, dhp=True, **hp) -> Terms:
     return mhpo_terms(logp, log_r, adv, mask, lfm_on=lfm, dhp_on=dhp, **hp)
 
 
-def _mhpo_fast(logp, old_logp, coef, *, want_stats, compiled=False, lfm=True, dhp=True, rescale=False, **hp):
+def _mhpo_fast(logp, old_logp, coef, *, want_stats, compiled=False, per_token=False, lfm=True, dhp=True, rescale=False, **hp):
     """The fused path (see mhpo_fused) for LFM and DHP both on; None otherwise."""
     if not (lfm and dhp) or hp["c"] > MAX_LOG_RATIO:
         return None
     scale = 1.0 / on_policy_weight(hp["k_pos"], hp["lambda_pos"], hp["k_neg"], hp["lambda_neg"]) if rescale else 1.0
     coef = coef * scale if rescale else coef
-    loss, parts = mhpo_fused_loss(logp, old_logp, coef, want_stats=want_stats, compiled=compiled, **hp)
+    loss, parts = mhpo_fused_loss(
+        logp, old_logp, coef, want_stats=want_stats, compiled=compiled, per_token=per_token, **hp
+    )
     if parts is not None and rescale:
         parts = (parts[0], parts[1], parts[2] * scale)
     return loss, parts

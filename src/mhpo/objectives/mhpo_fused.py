@@ -38,9 +38,9 @@ def hazard(s: torch.Tensor, k: float, lam: float) -> torch.Tensor:
     return power(s, k).mul_(lam ** (-k))
 
 
-def _chunk(x, coef, c, k_pos, lambda_pos, k_neg, lambda_neg, out, stats):
+def _chunk(x, coef, c, k_pos, lambda_pos, k_neg, lambda_neg, out, stats, values):
     """One chunk: x [n] = log r (overwritten), coef [n] = w*A; writes out [n] = coef * M and
-    returns sum coef * exp(psi - zeta). zeta = a s^k_pos + b d^k_neg, a = lambda_pos^-k_pos,
+    returns sum coef * exp(psi - zeta) (or writes -coef * exp(psi - zeta) to ``values``). zeta = a s^k_pos + b d^k_neg, a = lambda_pos^-k_pos,
     b = lambda_neg^-k_neg, s = softplus(psi), d = softplus(-psi) = s - psi."""
     a, b = lambda_pos ** (-k_pos), lambda_neg ** (-k_neg)
     t = x.mul_(1.0 / c).tanh_()  # tanh(log r / c)
@@ -55,15 +55,19 @@ def _chunk(x, coef, c, k_pos, lambda_pos, k_neg, lambda_neg, out, stats):
     if stats is not None:
         torch.addcmul(w, w, t2, value=-1.0, out=stats[2])  # M = w * (1 - tanh^2)
     cw = w.mul_(coef)  # coef * exp(psi - zeta)
-    part = cw.sum(dtype=torch.float64)
+    if values is not None:
+        torch.neg(cw, out=values)
+        part = 0.0
+    else:
+        part = cw.sum(dtype=torch.float64)
     torch.addcmul(cw, cw, t2, value=-1.0, out=out)  # coef * M
     return part
 
 
-def whole_kernel(logp, old_logp, coef, c, k_pos, lambda_pos, k_neg, lambda_neg, want_stats):
+def whole_kernel(logp, old_logp, coef, c, k_pos, lambda_pos, k_neg, lambda_neg, want_stats, per_token):
     """`_chunk` as one pure whole-tensor expression, for torch.compile to fuse into a single loop.
 
-    Returns (sum coef*w, coef*M) and, with want_stats, (psi, zeta, M); all [N] but the sum.
+    Returns (sum coef*w or the [N] vector -coef*w, coef*M) and, with want_stats, (psi, zeta, M).
     """
     t = torch.tanh((logp - old_logp) / c)
     psi = t * c
@@ -71,7 +75,8 @@ def whole_kernel(logp, old_logp, coef, c, k_pos, lambda_pos, k_neg, lambda_neg, 
     zeta = hazard(sp, k_pos, lambda_pos) + hazard(sp - psi, k_neg, lambda_neg)
     w = torch.exp(psi - zeta)
     m = w * (1.0 - t * t)
-    out = ((coef * w).sum(dtype=torch.float64), coef * m)
+    cw = coef * w
+    out = (-cw if per_token else cw.sum(dtype=torch.float64), coef * m)
     return out + ((psi, zeta, m) if want_stats else ())
 
 
@@ -87,23 +92,25 @@ def compiled_kernel():
 
 
 class MHPOLoss(torch.autograd.Function):
-    """loss = -sum coef * exp(psi - sg zeta); gradient flows to logp only."""
+    """loss = -sum coef * exp(psi - sg zeta) (or per token: -coef * exp(psi - sg zeta), [N]).
+
+    Gradient flows to logp only: d/dlogp = -coef * M, the one saved tensor (negated)."""
 
     @staticmethod
-    def forward(ctx, logp, old_logp, coef, hp, want_stats, compiled):  # [N], [N], [N] contiguous
+    def forward(ctx, logp, old_logp, coef, hp, want_stats, compiled, per_token):  # [N] contiguous
         if compiled:
-            total, grad, *stats = compiled_kernel()(logp, old_logp, coef, *hp, want_stats)
+            value, grad, *stats = compiled_kernel()(logp, old_logp, coef, *hp, want_stats, per_token)
         else:
-            total, grad, stats = _chunked(logp, old_logp, coef, hp, want_stats)
+            value, grad, stats = _chunked(logp, old_logp, coef, hp, want_stats, per_token)
         ctx.save_for_backward(grad)
-        outs = (-total.to(logp.dtype), *stats)
+        outs = (value if per_token else -value.to(logp.dtype), *stats)
         ctx.mark_non_differentiable(*outs[1:])
         return outs if want_stats else outs[0]
 
     @staticmethod
     def backward(ctx, g, *unused):
         (grad,) = ctx.saved_tensors
-        return grad * -g, None, None, None, None, None
+        return grad * -g, None, None, None, None, None, None
 
 
 def chunk_size(device: torch.device, n: int) -> int:
@@ -112,29 +119,33 @@ def chunk_size(device: torch.device, n: int) -> int:
     return max(min(CHUNK if device.type == "cpu" else n, n), 1)
 
 
-def _chunked(logp, old_logp, coef, hp, want_stats):
-    """The chunk loop: (sum coef*w, coef*M [N], [psi, zeta, M] or [])."""
+def _chunked(logp, old_logp, coef, hp, want_stats, per_token):
+    """The chunk loop: (sum coef*w or [N] -coef*w, coef*M [N], [psi, zeta, M] or [])."""
     n = logp.numel()
     chunk = chunk_size(logp.device, n)
     grad = torch.empty_like(logp)  # coef * M = -d loss / d logp
     stats = [torch.empty_like(logp) for _ in range(3)] if want_stats else []  # psi, zeta, M
+    values = torch.empty_like(logp) if per_token else None
     buf = torch.empty(chunk, dtype=logp.dtype, device=logp.device)
     total = torch.zeros((), dtype=torch.float64, device=logp.device)  # sum coef * w
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         x = torch.sub(logp[s:e], old_logp[s:e], out=buf[: e - s])
-        total += _chunk(x, coef[s:e], *hp, grad[s:e], [b[s:e] for b in stats] if want_stats else None)
-    return total, grad, stats
+        chunk_stats = [b[s:e] for b in stats] if want_stats else None
+        total += _chunk(x, coef[s:e], *hp, grad[s:e], chunk_stats, values[s:e] if per_token else None)
+    return (values if per_token else total), grad, stats
 
 
 def mhpo_fused_loss(
-    logp, old_logp, coef, *, c, k_pos, lambda_pos, k_neg, lambda_neg, want_stats=False, compiled=False
+    logp, old_logp, coef, *, c, k_pos, lambda_pos, k_neg, lambda_neg, want_stats=False, compiled=False,
+    per_token=False,
 ):
-    """Fused MHPO loss on [B, T] tensors; with want_stats also (psi, zeta, M) as [B, T] tensors."""
+    """Fused MHPO on [B, T] tensors: the loss -sum coef*w (per_token: the [B, T] matrix -coef*w),
+    and with want_stats also (psi, zeta, M) as [B, T] tensors."""
     shape = logp.shape
     flat = [t.contiguous().view(-1) for t in (logp, old_logp.to(logp.dtype), coef.to(logp.dtype))]
     hp = (c, k_pos, lambda_pos, k_neg, lambda_neg)
-    out = MHPOLoss.apply(flat[0], flat[1], flat[2].detach(), hp, want_stats, compiled)
-    if not want_stats:
-        return out, None
-    return out[0], tuple(t.view(shape) for t in out[1:])
+    out = MHPOLoss.apply(flat[0], flat[1], flat[2].detach(), hp, want_stats, compiled, per_token)
+    value, parts = (out[0], out[1:]) if want_stats else (out, None)
+    value = value.view(shape) if per_token else value
+    return value, (tuple(t.view(shape) for t in parts) if want_stats else None)

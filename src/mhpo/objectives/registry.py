@@ -59,8 +59,9 @@ class Objective:
     formula: str
     level: str  # "token" or "sequence": where the ratio that is controlled lives
     fixed: Mapping[str, object] = field(default_factory=dict)  # passed to fn, not user-settable
-    # Optional fast path: fused(logp, old_logp, coef, *, want_stats, compiled, **hparams) -> (loss, parts) or
-    # None where it does not apply; coef = w * A, parts = (psi, zeta, M) when want_stats.
+    # Optional fast path: fused(logp, old_logp, coef, *, want_stats, compiled, per_token, **hparams)
+    # -> (loss, parts) or None where it does not apply. coef = w * A; the loss is -sum coef * j/A
+    # (per_token: the [B, T] matrix -coef * j/A); parts = (psi, zeta, M) when want_stats.
     fused: Callable | None = None
 
     @property
@@ -88,10 +89,12 @@ class Objective:
     def __call__(self, logp: Tensor, log_r: Tensor, adv: Tensor, mask: Tensor, **hp) -> Terms:
         return self.fn(logp, log_r, adv, mask, **hp, **self.fixed)
 
-    def fast(self, logp: Tensor, old_logp: Tensor, coef: Tensor, want_stats: bool, compiled: bool = False, **hp):
+    def fast(self, logp: Tensor, old_logp: Tensor, coef: Tensor, want_stats: bool, compiled=False, per_token=False, **hp):
         if self.fused is None:
             return None
-        return self.fused(logp, old_logp, coef, want_stats=want_stats, compiled=compiled, **hp, **self.fixed)
+        return self.fused(
+            logp, old_logp, coef, want_stats=want_stats, compiled=compiled, per_token=per_token, **hp, **self.fixed
+        )
 
 
 def _check_value(objective: str, key: str, value: object, spec: HParam):

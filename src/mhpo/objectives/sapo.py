@@ -14,7 +14,7 @@ from .registry import HParam, Objective, Terms, Tensor, register, sat_exp
 def sapo(logp: Tensor, log_r: Tensor, adv: Tensor, mask: Tensor, *, tau_pos: float, tau_neg: float) -> Terms:
     """SAPO gate: j = sigmoid(tau (r-1)) 4/tau A;  M = 4 sigma (1 - sigma) r."""
     r = sat_exp(log_r)  # beyond e^80 the true slope r*sigma'(tau r) is 0 to double precision
-    tau = torch.where(adv > 0, tau_pos, tau_neg).to(r.dtype)  # [B, T]
+    tau = torch.where(adv > 0, torch.full_like(r, tau_pos), torch.full_like(r, tau_neg))  # [B, T], r's dtype
     gate = torch.sigmoid(tau * (r - 1.0))
     value = gate * (4.0 / tau) * adv
     with torch.no_grad():
