@@ -1,0 +1,382 @@
+"""The run configuration: typed dataclasses, one YAML file, dotted command-line overrides.
+
+    config = load_config("run.yaml", ["objective.name=grpo", "rollout.group_size=16"])
+
+Precedence: the embedded default (``configs/default.yaml``, shipped as package data) < the YAML
+file < the overrides. Every key is checked against the dataclasses below: an unknown key, a value of
+the wrong type or out of range raises :class:`ConfigError` with one line naming the key, the bad
+value and the valid choices. Semantic checks that need the registries (objective hparams, task and
+reward names, model path) live in :func:`mhpo.train.validate`, which also runs before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message is one line meant for the user."""
+
+
+def _f(default, check: str | None = None, help: str = ""):
+    """A dataclass field with a range rule (see RULES) and a one-line gloss."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"check": check, "help": help})
+    return field(default=default, metadata={"check": check, "help": help})
+
+
+# Range rules for numeric fields: name -> (predicate, text shown to the user).
+RULES: dict[str, tuple[typing.Callable[[float], bool], str]] = {
+    ">0": (lambda v: v > 0, "> 0"),
+    ">=0": (lambda v: v >= 0, ">= 0"),
+    ">=1": (lambda v: v >= 1, ">= 1"),
+    ">=2": (lambda v: v >= 2, ">= 2"),
+    "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = _f(128, ">=1", "hidden width")
+    num_layers: int = _f(2, ">=1", "decoder layers")
+    num_heads: int = _f(4, ">=1", "attention heads")
+    num_kv_heads: int = _f(2, ">=1", "key/value heads (GQA)")
+    intermediate_size: int = _f(512, ">=1", "MLP width")
+    max_positions: int = _f(256, ">=1", "maximum sequence length")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("tiny", help="'tiny' (built-in tiny Qwen2 + char tokenizer), a local dir or a hub id")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", help="auto: bf16 on a GPU that has it, else fp32")
+    device: str = _f("auto", help="auto | cpu | cuda | cuda:N | mps")
+    chat_template: Literal["auto", "on", "off"] = _f("auto", help="auto: apply the tokenizer's chat template when it has one")
+    trust_remote_code: bool = _f(False)
+    attn_implementation: Optional[str] = _f(None, help="passed to from_pretrained (e.g. sdpa, eager)")
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class TaskConfig:
+    name: str = _f("addition", help="a procedural task, 'rg:<reasoning-gym dataset>', or 'dataset' (with path)")
+    args: dict = _f({}, help="task arguments (procedural: e.g. digits; rg: the dataset's config fields)")
+    path: Optional[str] = _f(None, help="dataset: a .jsonl / .parquet file, a saved HF dataset dir or a hub id")
+    prompt_column: str = _f("prompt")
+    answer_column: str = _f("answer")
+    split: str = _f("train", help="dataset split to train on")
+    eval_split: Optional[str] = _f(None, help="held-out split; default: hold out eval.size rows of the train split")
+    train_size: int = _f(10000, ">=1", "rows generated for reasoning-gym tasks")
+    system_prompt: Optional[str] = _f(None, help="system message for chat models")
+
+
+@dataclass
+class RewardsConfig:
+    functions: list = _f(["auto"], help="auto (the task's verifier), exact_match, math_verify, reasoning_gym, module:function, file.py:function")
+    weights: Optional[list] = _f(None, help="one weight per function (default 1 each)")
+    timeout_s: float = _f(10.0, ">0", "hard time limit per scored completion (the worker is killed and respawned)")
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = _f(32, ">=1", "prompts drawn per RL step")
+    group_size: int = _f(8, ">=2", "completions sampled per prompt (G)")
+    max_new_tokens: Optional[int] = _f(None, ">=1", "default: the task's")
+    temperature: float = _f(1.0, ">0")
+    top_p: float = _f(1.0, "(0,1]")
+    top_k: int = _f(0, ">=0", "0 = off (true temperature sampling)")
+    batch_size: Optional[int] = _f(None, ">=1", "rows per generate call (default: all)")
+
+
+@dataclass
+class AdvantageConfig:
+    estimator: Literal["grpo", "dr_grpo"] = _f("grpo", help="grpo: (R-mean)/(std+eps); dr_grpo: R-mean")
+    eps: float = _f(1e-4, ">0", "std floor term for grpo")
+    drop_zero_std: bool = _f(False, help="drop groups whose rewards are all equal from the update")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = _f("mhpo", help="any registered objective (mhpo objectives)")
+    hparams: dict = _f({}, help="objective hyper-parameters (validated by the objective)")
+    agg: str = _f("token-mean", help="token-mean | seq-mean-token-mean | seq-mean-token-sum-norm")
+    beta: float = _f(0.0, ">=0", "KL coefficient to a frozen reference (the RL-initial policy)")
+    log_kl: bool = _f(False, help="compute KL to the reference even when beta = 0 (costs a forward pass)")
+
+
+@dataclass
+class UpdateConfig:
+    num_minibatches: int = _f(2, ">=1", "optimizer steps per rollout batch and epoch")
+    epochs: int = _f(1, ">=1", "passes over each rollout batch")
+    micro_batch_size: Optional[int] = _f(None, ">=1", "rows per forward/backward (default: the minibatch)")
+    max_grad_norm: float = _f(1.0, ">0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(2e-4, ">0")
+    weight_decay: float = _f(0.0, ">=0")
+    beta1: float = _f(0.9, "[0,1)")
+    beta2: float = _f(0.999, "[0,1)")
+    eps: float = _f(1e-8, ">0")
+    warmup_steps: int = _f(0, ">=0", "linear lr warm-up (RL steps)")
+    schedule: Literal["constant", "linear", "cosine"] = _f("constant", help="lr decay after warm-up")
+    min_lr_ratio: float = _f(0.0, "[0,1]", "final lr / lr for linear and cosine")
+
+
+@dataclass
+class WarmupConfig:
+    enabled: Literal["auto", "on", "off"] = _f("auto", help="auto: on for the built-in tiny model only")
+    lr: float = _f(2e-3, ">0")
+    lr_warmup_steps: int = _f(100, ">=0", "linear lr warm-up of the supervised steps")
+    weight_decay: float = _f(0.1, ">=0")
+    beta2: float = _f(0.98, "[0,1)", "AdamW beta2")
+    batch_size: int = _f(64, ">=1")
+    threshold: float = _f(0.2, "[0,1]", "stop when greedy accuracy on the probe set reaches this")
+    max_steps: int = _f(1500, ">=1", "cap on supervised steps")
+    eval_every: int = _f(25, ">=1", "probe every N steps")
+    eval_size: int = _f(256, ">=1", "probe set size (drawn like the held-out set, disjoint from it)")
+    cache_dir: Optional[str] = _f(None, help="where warm-up checkpoints are cached by config hash (default: <run>/warmup)")
+
+
+@dataclass
+class EvalConfig:
+    size: int = _f(200, ">=1", "held-out set size (fixed across seeds)")
+    seed: int = _f(2024, ">=0", "seed of the held-out set")
+    every: int = _f(50, ">=0", "evaluate every N RL steps (0: only before and after)")
+    pass_k: int = _f(8, ">=0", "pass@k by sampling k completions per prompt (0: off)")
+    temperature: float = _f(1.0, ">0")
+    batch_size: int = _f(512, ">=1", "rows per generate call")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(250, ">=0", "RL steps")
+    checkpoint_every: int = _f(50, ">=0", "0: only at the end")
+    keep_checkpoints: int = _f(2, ">=1")
+    threads: int = _f(0, ">=0", "torch CPU threads (0: auto = 1 for the tiny model, else all cores up to 8)")
+    progress: bool = _f(True, help="rich progress bar")
+    tensorboard: bool = _f(True)
+    plots: bool = _f(True)
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, ">=0")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overriding.
+
+
+def default_yaml() -> str:
+    """The embedded default config (package data ``mhpo/configs/default.yaml``)."""
+    return resources.files("mhpo").joinpath("configs/default.yaml").read_text()
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a', 'b', 'c'], value); the value is parsed as YAML ('16' -> 16, 'null' -> None)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} must look like key.subkey=value (e.g. rollout.group_size=16)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def set_dotted(tree: dict, path: list[str], value) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """Recursive dict merge; ``extra`` wins. Free-form dict fields (hparams, args) merge key-wise too."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Default < YAML file < dotted overrides, then structural validation. Raises ConfigError."""
+    tree = yaml.safe_load(default_yaml()) or {}
+    if path is not None:
+        tree = merge(tree, read_yaml(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        set_dotted(tree, keys, value)
+    return from_dict(tree)
+
+
+def from_dict(tree: dict) -> Config:
+    return _build(Config, tree, "")
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
+
+
+def save_config(config, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(config))
+
+
+def config_hash(tree: dict) -> str:
+    """Short stable hash of a JSON-able tree (key order does not matter)."""
+    blob = json.dumps(tree, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# Structural validation.
+
+
+def did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _build(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key {where or '(top level)'!r} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            full = f"{where}.{key}" if where else str(key)
+            section = f"in {where!r}" if where else "at the top level"
+            raise ConfigError(
+                f"unknown config key {full!r}{did_you_mean(key, names)}; valid keys {section}: {', '.join(names)}"
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        full = f"{where}.{f.name}" if where else f.name
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name], full, f.metadata.get("check"))
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where: str, check: str | None):
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where, check)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) and "on" in choices:  # YAML reads on/off as booleans
+            value = "on" if value else "off"
+        if value not in choices:
+            raise ConfigError(
+                f"config key {where!r} has invalid value {value!r}{did_you_mean(value, choices)}; "
+                f"valid choices: {', '.join(map(str, choices))}"
+            )
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {where!r} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"config key {where!r} must be an integer, got {value!r}")
+        return _check_range(value, where, check)
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {where!r} must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {where!r} must be a finite number, got {value!r}")
+        return _check_range(value, where, check)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"config key {where!r} must be a non-empty string, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {where!r} must be a mapping, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {where!r} must be a list, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {where}")  # a bug in the dataclasses above
+
+
+def _check_range(value, where: str, check: str | None):
+    if check is None:
+        return value
+    ok, text = RULES[check]
+    if not ok(value):
+        raise ConfigError(f"config key {where!r}={value!r} is out of range; it must be {text}")
+    return value

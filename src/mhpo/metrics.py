@@ -1,0 +1,103 @@
+"""Run logs: ``metrics.jsonl`` (one line per RL step), ``evals.jsonl`` (one line per evaluation),
+and TensorBoard events under ``tensorboard/``.
+
+Lines are flushed as they are written, so a killed run leaves complete lines (at most one torn last
+line, which readers skip). On resume, both files are cut back to the checkpoint's step and
+TensorBoard purges events after it, so the logs of a resumed run read like the uninterrupted run's.
+Keys under ``time/`` and ``throughput/`` are wall-clock measurements; everything else is a pure
+function of the config and seed on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+TIMING_PREFIXES = ("time/", "throughput/")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The complete JSON lines of ``path`` (a torn last line is skipped); [] if it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def truncate_jsonl(path: str | Path, max_step: int) -> None:
+    """Keep only the records with ``step <= max_step`` (rewritten atomically)."""
+    from .checkpoint import atomic_write_text
+
+    path = Path(path)
+    if path.exists():
+        keep = [r for r in read_jsonl(path) if r.get("step", 0) <= max_step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def strip_timing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.startswith(TIMING_PREFIXES)}
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunLogger:
+    """Writes metrics and evaluations of one run directory."""
+
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.evals_path = self.run_dir / "evals.jsonl"
+        if resume_step is not None:
+            truncate_jsonl(self.metrics_path, resume_step)
+            truncate_jsonl(self.evals_path, resume_step)
+        self._metrics = open(self.metrics_path, "a", buffering=1)
+        self._evals = open(self.evals_path, "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = resume_step + 1 if resume_step is not None else None
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self._metrics.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"train/{key}", value, step)
+
+    def log_eval(self, step: int, stage: str, results: dict[str, float]) -> None:
+        record = {"step": step, "stage": stage, **{k: _clean(v) for k, v in results.items()}}
+        self._evals.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in results.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"eval/{key}", value, step)
+
+    def flush(self) -> None:
+        self._metrics.flush()
+        self._evals.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._metrics.close()
+        self._evals.close()
+        if self._tb is not None:
+            self._tb.close()

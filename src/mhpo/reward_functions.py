@@ -1,0 +1,76 @@
+"""Built-in reward functions, TRL's signature: ``f(prompts, completions, **columns) -> list[float]``.
+
+    exact_match     1 if completion.strip() == answer.strip() else 0
+    math_verify     1 if math-verify judges the completion's final answer equal to the gold answer
+    reasoning_gym   the reasoning-gym dataset's own score_answer(answer, entry), in [0, 1]; the
+                    answer is the last <answer>...</answer> span if there is one, else the stripped
+                    completion
+
+This file is loaded by path inside the sandbox worker (see :mod:`mhpo.sandbox`), so it imports
+nothing from the ``mhpo`` package and nothing heavy at top level.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import shutil
+import tempfile
+from functools import lru_cache
+
+
+def exact_match(prompts, completions, answer, **_) -> list[float]:
+    """1.0 when the stripped completion equals the stripped answer, else 0.0."""
+    return [float(str(c).strip() == str(a).strip()) for c, a in zip(completions, answer)]
+
+
+def _gold(answer: str):
+    from math_verify import parse
+
+    text = str(answer).strip()
+    if "$" not in text and "\\boxed" not in text:
+        parsed = parse(f"${text}$")
+        if parsed:
+            return parsed
+    return parse(text)
+
+
+def math_verify(prompts, completions, answer, **_) -> list[float]:
+    """1.0 when math-verify finds the completion's final answer equal to the gold answer."""
+    from math_verify import parse, verify
+
+    return [float(bool(verify(_gold(a), parse(str(c))))) for c, a in zip(completions, answer)]
+
+
+math_verify.__mhpo_preload__ = ("math_verify",)
+
+
+@lru_cache(maxsize=1)
+def _scratch() -> str:
+    path = tempfile.mkdtemp(prefix="mhpo-rg-score-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+@lru_cache(maxsize=None)
+def _rg_scorer(name: str):
+    import reasoning_gym
+
+    with contextlib.chdir(_scratch()):
+        return reasoning_gym.get_score_answer_fn(name)
+
+
+def reasoning_gym(prompts, completions, entry, **_) -> list[float]:
+    """score_answer of the row's reasoning-gym dataset on the <answer> span (or whole completion)."""
+    from reasoning_gym.utils import extract_answer
+
+    out = []
+    for c, e in zip(completions, entry):
+        text = extract_answer(str(c))
+        text = str(c).strip() if text is None else text
+        with contextlib.chdir(_scratch()):
+            out.append(float(_rg_scorer(e["metadata"]["source_dataset"])(answer=text, entry=e)))
+    return out
+
+
+reasoning_gym.__mhpo_preload__ = ("reasoning_gym",)

@@ -1,0 +1,252 @@
+"""Sampling completions: prompts in, a padded batch of sequences and completion masks out.
+
+Layout of a :class:`Rollout` (N rows = prompts x group size, groups contiguous):
+
+    input_ids       [N, P + C]   prompt left-padded to width P, then completion right-padded to C
+    attention_mask  [N, P + C]   1 on real prompt tokens and on completion tokens up to the first EOS
+    completion_mask [N, C]       tokens up to and including the first EOS (all C when none)
+
+Sampling is ``model.generate`` with the KV cache and a neutral generation config: temperature
+sampling with ``top_k=0, top_p=1`` (transformers 5 defaults ``top_k`` to 50) and no other logits
+processors, so the sampled tokens follow exactly the policy whose log-probs are trained.
+
+Extra model inputs (e.g. ``pixel_values`` of a vision-language model) travel in
+``Rollout.model_inputs`` (batch-major tensors, one row per sequence) into every forward pass; the
+prompt encoder produces them (see :class:`PromptEncoder`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import torch
+
+from .tasks.base import Example
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts.
+
+
+class PromptEncoder:
+    """Examples -> left-padded prompt tensors (+ extra model inputs), chat template when asked.
+
+    A vision-language task subclasses this and overrides :meth:`extra_inputs` to run the
+    processor on ``example.columns['image']`` (returning batch-major tensors such as pixel values).
+    """
+
+    def __init__(self, tokenizer, *, chat: bool, system_prompt: str | None = None):
+        self.tokenizer = tokenizer
+        self.chat = chat
+        self.system_prompt = system_prompt
+
+    def render(self, example: Example) -> str:
+        """The prompt text the model sees (chat template applied when ``chat``)."""
+        prompt = example.prompt
+        if not self.chat:
+            if not isinstance(prompt, str):
+                raise ValueError("a prompt given as chat messages needs a tokenizer with a chat template")
+            return prompt
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if self.system_prompt and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def extra_inputs(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        return {}
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        texts = [self.render(ex) for ex in examples]
+        tok = self.tokenizer
+        side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not self.chat)
+        finally:
+            tok.padding_side = side
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        out.update(self.extra_inputs(examples))
+        return out
+
+
+def use_chat_template(mode: str, tokenizer) -> bool:
+    """model.chat_template: 'auto' = when the tokenizer has a template; 'on' requires one."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "on" and not has:
+        raise ValueError("model.chat_template=on but the tokenizer has no chat template")
+    return has if mode == "auto" else mode == "on"
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a completion: the generation config's EOS id(s) and the tokenizer's."""
+    ids: list[int] = []
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if value is None:
+            continue
+        ids.extend(value if isinstance(value, (list, tuple)) else [value])
+    if not ids:
+        raise ValueError("the tokenizer and the model's generation config define no EOS token")
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch.
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # [N, P + C]
+    attention_mask: torch.Tensor  # [N, P + C]
+    completion_mask: torch.Tensor  # [N, C] bool
+    prompt_width: int  # P
+    model_inputs: dict[str, Any] = field(default_factory=dict)  # batch-major extra forward inputs
+    completions: list[str] = field(default_factory=list)
+
+    @property
+    def completion_ids(self) -> torch.Tensor:  # [N, C]
+        return self.input_ids[:, self.prompt_width :]
+
+    @property
+    def lengths(self) -> torch.Tensor:  # [N] completion tokens (EOS included)
+        return self.completion_mask.sum(-1)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: torch.Tensor | Sequence[int], trim: bool = True) -> "Rollout":
+        """Rows ``rows`` (index tensor or list); ``trim`` drops all-padding columns at both ends.
+
+        Dropping leading columns that are padding in every row leaves position ids unchanged
+        (they are cumsum(attention_mask) - 1).
+        """
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        ids, attn, cmask = self.input_ids[idx], self.attention_mask[idx], self.completion_mask[idx]
+        extra = {k: (v[idx] if torch.is_tensor(v) and v.shape[:1] == self.input_ids.shape[:1] else v) for k, v in self.model_inputs.items()}
+        comps = [self.completions[i] for i in idx.tolist()] if self.completions else []
+        P = self.prompt_width
+        if trim and len(idx):
+            left = int(attn[:, :P].any(0).long().argmax()) if attn[:, :P].any() else P - 1
+            left = min(left, P - 1)  # keep at least one prompt column
+            width = max(int(cmask.sum(-1).max()), 1)
+            ids, attn = ids[:, left : P + width], attn[:, left : P + width]
+            cmask = cmask[:, :width]
+            P = P - left
+        return Rollout(ids, attn, cmask, P, extra, comps)
+
+
+def completion_mask(tokens: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
+    """[N, C] -> [N, C] bool: True up to and including the first EOS of each row.
+
+        mask_t = (number of EOS strictly before t) == 0
+    """
+    is_eos = torch.isin(tokens, torch.as_tensor(list(eos_ids), device=tokens.device))
+    before = is_eos.long().cumsum(-1) - is_eos.long()
+    return before == 0
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[N, L] -> [N, L]: cumsum(mask) - 1 on real tokens, 0 on left padding (as generate does)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+def forward_inputs(rollout: Rollout) -> dict[str, Any]:
+    """Extra keyword inputs for a forward pass over ``rollout``: its model inputs, and the same
+    position ids that generate used for left-padded rows (unless the model inputs bring their own)."""
+    extra = dict(rollout.model_inputs)
+    extra.setdefault("position_ids", position_ids(rollout.attention_mask))
+    return extra
+
+
+def repeat_rows(inputs: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Repeat every batch-major tensor ``repeats`` times per row (prompt i -> rows i*G .. i*G+G-1)."""
+    n = inputs["input_ids"].shape[0]
+    return {k: (v.repeat_interleave(repeats, dim=0) if torch.is_tensor(v) and v.shape[:1] == (n,) else v) for k, v in inputs.items()}
+
+
+def sampling_config(
+    model, *, do_sample: bool, temperature: float, top_p: float, top_k: int, max_new_tokens: int, eos_ids, pad_id: int
+):
+    """A GenerationConfig with nothing but the sampling we train on (no penalties, no filters)."""
+    from transformers import GenerationConfig
+
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(eos_ids),
+        pad_token_id=pad_id,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        use_cache=True,
+    )
+    if do_sample:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    else:
+        kwargs.update(do_sample=False)
+    return GenerationConfig(**kwargs)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompts: dict[str, Any],  # from PromptEncoder: input_ids [B, P], attention_mask [B, P], extras
+    *,
+    group_size: int = 1,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    batch_size: int | None = None,
+) -> Rollout:
+    """``group_size`` completions per prompt (KV-cached ``model.generate``), as a padded Rollout."""
+    device = next(model.parameters()).device
+    rows = repeat_rows(prompts, group_size)
+    rows = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in rows.items()}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos_ids[0])
+    gen_cfg = sampling_config(
+        model, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+        max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+    )
+    n, P = rows["input_ids"].shape
+    step = batch_size or n
+    chunks_tok, chunks_mask = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, n, step):
+            part = {k: (v[s : s + step] if torch.is_tensor(v) and v.shape[:1] == (n,) else v) for k, v in rows.items()}
+            out = model.generate(**part, generation_config=gen_cfg)  # [b, P + c]
+            tokens = out[:, P:]
+            chunks_tok.append(tokens)
+            chunks_mask.append(completion_mask(tokens, eos_ids))
+    finally:
+        model.train(was_training)
+    C = max(t.shape[1] for t in chunks_tok)
+    tokens = torch.cat([torch.nn.functional.pad(t, (0, C - t.shape[1]), value=pad_id) for t in chunks_tok])
+    cmask = torch.cat([torch.nn.functional.pad(m, (0, C - m.shape[1]), value=False) for m in chunks_mask])
+    tokens = tokens.masked_fill(~cmask, pad_id)  # [N, C]
+    input_ids = torch.cat([rows["input_ids"], tokens], dim=1)
+    attention_mask = torch.cat([rows["attention_mask"], cmask.long()], dim=1)
+    extra = {k: v for k, v in rows.items() if k not in ("input_ids", "attention_mask")}
+    texts = tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
+    return Rollout(input_ids, attention_mask, cmask, P, extra, texts)
+
+
+def pack(prompts: dict[str, Any], completions: Sequence[Sequence[int]], pad_id: int) -> Rollout:
+    """A Rollout from given completion token ids (teacher forcing, e.g. supervised warm-up)."""
+    C = max(1, max(len(c) for c in completions))
+    n = len(completions)
+    tokens = torch.full((n, C), pad_id, dtype=prompts["input_ids"].dtype)
+    cmask = torch.zeros(n, C, dtype=torch.bool)
+    for i, c in enumerate(completions):
+        tokens[i, : len(c)] = torch.as_tensor(list(c), dtype=tokens.dtype)
+        cmask[i, : len(c)] = True
+    P = prompts["input_ids"].shape[1]
+    extra = {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask")}
+    return Rollout(
+        torch.cat([prompts["input_ids"], tokens], 1), torch.cat([prompts["attention_mask"], cmask.long()], 1), cmask, P, extra
+    )

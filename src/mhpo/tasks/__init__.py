@@ -1,0 +1,49 @@
+"""Task registry: ``task.name`` -> a built :class:`Task`.
+
+    addition | reverse | sort     procedural (see :mod:`mhpo.tasks.procedural`), args e.g. {digits: 3}
+    rg:<dataset>                  a reasoning-gym dataset by name, args = its config fields
+    dataset                       rows from task.path (JSONL, Parquet, saved HF dataset, hub id)
+
+A vision-language task is a ``dataset`` whose rows carry an image column: the column travels in
+``Example.columns`` to the rollout's model-input builder (see :mod:`mhpo.rollout`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import Example, GeneratorSource, IndexSource, PromptSource, Task
+from .datasets import build_dataset_task
+from .procedural import PROCEDURAL, build_procedural
+from .reasoning_gym import PREFIX as RG_PREFIX
+from .reasoning_gym import build_reasoning_gym
+
+# Non-procedural kinds: name -> builder(task_config) -> Task.
+KINDS: dict[str, Callable] = {
+    "dataset": lambda cfg: build_dataset_task(cfg.path, cfg.prompt_column, cfg.answer_column, cfg.split, cfg.eval_split),
+}
+
+
+def task_names() -> list[str]:
+    return [*PROCEDURAL, *KINDS, RG_PREFIX + "<dataset>"]
+
+
+def build_task(cfg) -> Task:
+    """Build the task named by ``cfg.name`` (a TaskConfig); ValueError with one line otherwise."""
+    name = cfg.name
+    if name in PROCEDURAL:
+        return build_procedural(name, cfg.args)
+    if name.startswith(RG_PREFIX):
+        return build_reasoning_gym(name[len(RG_PREFIX) :], cfg.args, cfg.train_size)
+    if name in KINDS:
+        if name == "dataset" and not cfg.path:
+            raise ValueError("task 'dataset' needs task.path (a .jsonl / .parquet file, a saved dataset dir or a hub id)")
+        if cfg.args:
+            raise ValueError(f"task {name!r} takes no task.args (got {', '.join(cfg.args)})")
+        return KINDS[name](cfg)
+    from ..config import did_you_mean
+
+    raise ValueError(f"unknown task {name!r}{did_you_mean(name, task_names())}; valid tasks: {', '.join(task_names())}")
+
+
+__all__ = ["Example", "Task", "PromptSource", "GeneratorSource", "IndexSource", "build_task", "task_names", "PROCEDURAL"]

@@ -1,0 +1,632 @@
+"""`mhpo train`: RL with verifiable rewards on a causal LM, GRPO-family objectives.
+
+The recipe, per RL step:
+
+    prompts  = source.next(prompts_per_step)                       (resumable stream)
+    rollout  = sample(policy, prompts, G per prompt)               KV cache, top_k=0, top_p=1
+    R        = rewards(rollout)                                    sandboxed, hard time limit
+    A        = group advantages(R)                                 grpo | dr_grpo
+    old_logp = logp under the policy now (once per batch); ref_logp only when beta > 0 or log_kl
+    epochs x minibatches:  policy_loss(objective) -> clip grad norm -> AdamW step
+    lr schedule step; log; evaluate / checkpoint when due
+
+Stages: validate everything (no model loaded) -> supervised warm-up (cached; tiny model only by
+default) -> evaluation before RL -> RL -> evaluation after RL -> plots and summary.json.
+
+Other features call :func:`run_training` (``mhpo compare`` runs it once per objective x seed with a
+shared ``warmup.cache_dir``; a finished run is skipped, a stopped one resumed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .cli import UsageError
+from .config import Config, ConfigError, load_config, save_config, to_dict
+from .seeding import derive_seed
+
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+# Keys that may differ between a run and its resumption (they do not change the computation).
+RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.tensorboard", "train.plots")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. objective.name=grpo")
+    parser.add_argument("--config", metavar="FILE", help="YAML config (keys as in the embedded default)")
+    parser.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<task>-<objective>-s<seed>-<time>)")
+    parser.add_argument("--steps", type=int, metavar="N", help="RL steps (train.steps)")
+    parser.add_argument("--seed", type=int, metavar="S", help="run seed (seed)")
+    parser.add_argument("--model", metavar="PATH_OR_ID", help="causal LM: a local directory or a hub id (model.name_or_path)")
+    parser.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR (only --steps may change)")
+
+
+def run(args) -> int:
+    if args.resume:
+        if args.config or args.overrides or args.seed is not None or args.model or args.output_dir:
+            raise UsageError("--resume DIR continues a run with its saved config; only --steps may be given with it")
+        run_dir = Path(args.resume)
+        cfg = load_run_config(run_dir)
+        if args.steps is not None:
+            cfg = _with_steps(cfg, args.steps)
+        summary = run_training(cfg, run_dir, resume="require")
+    else:
+        cfg = config_from_args(args)
+        run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(cfg)
+        if (run_dir / CONFIG_FILE).exists():
+            raise UsageError(f"{str(run_dir)!r} already holds a run; continue it with --resume {run_dir} or pick another --output-dir")
+        summary = run_training(cfg, run_dir, resume="never")
+    print_summary(summary)
+    return 0
+
+
+def config_from_args(args) -> Config:
+    overrides = list(args.overrides or [])
+    for flag, key in (("steps", "train.steps"), ("seed", "seed"), ("model", "model.name_or_path")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    try:
+        return load_config(args.config, overrides)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+
+
+def default_run_dir(cfg: Config) -> Path:
+    task = cfg.task.name.replace(":", "-").replace("/", "-")
+    return Path("runs") / f"{task}-{cfg.objective.name}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def load_run_config(run_dir: Path) -> Config:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UsageError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE})")
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        raise UsageError(f"{path}: {err}") from None
+
+
+def _with_steps(cfg: Config, steps: int) -> Config:
+    if steps < 0:
+        raise UsageError(f"--steps {steps} must be >= 0")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: everything that can be checked without loading a model.
+
+
+@dataclass
+class Plan:
+    """A validated config with the pieces built from it (no model loaded yet)."""
+
+    cfg: Config
+    task: Any  # tasks.Task
+    hparams: dict
+    max_new_tokens: int
+    heldout: list
+    scorer: Any  # rewards.RewardScorer (worker started, functions imported)
+
+
+def validate(cfg: Config) -> Plan:
+    """Check the config against the registries, build the task and the held-out set, start the
+    reward worker and import the reward functions. Raises UsageError (one line) on any problem."""
+    from .aggregation import AGG_MODES
+    from .models import check_model_source, resolve_device
+    from .objectives import get_objective
+    from .rewards import RewardScorer, resolve
+    from .tasks import build_task
+
+    def fail(err: Exception) -> UsageError:
+        return UsageError(str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+    try:
+        hparams = get_objective(cfg.objective.name).resolve(cfg.objective.hparams)
+        if cfg.objective.agg not in AGG_MODES:
+            raise ValueError(f"unknown objective.agg {cfg.objective.agg!r}; valid aggregations: {', '.join(AGG_MODES)}")
+        resolve(cfg.rewards.functions, "exact_match")  # names and specs; 'auto' is resolved below
+        check_model_source(cfg.model.name_or_path)
+        resolve_device(cfg.model.device)
+        if cfg.update.num_minibatches > cfg.rollout.prompts_per_step * cfg.rollout.group_size:
+            raise ValueError(
+                f"update.num_minibatches={cfg.update.num_minibatches} exceeds the rollout batch "
+                f"({cfg.rollout.prompts_per_step} x {cfg.rollout.group_size} rows)"
+            )
+        task = build_task(cfg.task)
+        heldout = task.heldout(cfg.eval.size, cfg.eval.seed)
+    except (ValueError, TypeError, ImportError, OSError) as err:
+        raise fail(err) from None
+    try:
+        scorer = RewardScorer(cfg.rewards.functions, task.reward, cfg.rewards.weights, cfg.rewards.timeout_s)
+    except ValueError as err:
+        raise fail(err) from None
+    try:
+        scorer.check()
+    except ValueError as err:
+        scorer.close()
+        raise fail(err) from None
+    max_new = cfg.rollout.max_new_tokens or task.max_new_tokens
+    return Plan(cfg, task, hparams, max_new, heldout, scorer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory state.
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        full = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict) and not full.endswith(("hparams", "args")):
+            out += _diff(va, vb, full + ".")
+        elif va != vb:
+            out.append(full)
+    return out
+
+
+def config_changes(saved: Config, cfg: Config) -> list[str]:
+    """Dotted keys that differ between two configs, ignoring those a resume may change."""
+    return [k for k in _diff(to_dict(saved), to_dict(cfg)) if k not in RESUMABLE_CHANGES]
+
+
+# ---------------------------------------------------------------------------------------------
+# The training run.
+
+
+def run_training(config: Config, output_dir: str | Path, *, resume: str = "auto", console=None) -> dict:
+    """Train with ``config`` into ``output_dir``; returns the summary dict (also in summary.json).
+
+    resume: "auto"    - a finished run with this config is returned as is (not retrained), a
+                        stopped one continues from its last complete checkpoint, else start fresh;
+            "require" - continue a stopped run (error if there is none);
+            "never"   - start fresh (error if the directory already holds a run).
+    Raises UsageError for a bad config, task, reward function or model (before any model loads).
+    """
+    import torch
+    from rich.console import Console
+
+    t_start = time.perf_counter()
+    console = console or Console(highlight=False)
+    run_dir = Path(output_dir)
+    saved_cfg = load_run_config(run_dir) if (run_dir / CONFIG_FILE).exists() else None
+    if saved_cfg is None and resume == "require":
+        raise UsageError(f"{str(run_dir)!r} holds no run to resume")
+    if saved_cfg is not None:
+        if resume == "never":
+            raise UsageError(f"{str(run_dir)!r} already holds a run")
+        changed = config_changes(saved_cfg, config)
+        if changed:
+            raise UsageError(f"{str(run_dir)!r} holds a run with a different config (differs at {', '.join(changed[:3])})")
+        summary = read_summary(run_dir)
+        if summary and summary.get("complete") and summary.get("steps") == config.train.steps:
+            console.print(f"[bold]mhpo train[/]: {run_dir} is already complete ({config.train.steps} steps); nothing to do")
+            return summary
+
+    plan = validate(config)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(config.train.threads or default_threads(config))
+        _quiet_transformers()
+        return _run(plan, run_dir, console, resuming=saved_cfg is not None, t_start=t_start)
+    finally:
+        torch.set_num_threads(threads)
+        plan.scorer.close()
+
+
+@dataclass
+class Policy:
+    """The model being trained and everything built around it for one run."""
+
+    model: Any
+    tokenizer: Any
+    encoder: Any  # rollout.PromptEncoder
+    eos_ids: list[int]
+    optimizer: Any
+    scheduler: Any
+    reference: Any = None  # frozen RL-initial policy, when beta > 0 or log_kl
+
+
+def model_loader(cfg: Config):
+    """source -> (model, tokenizer): 'tiny' builds the seeded tiny model, anything else is loaded
+    with from_pretrained (a model dir, a hub id, a warm-up dir or a checkpoint dir)."""
+    from .models import TINY, build_tiny, load_pretrained, resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.model.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+
+    def load(source: str):
+        try:
+            if source == TINY:
+                model, tok = build_tiny(cfg.model.tiny, derive_seed(cfg.seed, "init"))
+                return model.to(device=device, dtype=dtype), tok
+            return load_pretrained(source, dtype=dtype, device=device, trust_remote_code=cfg.model.trust_remote_code,
+                                   attn_implementation=cfg.model.attn_implementation)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"model {source!r} could not be loaded: {str(err).splitlines()[0]}") from None
+
+    return load
+
+
+def warmup_stage(plan: Plan, run_dir: Path, load, console) -> tuple[str, dict]:
+    """(source of the RL-initial policy, warm-up info): the cached warm-up dir when the warm-up is
+    enabled, else the configured model itself."""
+    from .warmup import ensure_warmup, warmup_enabled
+
+    cfg = plan.cfg
+    if not warmup_enabled(cfg):
+        return cfg.model.name_or_path, {}
+    heldout_keys = frozenset(ex.key for ex in plan.heldout)
+    show = cfg.train.progress and console.is_terminal
+    with _progress(console, show, cfg.warmup.max_steps, 0, label="warm-up") as bar:
+        path, info = ensure_warmup(
+            cfg, run_dir, build=lambda: load(cfg.model.name_or_path), task=plan.task, scorer=plan.scorer,
+            heldout_keys=heldout_keys, max_new_tokens=plan.max_new_tokens,
+            log=lambda m: console.print(m, highlight=False), progress=bar.warmup,
+        )
+    return str(path), {**{k: v for k, v in info.items() if k != "history"}, "path": str(path)}
+
+
+def build_policy(cfg: Config, load, source: str, initial: str) -> Policy:
+    """Load the policy from ``source`` (the initial policy or a checkpoint), its optimizer, lr
+    schedule and, if the objective needs one, the frozen reference (loaded from ``initial``)."""
+    import torch
+
+    from .rollout import PromptEncoder, eos_token_ids, use_chat_template
+
+    model, tokenizer = load(source)
+    model.train()
+    reference = None
+    if cfg.objective.beta > 0 or cfg.objective.log_kl:
+        reference, _ = load(initial)
+        reference.eval().requires_grad_(False)
+    encoder = PromptEncoder(tokenizer, chat=use_chat_template(cfg.model.chat_template, tokenizer),
+                            system_prompt=cfg.task.system_prompt)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim, cfg.train.steps))
+    return Policy(model, tokenizer, encoder, eos_token_ids(model, tokenizer), optimizer, scheduler, reference)
+
+
+def _run(plan: Plan, run_dir: Path, console, *, resuming: bool, t_start: float) -> dict:
+    """The stages of one run: warm-up, policy, evaluation before RL, RL, evaluation after RL."""
+    import torch
+
+    from . import checkpoint as ckpt
+    from .evaluation import evaluate
+    from .metrics import RunLogger
+
+    cfg = plan.cfg
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_root = run_dir / "checkpoints"
+    ckpt.clean_partial(ckpt_root)
+    resume_from = ckpt.latest_checkpoint(ckpt_root) if resuming else None
+    if not resuming:
+        save_config(cfg, run_dir / CONFIG_FILE)
+    load = model_loader(cfg)
+
+    # The RL-initial policy is only needed when starting, or as the KL reference.
+    needs_initial = resume_from is None or cfg.objective.beta > 0 or cfg.objective.log_kl
+    initial, warm_info = warmup_stage(plan, run_dir, load, console) if needs_initial else (cfg.model.name_or_path, {})
+    pol = build_policy(cfg, load, str(resume_from) if resume_from else initial, initial)
+    source = plan.task.train_source(derive_seed(cfg.seed, "rl-data"), frozenset(ex.key for ex in plan.heldout))
+
+    def run_eval(step: int, stage: str) -> dict:
+        results, records = evaluate(
+            pol.model, pol.tokenizer, pol.encoder, plan.scorer, plan.heldout, max_new_tokens=plan.max_new_tokens,
+            eos_ids=pol.eos_ids, pass_k=cfg.eval.pass_k, temperature=cfg.eval.temperature,
+            batch_size=cfg.eval.batch_size, seed=derive_seed(cfg.eval.seed, "pass@k"),
+        )
+        logger.log_eval(step, stage, results)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        (run_dir / "samples" / f"step_{step:06d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return results
+
+    def save(step: int) -> None:
+        logger.flush()
+        state = {"source": source.state_dict(), "before_rl": before, "warmup": warm_info, "config_hash": _cfg_hash(cfg),
+                 "wall_seconds": wall_before + time.perf_counter() - t_start}
+        ckpt.save_checkpoint(ckpt_root, step, model=pol.model, tokenizer=pol.tokenizer, optimizer=pol.optimizer,
+                             scheduler=pol.scheduler, state=state, keep=cfg.train.keep_checkpoints)
+
+    start_step = ckpt.read_state(resume_from)["step"] if resume_from is not None else 0
+    if resuming and resume_from is None:  # stopped before its first checkpoint: start over in place
+        for name in ("metrics.jsonl", "evals.jsonl"):
+            (run_dir / name).unlink(missing_ok=True)
+    logger = RunLogger(run_dir, tensorboard=cfg.train.tensorboard, resume_step=start_step if resuming else None)
+    try:
+        if resume_from is not None:
+            state = ckpt.restore_training_state(resume_from, pol.optimizer, pol.scheduler)  # sets every RNG: last
+            source.load_state_dict(state["source"])
+            before, warm_info, wall_before = state["before_rl"], state["warmup"], state["wall_seconds"]
+            console.print(f"[bold]mhpo train[/]: resuming {run_dir} from step {start_step} ({resume_from.name})")
+        else:
+            torch.manual_seed(derive_seed(cfg.seed, "rl"))
+            before, wall_before = run_eval(0, "before"), 0.0
+            console.print(_accuracy_line("before RL", before, cfg.eval.pass_k), highlight=False)
+
+        last_eval = None
+        with _progress(console, cfg.train.progress, cfg.train.steps, start_step) as bar:
+            for step in range(start_step + 1, cfg.train.steps + 1):
+                metrics = rl_step(plan, pol, source)
+                logger.log_step(step, metrics)
+                ckpt.maybe_fault("step", step)
+                bar(step, metrics)
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+                    last_eval = (step, run_eval(step, "periodic"))
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
+                    save(step)
+        steps = cfg.train.steps
+        after = last_eval[1] if last_eval and last_eval[0] == steps else run_eval(steps, "after")
+        if start_step < steps or ckpt.latest_checkpoint(ckpt_root) is None:
+            save(steps)
+        logger.flush()
+    finally:
+        logger.close()
+
+    plots = []
+    if cfg.train.plots:
+        from .plots import plot_run
+
+        plots = [str(p) for p in plot_run(run_dir)]
+    wall = wall_before + time.perf_counter() - t_start
+    summary = make_summary(cfg, run_dir, before, after, warm_info, wall, plots)
+    ckpt.atomic_write_json(run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def _accuracy_line(label: str, results: dict, pass_k: int) -> str:
+    line = f"{label}: held-out greedy accuracy {results['greedy/accuracy']:.1%}"
+    return line + (f", pass@{pass_k} {results[f'pass@{pass_k}']:.1%}" if pass_k else "")
+
+
+def _quiet_transformers() -> None:
+    """No per-file progress bars from transformers (saving and loading checkpoints)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _cfg_hash(cfg: Config) -> str:
+    from .config import config_hash
+
+    tree = to_dict(cfg)
+    tree["train"] = {k: v for k, v in tree["train"].items() if f"train.{k}" not in RESUMABLE_CHANGES}
+    return config_hash(tree)
+
+
+def default_threads(cfg: Config) -> int:
+    """1 for the built-in tiny model (its matrices are too small to split: with 2 threads on 2 busy
+    cores a step measured ~30x slower than with 1); otherwise the usable cores, at most 8."""
+    from .models import TINY
+
+    if cfg.model.name_or_path == TINY:
+        return 1
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def lr_factor(step: int, optim, total: int) -> float:
+    """lr multiplier at RL step ``step`` (0-based): linear warm-up over ``warmup_steps``, then
+    constant, or linear / cosine decay with progress p = (step - warmup) / (total - warmup) toward
+    ``min_lr_ratio`` (reached after the last step, as in transformers' schedules):
+
+        linear  lo + (1 - lo) (1 - p)        cosine  lo + (1 - lo) (1 + cos(pi p)) / 2
+    """
+    import math
+
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    span = max(total - optim.warmup_steps, 1)
+    frac = min(max(step - optim.warmup_steps, 0) / span, 1.0)
+    lo = optim.min_lr_ratio
+    if optim.schedule == "linear":
+        return lo + (1.0 - lo) * (1.0 - frac)
+    return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+# ---------------------------------------------------------------------------------------------
+# One RL step.
+
+
+def rl_step(plan: Plan, pol: Policy, source) -> dict[str, float]:
+    """Sample, score, compute advantages and behaviour log-probs, update, step the lr schedule;
+    returns the step's metrics (lr is the rate this step used)."""
+    import torch
+
+    from .advantages import group_advantages, zero_std_groups
+    from .rollout import sample
+    from .update import UpdateBatch, policy_update, rollout_logprobs
+
+    cfg = plan.cfg
+    model, tokenizer, eos_ids = pol.model, pol.tokenizer, pol.eos_ids
+    r, G = cfg.rollout, cfg.rollout.group_size
+    t0 = time.perf_counter()
+    examples = source.next(r.prompts_per_step)
+    rollout = sample(
+        model, tokenizer, pol.encoder(examples), group_size=G, max_new_tokens=plan.max_new_tokens, eos_ids=eos_ids,
+        do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, batch_size=r.batch_size,
+    )
+    t1 = time.perf_counter()
+    rows = [ex for ex in examples for _ in range(G)]
+    scores = plan.scorer.score(rows, rollout.completions)
+    rewards = torch.tensor(scores.total, dtype=torch.float32)  # [N]
+    adv, keep = group_advantages(rewards, G, cfg.advantage.estimator, cfg.advantage.eps, cfg.advantage.drop_zero_std)
+    t2 = time.perf_counter()
+    old_logp, entropy = rollout_logprobs(model, rollout, temperature=r.temperature, entropy=True,
+                                         micro_batch_size=cfg.update.micro_batch_size)
+    ref_logp = None
+    if pol.reference is not None:
+        ref_logp, _ = rollout_logprobs(pol.reference, rollout, temperature=r.temperature, micro_batch_size=cfg.update.micro_batch_size)
+    t3 = time.perf_counter()
+    kept = keep.nonzero().squeeze(-1)
+    batch = UpdateBatch(rollout.select(kept, trim=False), old_logp[kept], adv[kept], ref_logp[kept] if ref_logp is not None else None)
+    lr = pol.scheduler.get_last_lr()[0]
+    stats = policy_update(
+        model, pol.optimizer, batch, objective=cfg.objective.name, hparams=plan.hparams, agg=cfg.objective.agg,
+        beta=cfg.objective.beta, num_minibatches=cfg.update.num_minibatches, epochs=cfg.update.epochs,
+        micro_batch_size=cfg.update.micro_batch_size, max_grad_norm=cfg.update.max_grad_norm,
+        temperature=r.temperature, norm_length=float(plan.max_new_tokens),
+    )
+    pol.scheduler.step()
+    t4 = time.perf_counter()
+    mask = rollout.completion_mask
+    lengths = mask.sum(-1).float()
+    n_tok = float(mask.sum())
+    metrics: dict[str, float] = {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+        **{f"reward/{name}": sum(v) / len(v) for name, v in scores.per_function.items()},
+        "reward/errors": float(scores.errors),
+        "reward/timeouts": float(scores.timeouts),
+        "accuracy": sum(scores.correct) / len(scores.correct),
+        "response_length/mean": float(lengths.mean()),
+        "response_length/max": float(lengths.max()),
+        "response/truncated_frac": float(1.0 - _ended(rollout, eos_ids).float().mean()),
+        "entropy": float(entropy.sum() / max(n_tok, 1.0)),
+        "groups/zero_std_frac": float(zero_std_groups(rewards.view(-1, G)).float().mean()),
+        "update/rows": float(len(kept)),
+        "advantage/abs_mean": float(adv.abs().mean()),
+        "lr": lr,
+        **stats,
+        "throughput/tokens_per_s": n_tok / max(t4 - t0, 1e-9),
+        "time/step": t4 - t0,
+        "time/rollout": t1 - t0,
+        "time/reward": t2 - t1,
+        "time/logprobs": t3 - t2,
+        "time/update": t4 - t3,
+    }
+    if scores.messages:
+        metrics["reward/first_error"] = scores.messages[0]  # type: ignore[assignment]
+    return metrics
+
+
+def _ended(rollout, eos_ids):
+    import torch
+
+    ids = rollout.completion_ids
+    return (torch.isin(ids, torch.as_tensor(eos_ids)) & rollout.completion_mask).any(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress and summary.
+
+
+class _progress:
+    """A rich progress bar: live reward, accuracy and step time for RL, probe accuracy for the
+    warm-up (a no-op when disabled)."""
+
+    def __init__(self, console, enabled: bool, total: int, start: int, label: str = "RL"):
+        self.console, self.enabled, self.total, self.start, self.label = console, enabled, total, start, label
+        self.progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            fields = (
+                "probe acc {task.fields[acc]}" if self.label != "RL"
+                else "reward {task.fields[reward]}  acc {task.fields[acc]}  {task.fields[dt]} s/step"
+            )
+            self.progress = Progress(
+                TextColumn(f"[bold]{self.label}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn(fields),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=self.label != "RL",
+            )
+            self.progress.__enter__()
+            self.task = self.progress.add_task(self.label, total=self.total, completed=self.start, reward="-", acc="-", dt="-")
+        return self
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        if self.progress is not None:
+            self.progress.update(
+                self.task, completed=step, reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy']:.1%}",
+                dt=f"{metrics['time/step']:.2f}",
+            )
+
+    def warmup(self, step: int, acc: float | None) -> None:
+        if self.progress is not None:
+            fields = {"acc": f"{acc:.1%}"} if acc is not None else {}
+            self.progress.update(self.task, completed=step, **fields)
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+
+def make_summary(cfg: Config, run_dir: Path, before: dict, after: dict, warm: dict, wall: float, plots: list[str]) -> dict:
+    k = cfg.eval.pass_k
+    out = {
+        "complete": True,
+        "accuracy_before_rl": before["greedy/accuracy"],
+        "accuracy_after_rl": after["greedy/accuracy"],
+        "steps": cfg.train.steps,
+        "wall_seconds": round(wall, 2),
+        "objective": cfg.objective.name,
+        "task": cfg.task.name,
+        "model": cfg.model.name_or_path,
+        "seed": cfg.seed,
+        "heldout_size": cfg.eval.size,
+        "warmup": warm,
+        "run_dir": str(run_dir),
+        "checkpoint": str(run_dir / "checkpoints" / f"step_{cfg.train.steps:06d}"),
+        "metrics": str(run_dir / "metrics.jsonl"),
+        "evals": str(run_dir / "evals.jsonl"),
+        "tensorboard": str(run_dir / "tensorboard") if cfg.train.tensorboard else None,
+        "plots": plots,
+        "config_hash": _cfg_hash(cfg),
+    }
+    if k:
+        out[f"pass@{k}_before_rl"] = before.get(f"pass@{k}")
+        out[f"pass@{k}_after_rl"] = after.get(f"pass@{k}")
+    return out
+
+
+def print_summary(summary: dict, file=None) -> None:
+    lines = [
+        "",
+        f"mhpo train: {summary['objective']} on {summary['task']} (model {summary['model']}, seed {summary['seed']})",
+    ]
+    w = summary.get("warmup") or {}
+    if w:
+        lines.append(
+            f"  warm-up          {w.get('steps')} supervised steps, probe accuracy {w.get('probe_accuracy', 0):.1%}"
+            + (" (reused from cache)" if w.get("reused") else "")
+        )
+    lines += [
+        f"  held-out greedy  {summary['accuracy_before_rl']:.1%} before RL -> {summary['accuracy_after_rl']:.1%} after "
+        f"{summary['steps']} RL steps ({summary['heldout_size']} problems)",
+    ]
+    for key in summary:
+        if key.startswith("pass@") and key.endswith("_before_rl") and summary[key] is not None:
+            name = key[: -len("_before_rl")]
+            lines.append(f"  held-out {name:<7} {summary[key]:.1%} -> {summary[name + '_after_rl']:.1%}")
+    lines += [
+        f"  wall time        {summary['wall_seconds']:.0f} s",
+        f"  outputs          {summary['run_dir']}/ (metrics.jsonl, evals.jsonl, tensorboard/, plots/, checkpoints/, summary.json)",
+    ]
+    print("\n".join(lines), file=file or sys.stdout)

@@ -1,0 +1,187 @@
+"""The policy update: log-probs of a rollout under a model, and minibatch optimizer steps.
+
+Per RL step the rollout batch (N rows) is used ``epochs`` times; each epoch shuffles the rows and
+splits them into ``num_minibatches`` minibatches, one optimizer step each (so from the second step
+on, the ratio r = pi / pi_behaviour leaves 1 and the objective's ratio control matters). A minibatch
+runs in micro-batches whose losses use the minibatch's global counts, so their gradients sum to the
+full-minibatch gradient exactly:
+
+    loss_mb = sum_micro policy_loss(..., num_tokens=N_tok(mb), num_seqs=N_seq(mb))
+    g = clip(grad loss_mb, max_grad_norm);  AdamW step
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from .aggregation import global_counts
+from .logprobs import model_logprobs
+from .loss import policy_loss
+from .rollout import Rollout, forward_inputs
+
+
+def rollout_logprobs(
+    model,
+    rollout: Rollout,
+    *,
+    temperature: float,
+    entropy: bool = False,
+    micro_batch_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # ([N, C] float32, [N, C] | None), zero off-mask
+    """Log-probs (and entropy) of every completion token, without gradients, in micro-batches."""
+    n, C = rollout.completion_mask.shape
+    logp = torch.zeros(n, C, dtype=torch.float32)
+    ent = torch.zeros(n, C, dtype=torch.float32) if entropy else None
+    step = micro_batch_size or n
+    with torch.no_grad():
+        for s in range(0, n, step):
+            rows = torch.arange(s, min(s + step, n))
+            part = rollout.select(rows)
+            lp, e = _forward(model, part, temperature, entropy)
+            w = lp.shape[1]
+            logp[rows, :w] = lp.float().cpu() * part.completion_mask
+            if entropy:
+                ent[rows, :w] = e.float().cpu() * part.completion_mask
+    return logp, ent
+
+
+def _forward(model, part: Rollout, temperature: float, entropy: bool):
+    device = next(model.parameters()).device
+    extra = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in forward_inputs(part).items()}
+    return model_logprobs(
+        model,
+        part.input_ids.to(device),
+        part.attention_mask.to(device),
+        part.prompt_width,
+        temperature=temperature,
+        entropy=entropy,
+        **extra,
+    )
+
+
+@dataclass
+class UpdateBatch:
+    """What the update needs from one RL step (rows already filtered)."""
+
+    rollout: Rollout
+    old_logp: torch.Tensor  # [N, C] behaviour log-probs
+    advantages: torch.Tensor  # [N]
+    ref_logp: torch.Tensor | None = None  # [N, C] reference log-probs (KL)
+
+
+def policy_update(
+    model,
+    optimizer: torch.optim.Optimizer,
+    batch: UpdateBatch,
+    *,
+    objective: str,
+    hparams: Mapping[str, Any],
+    agg: str,
+    beta: float,
+    num_minibatches: int,
+    epochs: int,
+    micro_batch_size: int | None,
+    max_grad_norm: float,
+    temperature: float,
+    norm_length: float,
+) -> dict[str, float]:
+    """Run the optimizer steps of one RL step; returns averaged objective stats and grad norms.
+
+    Minibatch order comes from ``torch.randperm`` on the global generator (saved in checkpoints).
+    """
+    n = len(batch.rollout)
+    if n == 0:
+        return {"update/optimizer_steps": 0.0}
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    per_step: list[dict[str, float]] = []
+    norms: list[float] = []
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n)
+        for mb in torch.tensor_split(order, min(num_minibatches, n)):
+            if len(mb) == 0:
+                continue
+            mask_mb = batch.rollout.completion_mask[mb]
+            counts = global_counts(mask_mb)
+            if counts["num_tokens"] == 0:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            micro_stats = []
+            for micro in torch.split(mb, micro_batch_size or len(mb)):
+                part = batch.rollout.select(micro)
+                w = part.completion_mask.shape[1]
+                logp, _ = _forward(model, part, temperature, False)  # [b, w]
+                mask = part.completion_mask.to(device)
+                ref = batch.ref_logp[micro, :w].to(device) if batch.ref_logp is not None else None
+                loss, stats = policy_loss(
+                    objective,
+                    logp,
+                    batch.old_logp[micro, :w].to(device=device, dtype=logp.dtype),
+                    batch.advantages[micro].to(device=device, dtype=logp.dtype),
+                    mask,
+                    agg=agg,
+                    ref_logp=ref.to(logp.dtype) if ref is not None else None,
+                    beta=beta,
+                    num_tokens=counts["num_tokens"],
+                    num_seqs=counts["num_seqs"],
+                    norm_length=norm_length,
+                    **hparams,
+                )
+                loss.backward()
+                micro_stats.append(stats)
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            norms.append(float(norm))
+            per_step.append(combine_micro(micro_stats))
+    optimizer.zero_grad(set_to_none=True)
+    out = mean_stats(per_step)
+    out = {f"policy/{k}": v for k, v in out.items()}
+    if norms:
+        out["grad_norm"] = sum(norms) / len(norms)
+        out["grad_norm/max"] = max(norms)
+    out["update/optimizer_steps"] = float(len(norms))
+    return out
+
+
+_MAX_KEYS = ("ratio/max", "ratio/p99")
+_MIN_KEYS = ("ratio/min", "ratio/p1")
+_SUM_KEYS = ("loss", "tokens")
+
+
+def combine_micro(stats: list[dict[str, float]]) -> dict[str, float]:
+    """One optimizer step's stats from its micro-batches: loss and tokens summed, extremes as
+    min/max (p1/p99 approximated by the extreme over micro-batches), the rest token-weighted means."""
+    if len(stats) == 1:
+        return dict(stats[0])
+    total = sum(s.get("tokens", 0.0) for s in stats) or 1.0
+    out: dict[str, float] = {}
+    for key in stats[0]:
+        values = [s[key] for s in stats if key in s]
+        if key in _SUM_KEYS:
+            out[key] = sum(values)
+        elif key in _MAX_KEYS:
+            out[key] = max(values)
+        elif key in _MIN_KEYS:
+            out[key] = min(values)
+        else:
+            out[key] = sum(s[key] * s.get("tokens", 0.0) for s in stats if key in s) / total
+    return out
+
+
+def mean_stats(stats: list[dict[str, float]]) -> dict[str, float]:
+    """One RL step's stats from its optimizer steps: extremes as min/max, the rest as means."""
+    keys = dict.fromkeys(k for s in stats for k in s)
+    out = {}
+    for k in keys:
+        values = [s[k] for s in stats if k in s]
+        if k in _MAX_KEYS:
+            out[k] = max(values)
+        elif k in _MIN_KEYS:
+            out[k] = min(values)
+        else:
+            out[k] = sum(values) / len(values)
+    return out

@@ -1,0 +1,133 @@
+"""Config loading, dotted overrides and the one-line validation messages of `mhpo train`."""
+
+from __future__ import annotations
+
+import pytest
+
+from mhpo.cli import main
+from mhpo.config import Config, ConfigError, from_dict, load_config, parse_override, to_dict, to_yaml
+
+
+def test_default_config_is_the_embedded_yaml_and_matches_the_dataclass_defaults():
+    cfg = load_config()
+    assert cfg.model.name_or_path == "tiny"
+    assert cfg.objective.name == "mhpo"
+    assert cfg.task.name == "addition" and cfg.task.args == {}
+    # every key of the YAML is a dataclass field, the two sets of defaults agree, and to_dict round-trips
+    assert cfg == Config()
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_overrides_take_precedence_over_file_and_default(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("objective:\n  name: grpo\nrollout:\n  group_size: 4\noptim:\n  lr: 1e-3\n")
+    cfg = load_config(f, ["rollout.group_size=16", "objective.hparams.eps_high=0.3", "task.args.digits=2"])
+    assert cfg.objective.name == "grpo"  # from the file
+    assert cfg.rollout.group_size == 16  # override beats the file
+    assert cfg.optim.lr == pytest.approx(1e-3)  # PyYAML reads 1e-3 as a string; coerced to float
+    assert cfg.objective.hparams == {"eps_high": 0.3}
+    assert cfg.task.args == {"digits": 2}
+    assert cfg.rollout.prompts_per_step == Config().rollout.prompts_per_step
+
+
+def test_resolved_config_yaml_round_trips(tmp_path):
+    cfg = load_config(None, ["seed=7", "objective.name=dapo", "rewards.functions=[exact_match, mymod:fn]"])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("rollout.grup_size=3", ["rollout.grup_size", "did you mean 'group_size'", "valid keys in 'rollout'"]),
+        ("rollout.group_size=1", ["rollout.group_size", "must be >= 2"]),
+        ("advantage.estimator=ppo", ["advantage.estimator", "'ppo'", "grpo, dr_grpo"]),
+        ("train.steps=many", ["train.steps", "must be an integer", "'many'"]),
+        ("rollout.temperature=true", ["rollout.temperature", "must be a number"]),
+        ("optim.schedule=cosin", ["optim.schedule", "did you mean 'cosine'", "constant, linear, cosine"]),
+        ("nonsense=1", ["unknown config key 'nonsense'", "valid keys at the top level"]),
+        ("rollout=3", ["'rollout' must be a mapping"]),
+        ("rollout.top_p=1.5", ["rollout.top_p", "in (0, 1]"]),
+    ],
+)
+def test_structural_errors_name_the_key_and_the_valid_choices(override, fragments):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    msg = str(err.value)
+    assert "\n" not in msg
+    for fragment in fragments:
+        assert fragment in msg
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="key.subkey=value"):
+        parse_override("rollout.group_size")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/run.yaml")
+
+
+def _cli_error(capsys, argv, monkeypatch) -> str:
+    """Run `mhpo train ...` in-process; any model loading is an error (validation must come first)."""
+    import mhpo.models as models
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before validation failed")
+
+    monkeypatch.setattr(models, "build_tiny", no_model)
+    monkeypatch.setattr(models, "load_pretrained", no_model)
+    code = main(["train", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["objective.name=mhpoo"], ["unknown objective 'mhpoo'", "did you mean 'mhpo'", "valid objectives:", "grpo"]),
+        (["objective.hparams.c=-1"], ["objective 'mhpo'", "c=-1", "> 0"]),
+        (["objective.hparams.eps=0.2"], ["unknown hparam 'eps'", "valid hparams: c, k_pos"]),
+        (["objective.agg=mean"], ["objective.agg", "token-mean, seq-mean-token-mean, seq-mean-token-sum-norm"]),
+        (["task.name=additon"], ["unknown task 'additon'", "did you mean 'addition'", "valid tasks:"]),
+        (["task.args.digits=12"], ["task 'addition'", "digits=12", "[1, 9]"]),
+        (["task.args.width=3"], ["unknown argument 'width'", "valid arguments: digits"]),
+        (["task.name=rg:leg_countin"], ["unknown reasoning-gym dataset 'leg_countin'", "did you mean 'leg_counting'"]),
+        (["task.name=dataset"], ["needs task.path"]),
+        (["task.name=dataset", "task.path=/no/such/file.jsonl"], ["does not exist"]),
+        (["rewards.functions=[exact_mach]"], ["unknown reward function 'exact_mach'", "did you mean 'exact_match'"]),
+        (["rewards.functions=[no_such_module_xyz:fn]"], ["module 'no_such_module_xyz' cannot be found"]),
+        (["rewards.weights=[1, 2]"], ["rewards.weights", "1 finite number"]),
+        (["--model", "/no/such/model/dir"], ["model '/no/such/model/dir' is not a directory"]),
+        (["--steps", "-3"], ["train.steps", ">= 0"]),
+        (["task.args.digits=1", "eval.size=200"], ["could not draw 200 distinct examples"]),
+    ],
+)
+def test_cli_rejects_bad_values_with_one_line_before_loading_a_model(capsys, monkeypatch, tmp_path, argv, fragments):
+    err = _cli_error(capsys, [*argv, "--output-dir", str(tmp_path / "run")], monkeypatch)
+    assert err.startswith("mhpo train: error: ")
+    for fragment in fragments:
+        assert fragment in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_reward_function_that_cannot_be_imported_is_reported(capsys, monkeypatch, tmp_path):
+    f = tmp_path / "rew.py"
+    f.write_text("def other(prompts, completions, **kw):\n    return [0.0]\n")
+    err = _cli_error(capsys, [f"rewards.functions=[{f}:missing]", "--output-dir", str(tmp_path / "run")], monkeypatch)
+    assert "has no attribute 'missing'" in err
+
+
+def test_existing_run_dir_needs_resume(capsys, monkeypatch, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(load_config()))
+    err = _cli_error(capsys, ["--output-dir", str(run)], monkeypatch)
+    assert "already holds a run" in err and "--resume" in err
+
+
+def test_resume_of_a_directory_without_a_run(capsys, monkeypatch, tmp_path):
+    err = _cli_error(capsys, ["--resume", str(tmp_path)], monkeypatch)
+    assert "is not a run directory" in err

@@ -1,0 +1,151 @@
+"""Reward functions in the sandbox: hard time limits, errors that score 0, TRL's signature."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from mhpo.rewards import RewardScorer, resolve
+from mhpo.sandbox import Sandbox
+from mhpo.tasks import Example
+
+USER = '''
+import os, time
+CALLS = []
+
+def hang_on_hang(prompts, completions, **kw):
+    if completions[0] == "hang":
+        while True:
+            time.sleep(0.01)
+    return [1.0]
+
+def raise_on_boom(prompts, completions, answer, **kw):
+    if completions[0] == "boom":
+        raise RuntimeError("kaboom")
+    return [float(completions[0] == answer[0])]
+
+def echo_columns(prompts, completions, **columns):
+    return [float(len(columns["extra"][0]) + (prompts[0] == "p"))]
+
+def not_a_list(prompts, completions, **kw):
+    return 1.0
+
+def pid(prompts, completions, **kw):
+    return [float(os.getpid())]
+'''
+
+
+@pytest.fixture()
+def user_file(tmp_path):
+    f = tmp_path / "user_rewards.py"
+    f.write_text(USER)
+    return f
+
+
+def test_builtin_exact_match_and_math_verify():
+    scorer = RewardScorer(["exact_match", "math_verify"], "exact_match", None, 20.0)
+    try:
+        exs = [Example("q", "0359"), Example("q", "\\frac{1}{2}"), Example("q", "42")]
+        s = scorer.score(exs, [" 0359\n", "so the answer is $\\boxed{0.5}$", "41"])
+        assert s.per_function["exact_match"] == [1.0, 0.0, 0.0]
+        assert s.per_function["math_verify"] == [1.0, 1.0, 0.0]
+        assert s.total == [2.0, 1.0, 0.0]
+        assert s.correct == [True, False, False]  # correctness = the first function
+        assert (s.errors, s.timeouts) == (0, 0)
+    finally:
+        scorer.close()
+
+
+def test_hanging_function_times_out_scores_zero_and_the_rest_is_still_scored(user_file):
+    scorer = RewardScorer([f"{user_file}:hang_on_hang", f"{user_file}:pid"], "exact_match", None, 0.5)
+    try:
+        scorer.check()
+        exs = [Example("q", "a")] * 4
+        t0 = time.monotonic()
+        s = scorer.score(exs, ["ok", "hang", "ok", "hang"])
+        assert time.monotonic() - t0 < 10
+        assert s.per_function["hang_on_hang"] == [1.0, 0.0, 1.0, 0.0]
+        assert s.timeouts == 2 and s.errors == 0
+        assert scorer.sandbox.restarts == 2  # the hung worker was killed and replaced, twice
+        assert any("TimeoutError" in m for m in s.messages)
+        worker = int(s.per_function["pid"][0])
+        assert worker != os.getpid()  # scoring runs in another process
+    finally:
+        scorer.close()
+
+
+def test_raising_and_malformed_functions_score_zero_and_are_counted(user_file):
+    scorer = RewardScorer([f"{user_file}:raise_on_boom", f"{user_file}:not_a_list"], "exact_match", [1.0, 0.5], 5.0)
+    try:
+        s = scorer.score([Example("q", "x")] * 3, ["x", "boom", "y"])
+        assert s.per_function["raise_on_boom"] == [1.0, 0.0, 0.0]
+        assert s.per_function["not_a_list"] == [0.0, 0.0, 0.0]
+        assert s.errors == 1 + 3 and s.timeouts == 0
+        assert "RuntimeError: kaboom" in " ".join(s.messages)
+        assert s.total == [1.0, 0.0, 0.0]
+    finally:
+        scorer.close()
+
+
+def test_trl_signature_receives_prompts_and_extra_columns(user_file):
+    scorer = RewardScorer([f"{user_file}:echo_columns"], "exact_match", None, 5.0)
+    try:
+        s = scorer.score([Example("p", "a", {"extra": "abc"}), Example("q", "a", {"extra": ""})], ["c1", "c2"])
+        assert s.per_function["echo_columns"] == [4.0, 0.0]
+    finally:
+        scorer.close()
+
+
+def test_reasoning_gym_scorer_uses_the_answer_tag_and_the_entry():
+    import reasoning_gym
+
+    entry = reasoning_gym.create_dataset("leg_counting", size=1, seed=3)[0]
+    scorer = RewardScorer(["reasoning_gym"], "exact_match", None, 30.0)
+    try:
+        ex = Example(entry["question"], entry["answer"], {"entry": entry})
+        right = f"I count. <answer>{entry['answer']}</answer>"
+        s = scorer.score([ex, ex, ex], [right, entry["answer"], "<answer>-1</answer>"])
+        assert s.per_function["reasoning_gym"][:2] == [1.0, 1.0]
+        assert s.per_function["reasoning_gym"][2] < 1.0
+    finally:
+        scorer.close()
+
+
+def test_countdown_scorer_that_hangs_on_huge_powers_is_cut_off():
+    """reasoning-gym's countdown scorer evaluates the expression: 9**9**9 never finishes."""
+    import reasoning_gym
+
+    entry = reasoning_gym.create_dataset("countdown", size=1, seed=1)[0]
+    scorer = RewardScorer(["reasoning_gym"], "exact_match", None, 2.0)
+    try:
+        ex = Example(entry["question"], entry["answer"], {"entry": entry})
+        s = scorer.score([ex, ex], ["9**9**9", entry["answer"]])
+        assert s.per_function["reasoning_gym"] == [0.0, 1.0]
+        assert s.timeouts == 1
+    finally:
+        scorer.close()
+
+
+def test_resolution_and_load_errors(user_file):
+    assert resolve(["auto"], "reasoning_gym")[0][0] == "reasoning_gym"
+    with pytest.raises(ValueError, match="twice"):
+        resolve(["exact_match", "exact_match"], "exact_match")
+    with pytest.raises(ValueError, match="file .* does not exist"):
+        resolve(["/no/such.py:fn"], "exact_match")
+    scorer = RewardScorer([f"{user_file}:nope"], "exact_match", None, 5.0)
+    try:
+        with pytest.raises(ValueError, match="has no attribute 'nope'"):
+            scorer.check()
+    finally:
+        scorer.close()
+
+
+def test_sandbox_worker_that_dies_costs_one_call(tmp_path):
+    f = tmp_path / "die.py"
+    f.write_text("import os\ndef f(x):\n    if x == 1:\n        os._exit(3)\n    return x * 2\n")
+    with Sandbox([f"{f}:f"], timeout_s=5.0) as box:
+        out = box.map(0, [((0,), {}), ((1,), {}), ((2,), {})])
+        assert [o.value for o in out] == [0, None, 4]
+        assert "WorkerDied" in out[1].error and not out[1].timed_out

@@ -1,0 +1,90 @@
+"""Sampling: completion masks, left padding, and log-probs that match what generate sampled from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mhpo.models import build_tiny
+from mhpo.config import TinyModelConfig
+from mhpo.rollout import PromptEncoder, completion_mask, eos_token_ids, pack, sample, sampling_config
+from mhpo.tasks import Example
+from mhpo.update import rollout_logprobs
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny models run fastest on one thread (and two threads thrash on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, tok = build_tiny(TinyModelConfig(hidden_size=32, num_layers=2, intermediate_size=64), seed=3)
+    return model.eval(), tok
+
+
+def test_completion_mask_stops_after_the_first_eos():
+    tokens = torch.tensor([[5, 6, 2, 7, 2], [5, 5, 5, 5, 5], [2, 9, 9, 9, 9]])
+    assert completion_mask(tokens, [2]).tolist() == [
+        [True, True, True, False, False],
+        [True] * 5,
+        [True, False, False, False, False],
+    ]
+
+
+def test_sampling_config_is_true_temperature_sampling(tiny):
+    model, tok = tiny
+    cfg = sampling_config(model, do_sample=True, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=4, eos_ids=[2], pad_id=0)
+    assert (cfg.top_k, cfg.top_p, cfg.temperature, cfg.repetition_penalty) == (0, 1.0, 0.7, 1.0)
+
+
+def test_rollout_layout_groups_and_logprobs_match_generate_scores(tiny):
+    """Left-padded prompts: the trainer's log-probs (with position ids from the mask) must equal
+    the log-softmax of the logits generate sampled from, token by token."""
+    model, tok = tiny
+    encoder = PromptEncoder(tok, chat=False)
+    examples = [Example("1+2=", "3"), Example("042+317=", "0359"), Example("hello|", "olleh")]
+    prompts = encoder(examples)
+    assert prompts["attention_mask"][0, 0] == 0  # left padding present
+    eos = eos_token_ids(model, tok)
+    torch.manual_seed(1)
+    r = sample(model, tok, prompts, group_size=4, max_new_tokens=6, eos_ids=eos, temperature=1.3)
+    assert len(r) == 12 and r.prompt_width == prompts["input_ids"].shape[1]
+    assert torch.equal(r.input_ids[:4, : r.prompt_width], prompts["input_ids"][0].expand(4, -1))  # groups contiguous
+    assert len(r.completions) == 12
+    lengths = r.completion_mask.sum(-1)
+    for i in range(12):  # the mask ends at the first EOS; tokens after it are padding
+        ids = r.completion_ids[i, : int(lengths[i])].tolist()
+        assert all(t not in eos for t in ids[:-1])
+        assert r.completion_ids[i, int(lengths[i]) :].eq(tok.pad_token_id).all()
+
+    # the same sampling again, this time asking generate for its logits
+    torch.manual_seed(1)
+    from mhpo.rollout import repeat_rows
+
+    rows = repeat_rows(prompts, 4)
+    cfg = sampling_config(model, do_sample=True, temperature=1.3, top_p=1.0, top_k=0, max_new_tokens=6, eos_ids=eos, pad_id=tok.pad_token_id)
+    out = model.generate(**rows, generation_config=cfg, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences[:, r.prompt_width :][r.completion_mask], r.completion_ids[r.completion_mask])
+    logits = torch.stack(out.logits, 1).float() / 1.3  # [N, C, V]
+    ref = torch.log_softmax(logits, -1).gather(-1, out.sequences[:, r.prompt_width :].unsqueeze(-1)).squeeze(-1)
+    logp, ent = rollout_logprobs(model, r, temperature=1.3, entropy=True, micro_batch_size=5)
+    m = r.completion_mask
+    assert torch.allclose(logp[m], ref[m], atol=1e-4)
+    assert (logp[~m] == 0).all() and (ent[m] > 0).all()
+
+
+def test_pack_builds_teacher_forced_rows(tiny):
+    model, tok = tiny
+    prompts = PromptEncoder(tok, chat=False)([Example("ab", ""), Example("abcd", "")])
+    r = pack(prompts, [[5, 6, 2], [7, 2]], tok.pad_token_id)
+    assert r.completion_mask.tolist() == [[True, True, True], [True, True, False]]
+    assert r.attention_mask[1, -1] == 0
+    sub = r.select([1])  # trimming drops the all-padding columns at both ends
+    assert sub.input_ids.tolist() == [tok("abcd", add_special_tokens=False)["input_ids"] + [7, 2]]
+    assert sub.prompt_width == 4
