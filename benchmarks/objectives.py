@@ -5,7 +5,7 @@
 Rows `mhpo [impl=...]` time the plain-autograd reference and the torch.compile opt-in of MHPO
 (compilation happens in the warm-up repetitions). Inputs: float32 [B, T] = [512, 8192] (4M tokens), log r ~ N(0, 0.3), 90% of tokens masked in,
 per-sequence advantages, token-mean. Each repetition times `policy_loss(..., stats=False)` plus
-`backward()`; the table gives medians. The floor row times the transcendental functions MHPO
+`backward()`, every row once per round (rounds interleave the rows); the table gives medians. The floor row times the transcendental functions MHPO
 cannot avoid, alone, on the same tensor size: per token one tanh, two exp and one log1p.
 Not a test: these machines are noisy, so read ratios from one run, not absolute times across runs.
 """
@@ -32,29 +32,23 @@ def make_inputs(tokens: int, seed: int = 0):
     return logp, old, adv, mask
 
 
-def time_objective(name: str, logp, old, adv, mask, reps: int, **kw) -> float:
-    """Median seconds of one forward + backward."""
-    times = []
-    for _ in range(reps + 2):
-        logp.grad = None
-        t0 = time.perf_counter()
-        loss, _ = policy_loss(name, logp, old, adv, mask, stats=False, **kw)
-        loss.backward()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:])  # first two are warm-up
+def fwd_bwd(name: str, logp, old, adv, mask, **kw) -> float:
+    """Seconds of one forward + backward."""
+    logp.grad = None
+    t0 = time.perf_counter()
+    loss, _ = policy_loss(name, logp, old, adv, mask, stats=False, **kw)
+    loss.backward()
+    return time.perf_counter() - t0
 
 
-def time_floor(x: torch.Tensor, reps: int) -> float:
-    """Median seconds of one tanh, two exp and one log1p over x (the transcendental floor)."""
-    times = []
-    for _ in range(reps + 2):
-        t0 = time.perf_counter()
-        a = torch.tanh(x)
-        b = torch.exp(a)
-        c = torch.log1p(b)
-        torch.exp(c)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:])
+def floor_once(x: torch.Tensor) -> float:
+    """Seconds of one tanh, two exp and one log1p over x (the transcendental floor)."""
+    t0 = time.perf_counter()
+    a = torch.tanh(x)
+    b = torch.exp(a)
+    c = torch.log1p(b)
+    torch.exp(c)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -71,12 +65,20 @@ def main() -> None:
     names = args.objectives.split(",") if args.objectives else list(OBJECTIVES)
     if "grpo" not in names:
         names.insert(0, "grpo")
-    results = {n: time_objective(n, logp, old, adv, mask, args.reps) for n in names}
+    rows = {n: (n, {}) for n in names}
     if "mhpo" in names:  # the fused kernel (default) against plain autograd and the compile opt-in
-        results["mhpo [impl=reference]"] = time_objective("mhpo", logp, old, adv, mask, args.reps, impl="reference")
+        rows["mhpo [impl=reference]"] = ("mhpo", {"impl": "reference"})
         if not args.no_compile:
-            results["mhpo [impl=compile]"] = time_objective("mhpo", logp, old, adv, mask, args.reps, impl="compile")
-    floor = time_floor(logp.detach(), args.reps)
+            rows["mhpo [impl=compile]"] = ("mhpo", {"impl": "compile"})
+    times: dict[str, list[float]] = {r: [] for r in rows}
+    floor_times: list[float] = []
+    x = logp.detach()
+    for rep in range(args.reps + 2):  # rounds interleave every row, so slow phases hit all of them
+        for row, (name, kw) in rows.items():
+            times[row].append(fwd_bwd(name, logp, old, adv, mask, **kw))
+        floor_times.append(floor_once(x))
+    results = {r: statistics.median(t[2:]) for r, t in times.items()}  # first two rounds: warm-up, compile
+    floor = statistics.median(floor_times[2:])
     base = results["grpo"]
     print(f"{logp.numel():,} tokens float32, {torch.get_num_threads()} threads, median of {args.reps}\n")
     print(f"| objective | fwd+bwd ms | / grpo | / floor |\n|---|---:|---:|---:|")

@@ -60,14 +60,25 @@ class TinyModelConfig:
 
 
 @dataclass
+class TinyVisionConfig:
+    image_size: int = _f(56, ">=1", "images are resized to image_size^2 pixels (a multiple of patch_size * 2)")
+    patch_size: int = _f(14, ">=1", "vision patch side in pixels")
+    depth: int = _f(1, ">=1", "vision transformer blocks")
+    hidden_size: int = _f(64, ">=1", "vision width")
+    num_heads: int = _f(2, ">=1", "vision attention heads")
+    intermediate_size: int = _f(128, ">=1", "vision MLP width")
+
+
+@dataclass
 class ModelConfig:
-    name_or_path: str = _f("tiny", help="'tiny' (built-in tiny Qwen2 + char tokenizer), a local dir or a hub id")
+    name_or_path: str = _f("tiny", help="'tiny' (built-in tiny Qwen2 + char tokenizer), 'tiny-vlm' (tiny Qwen2.5-VL), a local dir or a hub id")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", help="auto: bf16 on a GPU that has it, else fp32")
     device: str = _f("auto", help="auto | cpu | cuda | cuda:N | mps")
     chat_template: Literal["auto", "on", "off"] = _f("auto", help="auto: apply the tokenizer's chat template when it has one")
     trust_remote_code: bool = _f(False)
     attn_implementation: Optional[str] = _f(None, help="passed to from_pretrained (e.g. sdpa, eager)")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    vision: TinyVisionConfig = field(default_factory=TinyVisionConfig)  # tiny-vlm's vision tower
 
 
 @dataclass
@@ -198,8 +209,29 @@ def default_yaml() -> str:
     return resources.files("mhpo").joinpath("configs/default.yaml").read_text()
 
 
-def read_yaml(path: str | Path) -> dict:
+def packaged_configs() -> list[str]:
+    """Names of the packaged configs (``mhpo/configs/<name>.yaml``), e.g. default, vlm."""
+    folder = resources.files("mhpo").joinpath("configs")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(path: str | Path):
+    """A config path as given, or the packaged config of that name when ``path`` is a bare name
+    (no directory, no suffix) that is not an existing file: ``vlm`` -> ``mhpo/configs/vlm.yaml``."""
     p = Path(path)
+    if p.exists() or p.suffix or len(p.parts) != 1:
+        return p
+    name = p.name
+    if name not in packaged_configs():
+        raise ConfigError(
+            f"config {name!r} is neither a file nor a packaged config{did_you_mean(name, packaged_configs())}; "
+            f"packaged configs: {', '.join(packaged_configs())}"
+        )
+    return resources.files("mhpo").joinpath(f"configs/{name}.yaml")
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = resolve_config_path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
@@ -250,7 +282,10 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Default < YAML file < dotted overrides, then structural validation. Raises ConfigError."""
+    """Default < YAML file < dotted overrides, then structural validation. Raises ConfigError.
+
+    ``path`` may also name a packaged config (``"vlm"``, see :func:`resolve_config_path`).
+    """
     tree = yaml.safe_load(default_yaml()) or {}
     if path is not None:
         tree = merge(tree, read_yaml(path))

@@ -67,7 +67,8 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str | None = None, override
     from .config import ConfigError, from_dict, parse_override, set_dotted, to_dict
     from .evaluation import evaluate
     from .models import load_pretrained, resolve_device, resolve_dtype
-    from .rollout import PromptEncoder, eos_token_ids, use_chat_template
+    from .multimodal import text_tokenizer
+    from .rollout import build_encoder, eos_token_ids
     from .seeding import derive_seed
     from .train import default_threads, load_run_config, validate
 
@@ -87,9 +88,12 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str | None = None, override
     try:
         torch.set_num_threads(cfg.train.threads or default_threads(cfg))
         device = resolve_device(cfg.model.device)
-        model, tokenizer = load_pretrained(str(ckpt), dtype=resolve_dtype(cfg.model.dtype, device), device=device)
-        encoder = PromptEncoder(tokenizer, chat=use_chat_template(cfg.model.chat_template, tokenizer),
-                                system_prompt=cfg.task.system_prompt)
+        # A vision-language checkpoint loads with its processor: the encoder takes the processor
+        # (prompts with pixels), decoding and the EOS ids the processor's text tokenizer.
+        model, processor = load_pretrained(str(ckpt), dtype=resolve_dtype(cfg.model.dtype, device), device=device,
+                                           trust_remote_code=cfg.model.trust_remote_code)
+        encoder = build_encoder(processor, chat_template=cfg.model.chat_template, system_prompt=cfg.task.system_prompt)
+        tokenizer = text_tokenizer(processor)
         t0 = time.perf_counter()
         results, records = evaluate(
             model, tokenizer, encoder, plan.scorer, plan.heldout, max_new_tokens=plan.max_new_tokens,

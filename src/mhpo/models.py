@@ -41,6 +41,8 @@ def tiny_qwen2(
 # Loading a policy for training: the built-in tiny model or any causal LM (local dir or hub id).
 
 TINY = "tiny"
+TINY_VLM = "tiny-vlm"  # the built-in tiny Qwen2.5-VL (see mhpo.vlm)
+BUILT_IN = (TINY, TINY_VLM)  # model names built locally (random init, warmed up by default)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,12 +72,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def check_model_source(name_or_path: str) -> None:
-    """ValueError (one line) unless ``name_or_path`` is 'tiny', a model directory, or a hub id that
-    can be fetched (in offline mode: that is already in the local Hugging Face cache)."""
+    """ValueError (one line) unless ``name_or_path`` is built in ('tiny', 'tiny-vlm'), a model
+    directory, or a hub id that can be fetched (in offline mode: that is already in the local Hugging
+    Face cache)."""
     import os
     from pathlib import Path
 
-    if name_or_path == TINY:
+    if name_or_path in BUILT_IN:
         return
     path = Path(name_or_path).expanduser()
     local_looking = name_or_path.startswith((".", "/", "~")) or path.exists()
@@ -87,7 +90,7 @@ def check_model_source(name_or_path: str) -> None:
         return
     parts = name_or_path.split("/")
     if len(parts) > 2 or not all(parts):
-        raise ValueError(f"model {name_or_path!r} is neither 'tiny', a local directory, nor a hub id like org/name")
+        raise ValueError(f"model {name_or_path!r} is neither built in ({', '.join(BUILT_IN)}), a local directory, nor a hub id like org/name")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         from huggingface_hub import try_to_load_from_cache
 
@@ -128,8 +131,19 @@ def build_tiny(tiny_cfg, seed: int):
 
 
 def load_pretrained(path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, attn_implementation: str | None = None):
-    """(model, tokenizer) from a local directory or hub id; pad token defaults to EOS."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) from a local directory or hub id; pad token defaults to EOS.
+
+    A vision-language model (its config has a ``vision_config``, e.g. Qwen2.5-VL or a tiny-vlm
+    checkpoint) is loaded with :func:`mhpo.vlm.load_pretrained_vlm` and comes with its processor in
+    place of the tokenizer.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "vision_config", None) is not None:
+        from .vlm import load_pretrained_vlm
+
+        return load_pretrained_vlm(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                   attn_implementation=attn_implementation)
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:

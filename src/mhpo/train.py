@@ -6,7 +6,8 @@ The recipe, per RL step:
     rollout  = sample(policy, prompts, G per prompt)               KV cache, top_k=0, top_p=1
     R        = rewards(rollout)                                    sandboxed, hard time limit
     A        = group advantages(R)                                 grpo | dr_grpo
-    old_logp = logp under the policy now (once per batch); ref_logp only when beta > 0 or log_kl
+    old_logp = logp under the policy now (first minibatch: from its own update forward pass, the
+               rest: one no-grad pass); ref_logp only when beta > 0 or log_kl
     epochs x minibatches:  policy_loss(objective) -> clip grad norm -> AdamW step
     lr schedule step; log; evaluate / checkpoint when due
 
@@ -44,7 +45,8 @@ RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.tensorboard", "trai
 
 def add_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. objective.name=grpo")
-    parser.add_argument("--config", metavar="FILE", help="YAML config (keys as in the embedded default)")
+    parser.add_argument("--config", metavar="FILE", help="YAML config (keys as in the embedded default), or a packaged config's name")
+    parser.add_argument("--preset", metavar="NAME", help="a packaged config: default, vlm (tiny vision-language demo)")
     parser.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<task>-<objective>-s<seed>-<time>)")
     parser.add_argument("--steps", type=int, metavar="N", help="RL steps (train.steps)")
     parser.add_argument("--seed", type=int, metavar="S", help="run seed (seed)")
@@ -54,7 +56,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     if args.resume:
-        if args.config or args.overrides or args.seed is not None or args.model or args.output_dir:
+        if args.config or args.preset or args.overrides or args.seed is not None or args.model or args.output_dir:
             raise UsageError("--resume DIR continues a run with its saved config; only --steps may be given with it")
         run_dir = Path(args.resume)
         cfg = load_run_config(run_dir)
@@ -77,8 +79,15 @@ def config_from_args(args) -> Config:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    if args.preset and args.config:
+        raise UsageError("give either --preset NAME or --config FILE, not both (add KEY=VALUE overrides instead)")
     try:
-        return load_config(args.config, overrides)
+        if args.preset:
+            from .config import packaged_configs
+
+            if args.preset not in packaged_configs():
+                raise UsageError(f"unknown preset {args.preset!r}; valid presets: {', '.join(packaged_configs())}")
+        return load_config(args.preset or args.config, overrides)
     except ConfigError as err:
         raise UsageError(str(err)) from None
 
@@ -146,6 +155,7 @@ def validate(cfg: Config) -> Plan:
             )
         task = build_task(cfg.task)
         heldout = task.heldout(cfg.eval.size, cfg.eval.seed)
+        _check_modality(cfg, heldout)
     except (ValueError, TypeError, ImportError, OSError) as err:
         raise fail(err) from None
     try:
@@ -159,6 +169,18 @@ def validate(cfg: Config) -> Plan:
         raise fail(err) from None
     max_new = cfg.rollout.max_new_tokens or task.max_new_tokens
     return Plan(cfg, task, hparams, max_new, heldout, scorer)
+
+
+def _check_modality(cfg: Config, heldout: list) -> None:
+    """ValueError when a task with images meets the built-in text-only model."""
+    from .models import TINY
+    from .multimodal import IMAGE_COLUMN
+
+    if cfg.model.name_or_path == TINY and any(ex.columns.get(IMAGE_COLUMN) is not None for ex in heldout[:1]):
+        raise ValueError(
+            f"task {cfg.task.name!r} has images but model 'tiny' is text-only; use model.name_or_path=tiny-vlm "
+            "(or a vision-language model such as a Qwen2.5-VL dir), e.g. mhpo train --preset vlm"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,26 +259,44 @@ class Policy:
     """The model being trained and everything built around it for one run."""
 
     model: Any
-    tokenizer: Any
-    encoder: Any  # rollout.PromptEncoder
+    tokenizer: Any  # the text tokenizer
+    encoder: Any  # rollout.PromptEncoder or multimodal.VisionPromptEncoder
     eos_ids: list[int]
     optimizer: Any
     scheduler: Any
     reference: Any = None  # frozen RL-initial policy, when beta > 0 or log_kl
+    processor: Any = None  # what is saved with the model: the tokenizer, or a VLM's processor
+
+
+def _build_tiny(cfg: Config):
+    from .models import build_tiny
+
+    return build_tiny(cfg.model.tiny, derive_seed(cfg.seed, "init"))
+
+
+def _build_tiny_vlm(cfg: Config):
+    from .vlm import build_tiny_vlm
+
+    return build_tiny_vlm(cfg.model.tiny, cfg.model.vision, derive_seed(cfg.seed, "init"))
+
+
+# Built-in models: name -> builder(cfg) -> (model, tokenizer or processor), seeded from cfg.seed.
+BUILDERS = {"tiny": _build_tiny, "tiny-vlm": _build_tiny_vlm}
 
 
 def model_loader(cfg: Config):
-    """source -> (model, tokenizer): 'tiny' builds the seeded tiny model, anything else is loaded
-    with from_pretrained (a model dir, a hub id, a warm-up dir or a checkpoint dir)."""
-    from .models import TINY, build_tiny, load_pretrained, resolve_device, resolve_dtype
+    """source -> (model, tokenizer or processor): a built-in name (:data:`BUILDERS`) builds the
+    seeded tiny model, anything else is loaded with from_pretrained (a model dir, a hub id, a
+    warm-up dir or a checkpoint dir; a vision-language model comes with its processor)."""
+    from .models import load_pretrained, resolve_device, resolve_dtype
 
     device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
 
     def load(source: str):
         try:
-            if source == TINY:
-                model, tok = build_tiny(cfg.model.tiny, derive_seed(cfg.seed, "init"))
+            if source in BUILDERS:
+                model, tok = BUILDERS[source](cfg)
                 return model.to(device=device, dtype=dtype), tok
             return load_pretrained(source, dtype=dtype, device=device, trust_remote_code=cfg.model.trust_remote_code,
                                    attn_implementation=cfg.model.attn_implementation)
@@ -290,22 +330,26 @@ def build_policy(cfg: Config, load, source: str, initial: str) -> Policy:
     schedule and, if the objective needs one, the frozen reference (loaded from ``initial``)."""
     import torch
 
-    from .rollout import PromptEncoder, eos_token_ids, use_chat_template
+    from .multimodal import text_tokenizer
+    from .rollout import build_encoder, eos_token_ids
 
-    model, tokenizer = load(source)
+    model, processor = load(source)
+    tokenizer = text_tokenizer(processor)
     model.train()
     reference = None
     if cfg.objective.beta > 0 or cfg.objective.log_kl:
         reference, _ = load(initial)
         reference.eval().requires_grad_(False)
-    encoder = PromptEncoder(tokenizer, chat=use_chat_template(cfg.model.chat_template, tokenizer),
-                            system_prompt=cfg.task.system_prompt)
+    try:
+        encoder = build_encoder(processor, chat_template=cfg.model.chat_template, system_prompt=cfg.task.system_prompt)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim, cfg.train.steps))
-    return Policy(model, tokenizer, encoder, eos_token_ids(model, tokenizer), optimizer, scheduler, reference)
+    return Policy(model, tokenizer, encoder, eos_token_ids(model, tokenizer), optimizer, scheduler, reference, processor)
 
 
 def _run(plan: Plan, run_dir: Path, console, *, resuming: bool, t_start: float) -> dict:
@@ -346,7 +390,7 @@ def _run(plan: Plan, run_dir: Path, console, *, resuming: bool, t_start: float) 
         logger.flush()
         state = {"source": source.state_dict(), "before_rl": before, "warmup": warm_info, "config_hash": _cfg_hash(cfg),
                  "wall_seconds": wall_before + time.perf_counter() - t_start}
-        ckpt.save_checkpoint(ckpt_root, step, model=pol.model, tokenizer=pol.tokenizer, optimizer=pol.optimizer,
+        ckpt.save_checkpoint(ckpt_root, step, model=pol.model, tokenizer=pol.processor, optimizer=pol.optimizer,
                              scheduler=pol.scheduler, state=state, keep=cfg.train.keep_checkpoints)
 
     start_step = ckpt.read_state(resume_from)["step"] if resume_from is not None else 0
@@ -416,11 +460,11 @@ def _cfg_hash(cfg: Config) -> str:
 
 
 def default_threads(cfg: Config) -> int:
-    """1 for the built-in tiny model (its matrices are too small to split: with 2 threads on 2 busy
-    cores a step measured ~30x slower than with 1); otherwise the usable cores, at most 8."""
-    from .models import TINY
+    """1 for the built-in tiny models (their matrices are too small to split: with 2 threads on 2
+    busy cores a step measured ~30x slower than with 1); otherwise the usable cores, at most 8."""
+    from .models import BUILT_IN
 
-    if cfg.model.name_or_path == TINY:
+    if cfg.model.name_or_path in BUILT_IN:
         return 1
     try:
         n = len(os.sched_getaffinity(0))
@@ -461,7 +505,7 @@ def rl_step(plan: Plan, pol: Policy, source) -> dict[str, float]:
 
     from .advantages import group_advantages, zero_std_groups
     from .rollout import sample
-    from .update import UpdateBatch, policy_update, rollout_logprobs
+    from .update import UpdateBatch, minibatches, policy_update, rollout_logprobs
 
     cfg = plan.cfg
     model, tokenizer, eos_ids = pol.model, pol.tokenizer, pol.eos_ids
@@ -478,21 +522,33 @@ def rl_step(plan: Plan, pol: Policy, source) -> dict[str, float]:
     rewards = torch.tensor(scores.total, dtype=torch.float32)  # [N]
     adv, keep = group_advantages(rewards, G, cfg.advantage.estimator, cfg.advantage.eps, cfg.advantage.drop_zero_std)
     t2 = time.perf_counter()
-    old_logp, entropy = rollout_logprobs(model, rollout, temperature=r.temperature, entropy=True,
-                                         micro_batch_size=cfg.update.micro_batch_size)
+    # Behaviour log-probs: the first minibatch's rows come from its own forward pass in the update
+    # (the policy has not moved yet), the other rows from one no-grad pass now.
+    kept = keep.nonzero().squeeze(-1)
+    first_epoch = minibatches(len(kept), cfg.update.num_minibatches)
+    in_first = torch.zeros(len(rollout), dtype=torch.bool)
+    if first_epoch:
+        in_first[kept[first_epoch[0]]] = True
+    old_logp = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32)  # [N, C]
+    entropy = torch.zeros_like(old_logp)
+    rest = (~in_first).nonzero().squeeze(-1)
+    if len(rest):
+        old_logp[rest], entropy[rest] = rollout_logprobs(model, rollout.select(rest, trim=False), temperature=r.temperature,
+                                                         entropy=True, micro_batch_size=cfg.update.micro_batch_size)
     ref_logp = None
     if pol.reference is not None:
         ref_logp, _ = rollout_logprobs(pol.reference, rollout, temperature=r.temperature, micro_batch_size=cfg.update.micro_batch_size)
     t3 = time.perf_counter()
-    kept = keep.nonzero().squeeze(-1)
-    batch = UpdateBatch(rollout.select(kept, trim=False), old_logp[kept], adv[kept], ref_logp[kept] if ref_logp is not None else None)
+    batch = UpdateBatch(rollout.select(kept, trim=False), old_logp[kept], adv[kept], ref_logp[kept] if ref_logp is not None else None,
+                        fill_first=True, entropy=entropy[kept])
     lr = pol.scheduler.get_last_lr()[0]
     stats = policy_update(
         model, pol.optimizer, batch, objective=cfg.objective.name, hparams=plan.hparams, agg=cfg.objective.agg,
         beta=cfg.objective.beta, num_minibatches=cfg.update.num_minibatches, epochs=cfg.update.epochs,
         micro_batch_size=cfg.update.micro_batch_size, max_grad_norm=cfg.update.max_grad_norm,
-        temperature=r.temperature, norm_length=float(plan.max_new_tokens),
+        temperature=r.temperature, norm_length=float(plan.max_new_tokens), first_epoch=first_epoch,
     )
+    entropy[kept] = batch.entropy
     pol.scheduler.step()
     t4 = time.perf_counter()
     mask = rollout.completion_mask

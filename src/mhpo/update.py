@@ -20,6 +20,7 @@ import torch
 from .aggregation import global_counts
 from .logprobs import model_logprobs
 from .loss import policy_loss
+from .multimodal import model_kwargs
 from .rollout import Rollout, forward_inputs
 
 
@@ -50,16 +51,9 @@ def rollout_logprobs(
 
 def _forward(model, part: Rollout, temperature: float, entropy: bool):
     device = next(model.parameters()).device
-    extra = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in forward_inputs(part).items()}
-    return model_logprobs(
-        model,
-        part.input_ids.to(device),
-        part.attention_mask.to(device),
-        part.prompt_width,
-        temperature=temperature,
-        entropy=entropy,
-        **extra,
-    )
+    ids, attn = part.input_ids.to(device), part.attention_mask.to(device)
+    extra = model_kwargs(forward_inputs(part), ids, attn, device)
+    return model_logprobs(model, ids, attn, part.prompt_width, temperature=temperature, entropy=entropy, **extra)
 
 
 @dataclass
@@ -70,6 +64,19 @@ class UpdateBatch:
     old_logp: torch.Tensor  # [N, C] behaviour log-probs
     advantages: torch.Tensor  # [N]
     ref_logp: torch.Tensor | None = None  # [N, C] reference log-probs (KL)
+    # With fill_first, the rows of the first minibatch have no old_logp (nor entropy) yet: before the
+    # first optimizer step the policy IS the behaviour policy, so its forward pass gives them
+    # (written into old_logp and entropy in place) and no separate pass is needed for those rows.
+    fill_first: bool = False
+    entropy: torch.Tensor | None = None  # [N, C], filled for the first minibatch's rows with fill_first
+
+
+def minibatches(n: int, num_minibatches: int) -> list[torch.Tensor]:
+    """One epoch's minibatches: a random permutation of range(n) (global generator) in
+    min(num_minibatches, n) near-equal parts."""
+    if n == 0:
+        return []
+    return list(torch.tensor_split(torch.randperm(n), min(num_minibatches, n)))
 
 
 def policy_update(
@@ -87,10 +94,13 @@ def policy_update(
     max_grad_norm: float,
     temperature: float,
     norm_length: float,
+    first_epoch: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Run the optimizer steps of one RL step; returns averaged objective stats and grad norms.
 
-    Minibatch order comes from ``torch.randperm`` on the global generator (saved in checkpoints).
+    Minibatch order comes from ``torch.randperm`` on the global generator (saved in checkpoints);
+    ``first_epoch`` passes the first epoch's minibatches when the caller drew them already
+    (:func:`minibatches`, e.g. to know which rows ``fill_first`` covers).
     """
     n = len(batch.rollout)
     if n == 0:
@@ -100,11 +110,10 @@ def policy_update(
     per_step: list[dict[str, float]] = []
     norms: list[float] = []
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(n)
-        for mb in torch.tensor_split(order, min(num_minibatches, n)):
-            if len(mb) == 0:
-                continue
+    for epoch in range(epochs):
+        splits = first_epoch if epoch == 0 and first_epoch is not None else minibatches(n, num_minibatches)
+        for i, mb in enumerate(splits):
+            fill = batch.fill_first and epoch == 0 and i == 0
             mask_mb = batch.rollout.completion_mask[mb]
             counts = global_counts(mask_mb)
             if counts["num_tokens"] == 0:
@@ -114,8 +123,12 @@ def policy_update(
             for micro in torch.split(mb, micro_batch_size or len(mb)):
                 part = batch.rollout.select(micro)
                 w = part.completion_mask.shape[1]
-                logp, _ = _forward(model, part, temperature, False)  # [b, w]
+                logp, ent = _forward(model, part, temperature, fill and batch.entropy is not None)  # [b, w]
                 mask = part.completion_mask.to(device)
+                if fill:  # the behaviour log-probs of these rows are this very forward pass
+                    batch.old_logp[micro, :w] = logp.detach().float().cpu() * part.completion_mask
+                    if ent is not None:
+                        batch.entropy[micro, :w] = ent.detach().float().cpu() * part.completion_mask
                 ref = batch.ref_logp[micro, :w].to(device) if batch.ref_logp is not None else None
                 loss, stats = policy_loss(
                     objective,

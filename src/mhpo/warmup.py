@@ -37,8 +37,9 @@ from . import __version__
 from .checkpoint import atomic_write_json, publish_dir
 from .config import Config, config_hash
 from .evaluation import evaluate
-from .models import TINY
-from .rollout import PromptEncoder, eos_token_ids, pack, use_chat_template
+from .models import BUILT_IN
+from .multimodal import text_tokenizer
+from .rollout import PromptEncoder, build_encoder, eos_token_ids, pack
 from .seeding import derive_seed
 from .update import _forward
 
@@ -46,9 +47,9 @@ INFO_FILE = "warmup.json"
 
 
 def warmup_enabled(cfg: Config) -> bool:
-    """'auto' means on for the built-in tiny model (random init) and off for pretrained models."""
+    """'auto' means on for the built-in tiny models (random init) and off for pretrained models."""
     if cfg.warmup.enabled == "auto":
-        return cfg.model.name_or_path == TINY
+        return cfg.model.name_or_path in BUILT_IN
     return cfg.warmup.enabled == "on"
 
 
@@ -132,12 +133,14 @@ def ensure_warmup(
         return path, {**info, "reused": False}
 
 
-def run_warmup(cfg: Config, model, tokenizer, *, task, scorer, heldout_keys, max_new_tokens, log=print, progress=None) -> dict:
-    """Train ``model`` in place; returns {steps, probe_accuracy, reached, seconds, history}."""
+def run_warmup(cfg: Config, model, processor, *, task, scorer, heldout_keys, max_new_tokens, log=print, progress=None) -> dict:
+    """Train ``model`` in place; returns {steps, probe_accuracy, reached, seconds, history}.
+
+    ``processor`` is the model's tokenizer, or its processor for a vision-language model."""
     w = cfg.warmup
     t0 = time.perf_counter()
-    chat = use_chat_template(cfg.model.chat_template, tokenizer)
-    encoder = PromptEncoder(tokenizer, chat=chat, system_prompt=cfg.task.system_prompt)
+    encoder = build_encoder(processor, chat_template=cfg.model.chat_template, system_prompt=cfg.task.system_prompt)
+    tokenizer = text_tokenizer(processor)
     eos_ids = eos_token_ids(model, tokenizer)
     probe = task.heldout(w.eval_size, derive_seed(cfg.seed, "warmup-probe"), heldout_keys)  # held-out distribution
     source = task.train_source(derive_seed(cfg.seed, "warmup-data"), heldout_keys | {ex.key for ex in probe})

@@ -1,11 +1,15 @@
 """Task registry: ``task.name`` -> a built :class:`Task`.
 
     addition | reverse | sort     procedural (see :mod:`mhpo.tasks.procedural`), args e.g. {digits: 3}
+    count_shapes | compare_counts | bar_chart | add_numbers
+                                  procedural with an image (see :mod:`mhpo.tasks.visual`)
     rg:<dataset>                  a reasoning-gym dataset by name, args = its config fields
     dataset                       rows from task.path (JSONL, Parquet, saved HF dataset, hub id)
+    image_dataset                 Geometry3K / MathVista-style rows: image, question, choices, answer
+                                  (see :mod:`mhpo.tasks.image_datasets`)
 
-A vision-language task is a ``dataset`` whose rows carry an image column: the column travels in
-``Example.columns`` to the rollout's model-input builder (see :mod:`mhpo.rollout`).
+An example with an image carries it in ``Example.columns['image']`` (a path, bytes or a PIL image);
+the vision prompt encoder (:class:`mhpo.multimodal.VisionPromptEncoder`) turns it into pixel inputs.
 """
 
 from __future__ import annotations
@@ -14,14 +18,21 @@ from typing import Callable
 
 from .base import Example, GeneratorSource, IndexSource, PromptSource, Task
 from .datasets import build_dataset_task
+from .image_datasets import build_image_dataset_task
 from .procedural import PROCEDURAL, build_procedural
 from .reasoning_gym import PREFIX as RG_PREFIX
 from .reasoning_gym import build_reasoning_gym
+from .visual import VISUAL
+
+PROCEDURAL.update(VISUAL)  # visual tasks are procedural tasks whose examples carry an image
 
 # Non-procedural kinds: name -> builder(task_config) -> Task.
 KINDS: dict[str, Callable] = {
     "dataset": lambda cfg: build_dataset_task(cfg.path, cfg.prompt_column, cfg.answer_column, cfg.split, cfg.eval_split),
+    "image_dataset": build_image_dataset_task,
 }
+# Kinds that take task.args (the others reject them).
+KINDS_WITH_ARGS = ("image_dataset",)
 
 
 def task_names() -> list[str]:
@@ -36,9 +47,9 @@ def build_task(cfg) -> Task:
     if name.startswith(RG_PREFIX):
         return build_reasoning_gym(name[len(RG_PREFIX) :], cfg.args, cfg.train_size)
     if name in KINDS:
-        if name == "dataset" and not cfg.path:
-            raise ValueError("task 'dataset' needs task.path (a .jsonl / .parquet file, a saved dataset dir or a hub id)")
-        if cfg.args:
+        if not cfg.path:
+            raise ValueError(f"task {name!r} needs task.path (a .jsonl / .parquet file, a saved dataset dir or a hub id)")
+        if cfg.args and name not in KINDS_WITH_ARGS:
             raise ValueError(f"task {name!r} takes no task.args (got {', '.join(cfg.args)})")
         return KINDS[name](cfg)
     from ..config import did_you_mean

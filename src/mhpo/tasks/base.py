@@ -28,8 +28,14 @@ class Example:
 
     @property
     def key(self) -> str:
-        """Identity used to keep the held-out set out of training."""
-        return prompt_key(self.prompt)
+        """Identity used to keep the held-out set out of training: the prompt, plus the image's
+        identity when ``columns`` has one (the same question about two images is two problems)."""
+        image = self.columns.get("image") if self.columns else None
+        if image is None:
+            return prompt_key(self.prompt)
+        from ..multimodal import image_key
+
+        return f"{prompt_key(self.prompt)}\x1d{image_key(image)}"
 
 
 def prompt_key(prompt) -> str:

@@ -1,0 +1,93 @@
+"""The trainer's shortcuts equal the long way: prefix-shared prompt prefill in sampling, and behaviour
+log-probs of the first minibatch taken from its own update forward pass."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mhpo.models import tiny_qwen2
+from mhpo.rollout import PromptEncoder, repeat_rows, sample
+from mhpo.tasks.base import Example
+from mhpo.tokenizer import build_char_tokenizer
+from mhpo.update import UpdateBatch, minibatches, policy_update, rollout_logprobs
+
+G = 4
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(1)
+    tok = build_char_tokenizer()
+    model = tiny_qwen2(tok, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=3)
+    enc = PromptEncoder(tok, chat=False)
+    # Different prompt lengths: left padding inside the shared prefill.
+    prompts = enc([Example(p, "") for p in ("12+7=", "3+4=", "100+200=", "9=")])
+    return model, tok, prompts
+
+
+def _sample(model, tok, prompts, shared: bool, do_sample: bool, seed: int = 0, batch_size=None):
+    torch.manual_seed(seed)
+    if shared:  # group_size > 1: the prompts' cache is computed once and repeated
+        return sample(model, tok, prompts, group_size=G, max_new_tokens=6, eos_ids=[tok.eos_token_id],
+                      do_sample=do_sample, batch_size=batch_size)
+    rows = repeat_rows(prompts, G)  # the long way: every completion prefills its own prompt
+    whole_groups = batch_size and max(batch_size // G, 1) * G  # the shared path batches whole groups
+    return sample(model, tok, rows, group_size=1, max_new_tokens=6, eos_ids=[tok.eos_token_id],
+                  do_sample=do_sample, batch_size=whole_groups)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+@pytest.mark.parametrize("batch_size", [None, 8, 6])
+def test_shared_prefill_gives_the_same_rollout(setup, do_sample, batch_size):
+    model, tok, prompts = setup
+    a = _sample(model, tok, prompts, True, do_sample, batch_size=batch_size)
+    b = _sample(model, tok, prompts, False, do_sample, batch_size=batch_size)
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert torch.equal(a.attention_mask, b.attention_mask)
+    assert torch.equal(a.completion_mask, b.completion_mask)
+    assert a.completions == b.completions
+    assert len(a) == len(prompts["input_ids"]) * G
+
+
+def _update(model, rollout, fill_first: bool, num_minibatches=2, epochs=2, micro=None):
+    model = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    n = len(rollout)
+    adv = torch.linspace(-1, 1, n)
+    torch.manual_seed(7)
+    first = minibatches(n, num_minibatches)
+    if fill_first:
+        old = torch.zeros(rollout.completion_mask.shape)
+        ent = torch.zeros_like(old)
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[first[0]] = False
+        rest = rest.nonzero().squeeze(-1)
+        old[rest], ent[rest] = rollout_logprobs(model, rollout.select(rest, trim=False), temperature=1.0, entropy=True)
+    else:
+        old, ent = rollout_logprobs(model, rollout, temperature=1.0, entropy=True, micro_batch_size=micro)
+    batch = UpdateBatch(rollout, old, adv, fill_first=fill_first, entropy=ent)
+    stats = policy_update(model, opt, batch, objective="mhpo", hparams={}, agg="token-mean", beta=0.0,
+                          num_minibatches=num_minibatches, epochs=epochs, micro_batch_size=micro, max_grad_norm=1.0,
+                          temperature=1.0, norm_length=6.0, first_epoch=first)
+    return model, batch, stats
+
+
+@pytest.mark.parametrize("micro", [None, 3])
+def test_first_minibatch_behaviour_logprobs_from_the_update_pass(setup, micro):
+    model, tok, prompts = setup
+    rollout = _sample(model, tok, prompts, True, True, seed=1)
+    ref_model, ref_batch, ref_stats = _update(model, rollout, False, micro=micro)
+    fast_model, fast_batch, fast_stats = _update(model, rollout, True, micro=micro)
+    # The filled rows are the no-grad values (up to float rounding of other batch compositions).
+    torch.testing.assert_close(fast_batch.old_logp, ref_batch.old_logp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fast_batch.entropy, ref_batch.entropy, rtol=0, atol=1e-5)
+    assert (fast_batch.old_logp != 0).sum() == rollout.completion_mask.sum()  # every token filled
+    for (name, p), q in zip(ref_model.named_parameters(), fast_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+    assert fast_stats.keys() == ref_stats.keys()
+    for key in ref_stats:
+        assert fast_stats[key] == pytest.approx(ref_stats[key], rel=1e-5, abs=1e-6), key
+    assert fast_stats["update/optimizer_steps"] == 4.0
