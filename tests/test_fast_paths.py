@@ -54,7 +54,9 @@ def test_shared_prefill_gives_the_same_rollout(setup, do_sample, batch_size):
 
 def _update(model, rollout, fill_first: bool, num_minibatches=2, epochs=2, micro=None):
     model = copy.deepcopy(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # SGD: Adam would turn float-rounding noise in gradients that are exactly zero in theory (the
+    # key bias: softmax ignores a shift shared by all keys) into full-size steps of random sign.
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
     n = len(rollout)
     adv = torch.linspace(-1, 1, n)
     torch.manual_seed(7)
@@ -91,3 +93,46 @@ def test_first_minibatch_behaviour_logprobs_from_the_update_pass(setup, micro):
     for key in ref_stats:
         assert fast_stats[key] == pytest.approx(ref_stats[key], rel=1e-5, abs=1e-6), key
     assert fast_stats["update/optimizer_steps"] == 4.0
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+def test_shared_prompt_forward_equals_the_full_forward(setup, entropy):
+    """model_logprobs(share_prompts=True): each distinct prompt runs once and its keys/values are
+    gathered to the group's rows; values and parameter gradients equal the full pass."""
+    from mhpo.logprobs import model_logprobs
+    from mhpo.rollout import position_ids
+
+    model, tok, prompts = setup
+    rollout = _sample(model, tok, prompts, True, True, seed=2)
+    ids, attn, P = rollout.input_ids, rollout.attention_mask, rollout.prompt_width
+    mask = rollout.completion_mask
+    w = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for share in (False, True):
+        m = copy.deepcopy(model)
+        lp, ent = model_logprobs(m, ids, attn, P, entropy=entropy, share_prompts=share, position_ids=position_ids(attn))
+        loss = (lp * w * mask).sum() + ((ent * mask).sum() if entropy else 0.0)
+        loss.backward()
+        out[share] = (lp.detach() * mask, ent.detach() * mask if entropy else None, [p.grad for p in m.parameters()])
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=0, atol=1e-5)
+    if entropy:
+        torch.testing.assert_close(out[True][1], out[False][1], rtol=0, atol=1e-5)
+    for g_shared, g_full in zip(out[True][2], out[False][2]):
+        torch.testing.assert_close(g_shared, g_full, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prompt_forward_applies_only_where_it_is_exact(setup):
+    """No repeated prompt, a one-token prompt or extra model inputs: the full pass is used."""
+    from mhpo.logprobs import _shared_prompt_hidden
+    from mhpo.rollout import position_ids
+
+    model, tok, prompts = setup
+    base = model.model
+    rollout = _sample(model, tok, prompts, True, False)
+    ids, attn, P = rollout.input_ids, rollout.attention_mask, rollout.prompt_width
+    pos = {"position_ids": position_ids(attn)}
+    assert _shared_prompt_hidden(base, ids, attn, P, pos) is not None  # groups of 4 identical prompts
+    distinct = torch.arange(0, len(ids), G)  # one row per prompt
+    assert _shared_prompt_hidden(base, ids[distinct], attn[distinct], P, {"position_ids": pos["position_ids"][distinct]}) is None
+    assert _shared_prompt_hidden(base, ids[:, P - 1 :], attn[:, P - 1 :], 1, {}) is None
+    assert _shared_prompt_hidden(base, ids, attn, P, {**pos, "pixel_values": torch.zeros(1)}) is None

@@ -116,9 +116,14 @@ def model_logprobs(
     temperature: float = 1.0,
     entropy: bool = False,
     chunk_size: int | None = None,  # tokens per chunk for `token_logprobs`
+    share_prompts: bool = False,  # run each distinct prompt once (see `_shared_prompt_hidden`)
     **model_inputs,  # extra inputs for the base model (e.g. pixel_values for a VLM)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # ([B, L-P], [B, L-P] | None)
     """Log-probs of the completion tokens, from the base model's hidden states (no full logits).
+
+    With ``share_prompts``, rows with identical prompts (a GRPO group) run the prompt once and
+    share its keys and values (:func:`_shared_prompt_hidden`): same values and gradients up to
+    float rounding, about half the work when prompts are as long as completions.
 
     Tied or untied heads and heads with a bias are scored from hidden states with
     `token_logprobs`. Models that post-process lm_head's output (Gemma-2 style
@@ -135,8 +140,12 @@ def model_logprobs(
         logits = _completion_logits(model, input_ids, attention_mask, prompt_width, model_inputs)  # [B, L-P, V]
         return logits_logprobs(logits, targets, temperature=temperature, entropy=entropy)
     base = getattr(model, model.base_model_prefix)
-    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
-    hidden = out.last_hidden_state[:, prompt_width - 1 : -1]  # [B, L-P, H] predicts input_ids[:, P:]
+    hidden = None
+    if share_prompts:
+        hidden = _shared_prompt_hidden(base, input_ids, attention_mask, prompt_width, model_inputs)
+    if hidden is None:
+        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
+        hidden = out.last_hidden_state[:, prompt_width - 1 : -1]  # [B, L-P, H] predicts input_ids[:, P:]
     return token_logprobs(
         hidden,
         head.weight,
@@ -146,6 +155,42 @@ def model_logprobs(
         entropy=entropy,
         chunk_size=chunk_size,
     )
+
+
+def _shared_prompt_hidden(base, input_ids, attention_mask, prompt_width, model_inputs):
+    """Final hidden states [B, L-P, H] at positions P-1 .. L-2, computing each distinct prompt once.
+
+    Rows whose prompt tokens (and padding) are identical share one forward pass over positions
+    0 .. P-2; its per-layer keys and values are gathered back to every row (``index_select``, so
+    their gradients sum over the rows), and each row then runs positions P-1 .. L-1 on top of them.
+    Attention sees exactly the same keys and values as in one full pass, so the result equals the
+    full pass up to float rounding (tested, values and gradients). Returns None where it does not
+    apply: extra model inputs besides position ids (e.g. pixels), a one-token prompt, no repeated
+    prompt, or a cache that is not one plain key/value tensor pair per layer (sliding windows).
+    """
+    P = prompt_width
+    if P < 2 or set(model_inputs) - {"position_ids"}:
+        return None
+    key = torch.cat([input_ids[:, :P], attention_mask[:, :P].to(input_ids.dtype)], dim=1)  # [B, 2P]
+    uniq, inv = torch.unique(key, dim=0, return_inverse=True)  # inv [B]: row -> distinct prompt
+    if len(uniq) == len(key):
+        return None
+    rows = torch.arange(len(key), device=key.device)
+    first = torch.full((len(uniq),), len(key), dtype=torch.long, device=key.device).scatter_reduce(0, inv, rows, "amin")
+    pos = model_inputs.get("position_ids")
+    if pos is not None and not isinstance(pos, torch.Tensor):
+        return None
+    head = {"position_ids": pos[first, : P - 1]} if pos is not None else {}
+    cache = base(input_ids=input_ids[first, : P - 1], attention_mask=attention_mask[first, : P - 1], use_cache=True,
+                 **head).past_key_values
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        return None
+    for layer in layers:  # [U, heads, P-1, d] -> [B, heads, P-1, d]
+        layer.keys, layer.values = layer.keys.index_select(0, inv), layer.values.index_select(0, inv)
+    tail = {"position_ids": pos[:, P - 1 :]} if pos is not None else {}
+    out = base(input_ids=input_ids[:, P - 1 :], attention_mask=attention_mask, past_key_values=cache, use_cache=True, **tail)
+    return out.last_hidden_state[:, :-1]
 
 
 def logits_postprocessed(model) -> bool:

@@ -53,7 +53,8 @@ def _forward(model, part: Rollout, temperature: float, entropy: bool):
     device = next(model.parameters()).device
     ids, attn = part.input_ids.to(device), part.attention_mask.to(device)
     extra = model_kwargs(forward_inputs(part), ids, attn, device)
-    return model_logprobs(model, ids, attn, part.prompt_width, temperature=temperature, entropy=entropy, **extra)
+    return model_logprobs(model, ids, attn, part.prompt_width, temperature=temperature, entropy=entropy,
+                          share_prompts=True, **extra)
 
 
 @dataclass
