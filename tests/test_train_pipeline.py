@@ -12,10 +12,10 @@ from _train_helpers import jsonl
 
 
 def test_shortened_default_pipeline_learns(tmp_path):
-    # The embedded default (3-digit addition, tiny Qwen2, MHPO at its paper defaults), with fewer
-    # RL steps and a smaller held-out set.
-    cfg = load_config(None, ["train.steps=100", "eval.size=100", "eval.every=50", "train.checkpoint_every=50",
-                             "train.progress=false"])
+    # The embedded default (3-digit addition, tiny Qwen2, MHPO at its paper defaults, the same
+    # 200 held-out problems), stopped after 100 of its 250 RL steps. Measured on the full default
+    # at step 100: seeds 0, 1, 2 went 32.5 -> 58.0, 35.5 -> 59.5 and 44.5 -> 63.0%.
+    cfg = load_config(None, ["train.steps=100", "eval.every=50", "train.checkpoint_every=50", "train.progress=false"])
     summary = run_training(cfg, tmp_path / "run")
     run = tmp_path / "run"
 
