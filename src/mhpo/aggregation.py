@@ -41,24 +41,28 @@ def row_weights(
     num_tokens: float | None = None,
     num_seqs: float | None = None,
     norm_length: float | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:  # [B, 1]
     """Per-row scale s_i with w_it = m_it * s_i: every mode weights a sequence's tokens uniformly.
 
     token-mean: 1 / N_tok;  seq-mean-token-mean: 1 / (|o_i| N_seq);  seq-mean-token-sum-norm: 1 / (L N_seq).
+    ``mask`` may be bool; the weights are in ``dtype`` (default: the mask's float dtype, else torch's default).
     """
     check_agg(mode)
+    dtype = dtype or (mask.dtype if mask.is_floating_point() else torch.get_default_dtype())
+    ones = torch.ones(mask.shape[0], 1, dtype=dtype, device=mask.device)
     if mode == "token-mean":
         n = _count(num_tokens, "num_tokens")
-        n = n if n is not None else mask.sum().clamp(min=1)
-        return torch.ones_like(mask[:, :1]) / n
-    lengths = mask.sum(dim=-1, keepdim=True)  # [B, 1]
+        n = n if n is not None else mask.sum(dtype=dtype).clamp(min=1)
+        return ones / n
+    lengths = mask.sum(dim=-1, keepdim=True, dtype=dtype)  # [B, 1]
     n_seq = _count(num_seqs, "num_seqs")
     if n_seq is None:
         n_seq = (lengths > 0).sum().clamp(min=1)
     if mode == "seq-mean-token-mean":
         return 1.0 / (lengths.clamp(min=1) * n_seq)
     length = _count(norm_length, "norm_length") or mask.shape[-1]
-    return torch.ones_like(lengths) / (length * n_seq)
+    return ones / (length * n_seq)
 
 
 def token_weights(mask: torch.Tensor, mode: str, **counts) -> torch.Tensor:  # [B, T]

@@ -63,8 +63,8 @@ def policy_loss(
     """
     check_agg(agg)
     x = _prepare(name, logp, old_logp, advantages, mask, ref_logp, beta, impl, hparams)
-    row = row_weights(x.m, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)  # [B, 1]
-    fast = x.fast(x.m * (x.adv * row), stats, per_token=False)
+    row = row_weights(x.keep, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length, dtype=x.lp.dtype)  # [B, 1]
+    fast = x.fast(torch.where(x.keep, x.adv * row, 0.0), stats, per_token=False)  # coef = w A, 0 off the mask
     if fast is not None:  # loss = -sum w A exp(psi - sg zeta), analytic backward
         loss, terms = fast
     else:
@@ -95,7 +95,7 @@ def token_losses(
     """The per-token loss -j_it and k3_it, unaggregated (0 outside the mask), as policy_loss forms them:
     ``policy_loss(...) == ((t.policy + beta * t.kl) * token_weights(mask, agg)).sum()``."""
     x = _prepare(name, logp, old_logp, advantages, mask, ref_logp, 0.0, impl, hparams)
-    fast = x.fast(x.m * x.adv, stats, per_token=True)
+    fast = x.fast(torch.where(x.keep, x.adv, 0.0), stats, per_token=True)
     if fast is not None:
         policy, terms = fast
     else:
@@ -119,8 +119,11 @@ class _Prepared:
     old: torch.Tensor  # [B, T]
     adv: torch.Tensor  # [B, 1] or [B, T]
     keep: torch.Tensor  # [B, T] bool
-    m: torch.Tensor  # [B, T] 0/1 in the compute dtype
     ref: torch.Tensor | None  # [B, T]
+
+    @cached_property
+    def m(self) -> torch.Tensor:  # [B, T] 0/1 in the compute dtype (not built on the fused path)
+        return self.keep.to(self.lp.dtype)
 
     @cached_property
     def log_r(self) -> torch.Tensor:  # [B, T] logp - old_logp, 0 outside the mask; carries the gradient
@@ -165,7 +168,7 @@ def _prepare(name, logp, old_logp, advantages, mask, ref_logp, beta, impl, hpara
     adv = advantages.to(dtype)
     adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
     ref = ref_logp.to(dtype) if ref_logp is not None else None
-    return _Prepared(name, objective, hp, impl, lp, old, adv, keep, keep.to(dtype), ref)
+    return _Prepared(name, objective, hp, impl, lp, old, adv, keep, ref)
 
 
 @lru_cache(maxsize=256)

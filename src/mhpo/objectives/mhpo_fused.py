@@ -59,7 +59,7 @@ def _chunk(x, coef, c, k_pos, lambda_pos, k_neg, lambda_neg, out, stats, values)
         torch.neg(cw, out=values)
         part = 0.0
     else:
-        part = cw.sum(dtype=torch.float64)
+        part = cw.sum()  # in the chunk's dtype (a float64 sum converts the chunk first: ~6x slower)
     torch.addcmul(cw, cw, t2, value=-1.0, out=out)  # coef * M
     return part
 
@@ -127,7 +127,7 @@ def _chunked(logp, old_logp, coef, hp, want_stats, per_token):
     stats = [torch.empty_like(logp) for _ in range(3)] if want_stats else []  # psi, zeta, M
     values = torch.empty_like(logp) if per_token else None
     buf = torch.empty(chunk, dtype=logp.dtype, device=logp.device)
-    total = torch.zeros((), dtype=torch.float64, device=logp.device)  # sum coef * w
+    total = torch.zeros((), dtype=torch.float64, device=logp.device)  # sum over chunks of coef * w, in float64
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         x = torch.sub(logp[s:e], old_logp[s:e], out=buf[: e - s])
