@@ -157,19 +157,35 @@ def model_logprobs(
     )
 
 
-def _shared_prompt_hidden(base, input_ids, attention_mask, prompt_width, model_inputs):
-    """Final hidden states [B, L-P, H] at positions P-1 .. L-2, computing each distinct prompt once.
+def prompt_prefix_cache(base, input_ids, attention_mask, position_ids, rows: torch.Tensor):
+    """KV cache of prompts' positions 0 .. P-2, computed once per prompt and gathered to ``rows``.
 
-    Rows whose prompt tokens (and padding) are identical share one forward pass over positions
-    0 .. P-2; its per-layer keys and values are gathered back to every row (``index_select``, so
-    their gradients sum over the rows), and each row then runs positions P-1 .. L-1 on top of them.
-    Attention sees exactly the same keys and values as in one full pass, so the result equals the
-    full pass up to float rounding (tested, values and gradients). Returns None where it does not
-    apply: extra model inputs besides position ids (e.g. pixels), a one-token prompt, no repeated
-    prompt, or a cache that is not one plain key/value tensor pair per layer (sliding windows).
+    input_ids / attention_mask / position_ids [U, P]: U distinct left-padded prompts; rows [B]: the
+    prompt of each of B sequences. The base model runs once over [U, P-1]; each layer's keys and
+    values [U, heads, P-1, d] are gathered to [B, heads, P-1, d] (``index_select``: with gradients
+    on, they sum over the rows that share a prompt). The caller then runs positions P-1 onward on
+    top: attention sees exactly the keys and values of one full pass, so results equal it up to float
+    rounding. None when the cache is not one plain key/value pair per layer (e.g. sliding windows).
+    """
+    head = {"position_ids": position_ids[:, :-1]} if position_ids is not None else {}
+    cache = base(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], use_cache=True, **head).past_key_values
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        return None
+    for layer in layers:
+        layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+    return cache
+
+
+def _shared_prompt_hidden(base, input_ids, attention_mask, prompt_width, model_inputs):
+    """Final hidden states [B, L-P, H] at positions P-1 .. L-2, computing each distinct prompt once
+    (rows whose prompt tokens and padding are identical share :func:`prompt_prefix_cache`). Returns
+    None where that does not apply: extra model inputs besides position ids (e.g. pixels), a
+    one-token prompt, no repeated prompt, or a cache it cannot share.
     """
     P = prompt_width
-    if P < 2 or set(model_inputs) - {"position_ids"}:
+    pos = model_inputs.get("position_ids")
+    if P < 2 or set(model_inputs) - {"position_ids"} or (pos is not None and not isinstance(pos, torch.Tensor)):
         return None
     key = torch.cat([input_ids[:, :P], attention_mask[:, :P].to(input_ids.dtype)], dim=1)  # [B, 2P]
     uniq, inv = torch.unique(key, dim=0, return_inverse=True)  # inv [B]: row -> distinct prompt
@@ -177,17 +193,10 @@ def _shared_prompt_hidden(base, input_ids, attention_mask, prompt_width, model_i
         return None
     rows = torch.arange(len(key), device=key.device)
     first = torch.full((len(uniq),), len(key), dtype=torch.long, device=key.device).scatter_reduce(0, inv, rows, "amin")
-    pos = model_inputs.get("position_ids")
-    if pos is not None and not isinstance(pos, torch.Tensor):
+    cache = prompt_prefix_cache(base, input_ids[first, :P], attention_mask[first, :P],
+                                pos[first, :P] if pos is not None else None, inv)
+    if cache is None:
         return None
-    head = {"position_ids": pos[first, : P - 1]} if pos is not None else {}
-    cache = base(input_ids=input_ids[first, : P - 1], attention_mask=attention_mask[first, : P - 1], use_cache=True,
-                 **head).past_key_values
-    layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-        return None
-    for layer in layers:  # [U, heads, P-1, d] -> [B, heads, P-1, d]
-        layer.keys, layer.values = layer.keys.index_select(0, inv), layer.values.index_select(0, inv)
     tail = {"position_ids": pos[:, P - 1 :]} if pos is not None else {}
     out = base(input_ids=input_ids[:, P - 1 :], attention_mask=attention_mask, past_key_values=cache, use_cache=True, **tail)
     return out.last_hidden_state[:, :-1]

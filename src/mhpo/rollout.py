@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .logprobs import prompt_prefix_cache
 from .multimodal import cut_at_placeholders, model_kwargs, placeholder_ids, repeat_inputs, select_inputs
 from .tasks.base import Example
 
@@ -246,8 +247,9 @@ def sample(
         for s in range(0, n, step):
             part = select_inputs(rows, list(range(s, min(s + step, n))), n)
             kwargs = model_kwargs(part, part["input_ids"], part["attention_mask"], device)
-            if shared:  # the prompts' KV cache, computed once per prompt, repeated per completion
-                kwargs["past_key_values"] = prefill_prompts(model, prompts, s // group_size, (s + step) // group_size, group_size)
+            cache = prefill_prompts(model, prompts, s // group_size, (s + step) // group_size, group_size) if shared else None
+            if cache is not None:  # the prompts' KV cache, computed once per prompt, repeated per completion
+                kwargs["past_key_values"] = cache
             out = model.generate(**kwargs, generation_config=gen_cfg)  # [b, P + c]
             tokens = out[:, P:]
             chunks_tok.append(tokens)
@@ -266,16 +268,15 @@ def sample(
 
 
 def prefill_prompts(model, prompts: dict[str, Any], start: int, stop: int, group_size: int):
-    """The KV cache of prompts[start:stop] without their last token, each row repeated ``group_size``
-    times: ``generate`` then runs only the last prompt token per completion before decoding, instead
-    of the whole prompt G times (the same cache, computed 1/G as often; tested equal)."""
+    """The KV cache of prompts[start:stop] without their last token, each prompt's repeated for its
+    ``group_size`` completions (:func:`mhpo.logprobs.prompt_prefix_cache`): ``generate`` then runs
+    only the last prompt token per completion before decoding, instead of the whole prompt G times
+    (tested equal). None (generate prefills as usual) for caches that cannot be shared."""
     device = next(model.parameters()).device
-    ids = prompts["input_ids"][start:stop, :-1].to(device)  # [b, P-1]
-    attn = prompts["attention_mask"][start:stop, :-1].to(device)
-    base = getattr(model, model.base_model_prefix)
-    cache = base(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=True).past_key_values
-    cache.batch_repeat_interleave(group_size)
-    return cache
+    ids = prompts["input_ids"][start:stop].to(device)  # [b, P]
+    attn = prompts["attention_mask"][start:stop].to(device)
+    rows = torch.arange(len(ids), device=device).repeat_interleave(group_size)  # [b * G]
+    return prompt_prefix_cache(getattr(model, model.base_model_prefix), ids, attn, position_ids(attn), rows)
 
 
 def pack(prompts: dict[str, Any], completions: Sequence[Sequence[int]], pad_id: int) -> Rollout:
