@@ -6,7 +6,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
 
-def tiny_qwen2(
+def tiny_text_config(
     tokenizer: PreTrainedTokenizerBase,
     *,
     hidden_size: int = 128,
@@ -15,10 +15,10 @@ def tiny_qwen2(
     num_kv_heads: int = 2,
     intermediate_size: int = 512,
     max_positions: int = 256,
-    seed: int = 0,
-) -> Qwen2ForCausalLM:
-    """A randomly initialised Qwen2ForCausalLM (~0.5M parameters at the defaults), tied embeddings."""
-    config = Qwen2Config(
+) -> dict:
+    """Config fields of the tiny decoder (tied embeddings, the tokenizer's special ids): the whole
+    Qwen2 model of :func:`tiny_qwen2`, and the language model of :func:`mhpo.vlm.tiny_qwen2_5_vl`."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -31,10 +31,19 @@ def tiny_qwen2(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def seeded_init(model_class, config, seed: int):
+    """``model_class(config)`` with weights drawn from ``seed``, leaving the global RNG untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-    return model
+        return model_class(config)
+
+
+def tiny_qwen2(tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, **sizes) -> Qwen2ForCausalLM:
+    """A randomly initialised Qwen2ForCausalLM (~0.5M parameters at the defaults), tied embeddings;
+    ``sizes`` are :func:`tiny_text_config`'s (hidden_size, num_layers, ...)."""
+    return seeded_init(Qwen2ForCausalLM, Qwen2Config(**tiny_text_config(tokenizer, **sizes)), seed)
 
 
 # ---------------------------------------------------------------------------------------------

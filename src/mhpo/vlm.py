@@ -27,7 +27,7 @@ import torch
 from transformers import Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from .models import TINY_VLM  # noqa: F401  (re-exported: the name of the built-in tiny VLM)
+from .models import TINY_VLM, seeded_init, tiny_text_config  # noqa: F401  (TINY_VLM re-exported)
 from .multimodal import text_tokenizer
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
@@ -153,14 +153,12 @@ def tiny_qwen2_5_vl(
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in zip(("start", "end", "image", "video"), VISION_TOKENS)}
     if tokenizer.unk_token_id in ids.values():
         raise ValueError(f"the tokenizer lacks the vision tokens {', '.join(VISION_TOKENS)}")
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    text = dict(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section(hidden_size // num_heads)},
-        **special,
+    text = tiny_text_config(
+        tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size, max_positions=max_positions,
     )
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section(hidden_size // num_heads)}
+    special = {k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     vision = dict(
         depth=vision_depth, hidden_size=vision_hidden_size, intermediate_size=vision_intermediate_size,
         num_heads=vision_heads, patch_size=patch_size, spatial_merge_size=merge_size, temporal_patch_size=2,
@@ -170,10 +168,7 @@ def tiny_qwen2_5_vl(
         text_config=text, vision_config=vision, image_token_id=ids["image"], video_token_id=ids["video"],
         vision_start_token_id=ids["start"], vision_end_token_id=ids["end"], tie_word_embeddings=True, **special,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    return model
+    return seeded_init(Qwen2_5_VLForConditionalGeneration, config, seed)
 
 
 def build_tiny_vlm(tiny_cfg, vision_cfg, seed: int):
