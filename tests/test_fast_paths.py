@@ -16,10 +16,11 @@ from mhpo.update import UpdateBatch, minibatches, policy_update, rollout_logprob
 
 G = 4
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.set_num_threads(1)
     tok = build_char_tokenizer()
     model = tiny_qwen2(tok, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=3)
     enc = PromptEncoder(tok, chat=False)

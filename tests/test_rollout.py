@@ -11,13 +11,7 @@ from mhpo.rollout import PromptEncoder, completion_mask, eos_token_ids, pack, sa
 from mhpo.tasks import Example
 from mhpo.update import rollout_logprobs
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny models run fastest on one thread (and two threads thrash on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

@@ -25,7 +25,7 @@ from mhpo.tasks import build_task
 from mhpo.update import UpdateBatch, policy_update, rollout_logprobs
 from mhpo.vlm import build_tiny_vlm
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,13 +40,8 @@ def make_batch(
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These tests run tiny tensors on a shared CPU: one intra-op thread is ~30x faster than
-    oversubscribed ones. Restored after each module of this directory."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread_per_module(one_torch_thread):
+    """Every module of this directory runs tiny tensors on one thread (tests/conftest.py)."""
 
 
 @pytest.fixture
