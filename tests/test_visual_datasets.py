@@ -78,7 +78,7 @@ def test_images_as_bytes_dicts_pil_and_data_uris_are_accepted(data_dir):
         ('{"image": "images/bars.png", "question": "Q?", "choices": "AB", "answer": "A"}', r"bad.jsonl:2: column 'choices' must be a list"),
         ('{"image": 7, "question": "Q?", "answer": "1"}', r"bad.jsonl:2: the image must be a path, a data URI, bytes or a PIL image, got int"),
         ('{"image": "data:image/png;base64,@@", "question": "Q?", "answer": "1"}', r"bad.jsonl:2: the image data URI holds invalid base64"),
-        ('{"image": "images/bars.png", "question": "Q?"', r"bad.jsonl:2: not valid JSON"),
+        ('{"image": "images/bars.png", "question": "Q?"', r"bad.jsonl:2:46: not valid JSON \(Expecting .,. delimiter\)"),
         ('["images/bars.png", "Q?", "1"]', r"bad.jsonl:2: a row must be a JSON object, got list"),
     ],
 )

@@ -5,8 +5,20 @@
         optimizer.safetensors      AdamW moments and step counts, keyed "state.<param index>.<name>"
         rng.safetensors            torch CPU (and CUDA) generator states
         trainer_state.json         step, optimizer param groups, scheduler, python/numpy RNG states,
-                                   prompt-source state, run bookkeeping   (written last)
+                                   prompt-source state, run bookkeeping, and the manifest: size and
+                                   sha256 of every other file, plus a sha256 of the JSON itself
+                                   ("checksum")   (written last)
     <run>/checkpoints/latest       name of the newest complete checkpoint
+
+Kinds: "full" (the above; ``save_optimizer=False`` leaves out optimizer.safetensors, and a resume
+from such a checkpoint restarts AdamW with zero moments, with a warning) and "model" (the HF model
+and tokenizer files and a trainer_state.json with step, kind and manifest only: loadable by
+``from_pretrained`` and ``mhpo eval``, never resumed from).
+
+Integrity: :func:`verify_checkpoint` recomputes sizes and checksums; :func:`resume_checkpoint`
+returns the newest intact, resumable checkpoint, warning about each damaged one it skips, and
+raises :class:`CheckpointError` (one line) when checkpoints exist but none is intact. Checkpoints
+written before manifests existed have no "files" entry and are trusted as they are.
 
 A checkpoint is written into ``.tmp-step_N-<pid>``, fsynced, then renamed into place (an atomic
 rename), and only then is ``latest`` replaced (write a temp file, fsync, os.replace). A run killed at
@@ -16,6 +28,7 @@ temp dirs are removed on resume. Nothing is pickled and nothing is read with ``t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -28,9 +41,17 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .cli import UsageError
+
 STATE_FILE = "trainer_state.json"
 FORMAT = 1
+KINDS = ("full", "model")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(UsageError):
+    """A damaged, unreadable or unusable checkpoint; the message is one line naming it (the
+    command line prints it without a traceback)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,12 +191,19 @@ def save_checkpoint(
     *,
     model,
     tokenizer,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler,
     state: dict,
     keep: int,
+    kind: str = "full",
+    save_optimizer: bool = True,
 ) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, prune to the newest ``keep``."""
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, prune to the newest ``keep``.
+
+    kind "full": everything a resume needs (optimizer tensors only with ``save_optimizer``);
+    kind "model": the model and tokenizer only (optimizer, scheduler and state are ignored)."""
+    if kind not in KINDS:
+        raise ValueError(f"checkpoint kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
@@ -184,25 +212,111 @@ def save_checkpoint(
     tmp.mkdir()
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    opt_js, opt_tensors = optimizer_state(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    maybe_fault("checkpoint", step)
-    rng_js, rng_tensors = rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    full = {
-        "format": FORMAT,
-        "step": step,
-        "optimizer": opt_js,
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_js,
-        **state,
-    }
-    (tmp / STATE_FILE).write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
+    full: dict[str, Any] = {"format": FORMAT, "step": step, "kind": kind}
+    if kind == "full":
+        opt_js, opt_tensors = optimizer_state(optimizer)
+        if save_optimizer:
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        maybe_fault("checkpoint", step)
+        rng_js, rng_tensors = rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        full.update({"optimizer": opt_js, "optimizer_saved": bool(save_optimizer), "scheduler": scheduler.state_dict(),
+                     "rng": rng_js, **state})
+    full["files"] = manifest(tmp)
+    (tmp / STATE_FILE).write_text(dump_state(full))
     final = ckpt_root / name
     publish_dir(tmp, final)
     atomic_write_text(ckpt_root / "latest", name + "\n")
     prune(ckpt_root, keep)
     return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrity: a manifest of sizes and checksums, and a checksum of the state JSON itself.
+
+
+def file_sha256(path: Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest(ckpt: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size": bytes, "sha256": hex}} of every file in ``ckpt`` but the state file."""
+    ckpt = Path(ckpt)
+    out = {}
+    for f in sorted(ckpt.rglob("*")):
+        rel = f.relative_to(ckpt).as_posix()
+        if f.is_file() and rel != STATE_FILE:
+            out[rel] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
+    return out
+
+
+def _json_checksum(state: dict) -> str:
+    body = {k: v for k, v in state.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def dump_state(state: dict) -> str:
+    """The state JSON with its own checksum (sha256 of the compact sorted JSON of the rest)."""
+    return json.dumps({**state, "checksum": _json_checksum(state)}, indent=1, sort_keys=True) + "\n"
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """None when ``ckpt`` is intact, else the first problem in a few words
+    ('model.safetensors: sha256 mismatch', 'rng.safetensors: missing', 'trainer_state.json: not valid JSON')."""
+    ckpt = Path(ckpt)
+    try:
+        state = read_state(ckpt)
+    except CheckpointError as err:
+        return str(err).split(": ", 1)[-1]
+    if "checksum" in state and state["checksum"] != _json_checksum(state):
+        return f"{STATE_FILE}: checksum mismatch"
+    files = state.get("files")
+    if files is None:
+        return None  # written before manifests: trusted as is
+    if not isinstance(files, dict):
+        return f"{STATE_FILE}: bad manifest"
+    for rel, info in files.items():
+        f = ckpt / rel
+        if not f.is_file():
+            return f"{rel}: missing"
+        try:
+            size, digest = info["size"], info["sha256"]
+        except (TypeError, KeyError):
+            return f"{STATE_FILE}: bad manifest entry for {rel}"
+        if f.stat().st_size != size:
+            return f"{rel}: size {f.stat().st_size} bytes, expected {size}"
+        if file_sha256(f) != digest:
+            return f"{rel}: sha256 mismatch"
+    return None
+
+
+def is_resumable(state: dict) -> bool:
+    return state.get("kind", "full") == "full"
+
+
+def resume_checkpoint(ckpt_root: Path, warn=print) -> Path | None:
+    """The newest intact, resumable checkpoint; None when there is no checkpoint at all.
+
+    Each damaged checkpoint passed over is reported with ``warn(line)``; a model-only one is skipped
+    silently when an older full one exists. Raises CheckpointError when none of them can be resumed."""
+    found = complete_checkpoints(ckpt_root)
+    skipped = []
+    for _, d in reversed(found):
+        problem = verify_checkpoint(d)
+        if problem is None and not is_resumable(read_state(d)):
+            problem = "holds only the model (train.final_checkpoint=model)"
+        elif problem is not None:
+            warn(f"warning: checkpoint {d} is damaged ({problem}); skipping it")
+        if problem is None:
+            return d
+        skipped.append(f"{d.name}: {problem}")
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint to resume from in {str(Path(ckpt_root))!r} ({'; '.join(skipped)})")
+    return None
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -240,21 +354,50 @@ def clean_partial(ckpt_root: Path) -> None:
 
 
 def read_state(ckpt: Path) -> dict:
-    state = json.loads((Path(ckpt) / STATE_FILE).read_text())
+    """The parsed trainer_state.json; CheckpointError 'checkpoint DIR: trainer_state.json: <problem>'."""
+    path = Path(ckpt) / STATE_FILE
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt}: {STATE_FILE}: missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"checkpoint {ckpt}: {STATE_FILE}: not valid JSON") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"checkpoint {ckpt}: {STATE_FILE}: not a trainer state")
     if state.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {ckpt} has format {state.get('format')!r}; this mhpo reads format {FORMAT}")
+        raise CheckpointError(f"checkpoint {ckpt} has format {state.get('format')!r}; this mhpo reads format {FORMAT}")
     return state
 
 
-def restore_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+def _load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(Path(ckpt) / name))
+    except Exception as err:  # SafetensorError, OSError: a damaged file that the manifest did not catch
+        raise CheckpointError(f"checkpoint {ckpt} is damaged ({name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def restore_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler, warn=print) -> dict:
     """Load optimizer and scheduler states and set every RNG; returns the trainer state dict.
 
+    A checkpoint saved with ``save_optimizer=False`` has no optimizer tensors: AdamW then restarts
+    (zero moments, step 0) and ``warn`` says so; the lr schedule and every RNG are still restored.
     Call this last, right before the training loop continues, so that nothing after it consumes
     random numbers that the uninterrupted run did not.
     """
     ckpt = Path(ckpt)
     state = read_state(ckpt)
-    load_optimizer_state(optimizer, state["optimizer"], load_file(str(ckpt / "optimizer.safetensors")))
+    if not is_resumable(state):
+        raise CheckpointError(f"checkpoint {ckpt} holds only the model (train.final_checkpoint=model); it cannot be resumed")
+    if state.get("optimizer_saved", True):
+        try:
+            load_optimizer_state(optimizer, state["optimizer"], _load_tensors(ckpt, "optimizer.safetensors"))
+        except (KeyError, ValueError, RuntimeError) as err:
+            if isinstance(err, CheckpointError):
+                raise
+            raise CheckpointError(f"checkpoint {ckpt}: the optimizer state does not fit this model ({type(err).__name__})") from None
+    else:
+        warn(f"warning: checkpoint {ckpt.name} was saved without optimizer state (train.save_optimizer=false): "
+             "AdamW restarts from zero moments, so this run will not match an uninterrupted one")
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"], load_file(str(ckpt / "rng.safetensors")))
+    set_rng_state(state["rng"], _load_tensors(ckpt, "rng.safetensors"))
     return state

@@ -12,7 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mhpo.train", "RL with verifiable rewards on a causal LM (default: offline tiny demo)"),
-    "eval": ("mhpo.evaluate", "evaluate a run's checkpoint on its held-out set"),
+    "eval": ("mhpo.evaluate", "evaluate a run on its held-out set, or any model on math benchmarks (--benchmarks)"),
     "compare": ("mhpo.compare", "run objectives x seeds on one task and write a stability report"),
     "report": ("mhpo.report", "re-render a comparison report from finished runs"),
     "objectives": ("mhpo.commands.objectives", "list the registered objectives: formula and defaults"),
@@ -33,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == wanted:  # import only the module that will run
             importlib.import_module(module).add_arguments(p)
-    args = parser.parse_args(argv)
+    if wanted in COMMANDS:  # flags and KEY=VALUE overrides in any order (argparse's intermixed parsing)
+        p = argparse.ArgumentParser(prog=f"mhpo {wanted}", description=COMMANDS[wanted][1])
+        importlib.import_module(COMMANDS[wanted][0]).add_arguments(p)
+        args = p.parse_intermixed_args(argv[1:])
+        args.command = wanted
+    else:
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0

@@ -71,8 +71,10 @@ class TinyVisionConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("tiny", help="'tiny' (built-in tiny Qwen2 + char tokenizer), 'tiny-vlm' (tiny Qwen2.5-VL), a local dir or a hub id")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", help="auto: bf16 on a GPU that has it, else fp32")
+    name_or_path: str = _f("tiny", help="'tiny' (built-in tiny Qwen2 + char tokenizer), 'tiny-vlm' (tiny Qwen2.5-VL), "
+                           "a named model (smollm2-135m-instruct), a .gguf file, a local dir or a hub id")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "bf16-mixed"] = _f(
+        "auto", help="auto: bf16 on a GPU that has it, bf16-mixed on a CPU with native bf16 matmuls, else fp32")
     device: str = _f("auto", help="auto | cpu | cuda | cuda:N | mps")
     chat_template: Literal["auto", "on", "off"] = _f("auto", help="auto: apply the tokenizer's chat template when it has one")
     trust_remote_code: bool = _f(False)
@@ -99,6 +101,8 @@ class RewardsConfig:
     functions: list = _f(["auto"], help="auto (the task's verifier), exact_match, math_verify, reasoning_gym, module:function, file.py:function")
     weights: Optional[list] = _f(None, help="one weight per function (default 1 each)")
     timeout_s: float = _f(10.0, ">0", "hard time limit per scored completion (the worker is killed and respawned)")
+    max_error_frac: float = _f(0.5, "(0,1]", "stop when a function fails on more than this share of its completions over error_window batches (1: never)")
+    error_window: int = _f(20, ">=1", "scoring batches (one per RL step) in the error-budget window")
 
 
 @dataclass
@@ -165,12 +169,20 @@ class WarmupConfig:
 
 @dataclass
 class EvalConfig:
-    size: int = _f(200, ">=1", "held-out set size (fixed across seeds)")
+    size: Optional[int] = _f(None, ">=0", "held-out set size, fixed across seeds (0: no held-out evaluation; "
+                             "null: 200 for the built-in tiny models, 32 for a pretrained model)")
     seed: int = _f(2024, ">=0", "seed of the held-out set")
     every: int = _f(50, ">=0", "evaluate every N RL steps (0: only before and after)")
-    pass_k: int = _f(8, ">=0", "pass@k by sampling k completions per prompt (0: off)")
+    pass_k: Optional[int] = _f(None, ">=0", "pass@k by sampling k completions per prompt (0: off; null: 8 for the "
+                               "built-in tiny models, 0 for a pretrained model)")
+    max_new_tokens: Optional[int] = _f(None, ">=1", "held-out completion budget (null: the rollout's)")
     temperature: float = _f(1.0, ">0")
     batch_size: int = _f(512, ">=1", "rows per generate call")
+    benchmarks: list = _f([], help="benchmark names or local files evaluated at every evaluation (as mhpo eval --benchmarks)")
+    benchmark_samples: int = _f(4, ">=1", "samples per benchmark problem (Avg@k, pass@k, maj@k)")
+    benchmark_limit: Optional[int] = _f(None, ">=1", "first N problems of each benchmark (null: all)")
+    benchmark_max_new_tokens: Optional[int] = _f(None, ">=1", "null: the run's max_new_tokens")
+    benchmark_data_dir: Optional[str] = _f(None, help="local copies of named benchmarks (DIR/<name>[.jsonl|.parquet])")
 
 
 @dataclass
@@ -178,6 +190,8 @@ class TrainConfig:
     steps: int = _f(250, ">=0", "RL steps")
     checkpoint_every: int = _f(50, ">=0", "0: only at the end")
     keep_checkpoints: int = _f(2, ">=1")
+    final_checkpoint: Literal["full", "model", "none"] = _f("full", help="after the last step: full (resumable) | model (HF model + tokenizer only) | none")
+    save_optimizer: bool = _f(True, help="false: checkpoints skip optimizer.safetensors (a resume from one restarts AdamW, with a warning)")
     threads: int = _f(0, ">=0", "torch CPU threads (0: auto = 1 for the tiny model, else all cores up to 8)")
     progress: bool = _f(True, help="rich progress bar")
     tensorboard: bool = _f(True)

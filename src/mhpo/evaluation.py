@@ -13,7 +13,6 @@ training RNG untouched (so evaluating does not change the training run).
 from __future__ import annotations
 
 import contextlib
-from math import comb
 from typing import Sequence
 
 import torch
@@ -24,10 +23,11 @@ from .tasks.base import Example
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n - c, k) / C(n, k)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - comb(n - c, k) / comb(n, k)
+    """Unbiased pass@k from n samples with c correct: 1 - C(n - c, k) / C(n, k) (computed as a
+    running product, :func:`mhpo.benchmarks.metrics.pass_at_k`)."""
+    from .benchmarks.metrics import pass_at_k as estimator
+
+    return estimator(n, c, k)
 
 
 @contextlib.contextmanager

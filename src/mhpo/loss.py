@@ -19,7 +19,7 @@ from typing import Mapping
 import torch
 
 from .aggregation import check_agg, row_weights
-from .diagnostics import objective_stats
+from .diagnostics import DAMPED, ChunkStats, make_chunk_stats, objective_stats, sample_positions
 from .kl import k3
 from .objectives import Objective, Terms, get_objective
 
@@ -130,28 +130,51 @@ class _Prepared:
         return torch.where(self.keep, self.lp - self.old, torch.zeros_like(self.lp))
 
     def fast(self, coef: torch.Tensor, want_stats: bool, per_token: bool):
-        """The objective's fused path with per-token coefficients coef, or None."""
-        if self.impl == "reference":
+        """The objective's fused path with per-token coefficients coef, or None; the second item
+        is the diagnostics: a ChunkStats the eager kernel filled, Terms (compiled), or None."""
+        if self.impl == "reference" or self.objective.fused is None:
             return None
+        compiled = self.impl == "compile"
+        sink = self.chunk_stats() if want_stats and not compiled else None
         out = self.objective.fast(
-            self.lp, self.old, coef, want_stats, compiled=self.impl == "compile", per_token=per_token, **self.hp
+            self.lp, self.old, coef, sink if sink is not None else want_stats, compiled=compiled, per_token=per_token, **self.hp
         )
         if out is None:
             return None
         value, parts = out
-        terms = None
-        if want_stats:  # parts = (psi, zeta, M)
+        terms = sink
+        if want_stats and sink is None:  # parts = (psi, zeta, M)
             terms = Terms(value, parts[2], {"psi": parts[0], "zeta": parts[1], "survival": torch.exp(-parts[1])})
         return value, terms
+
+    def clip_threshold(self):
+        """0.1 * M(1) per token's advantage sign: a 0-d tensor when M(1) does not depend on the sign."""
+        ref_m = _on_policy_multiplier(self.name, tuple(sorted(self.hp.items())), self.lp.dtype)  # A>0, A<=0
+        if ref_m[0] == ref_m[1]:
+            return DAMPED * torch.tensor(ref_m[0])
+        return DAMPED * torch.where(self.adv > 0, ref_m[0], ref_m[1])  # [B, 1] or [B, T]
+
+    def chunk_stats(self) -> ChunkStats:
+        """A diagnostics sink for the fused kernel, its tail thresholds from a strided sample of log r."""
+        lp, old, m = self.lp.detach().reshape(-1), self.old.reshape(-1), self.keep.reshape(-1)
+        pos = sample_positions(lp.numel(), self.lp.shape[-1])
+        sample = (lp[pos] - old[pos])[m[pos]]
+        keys = [f"mhpo/{k}_mean" for k in ("psi", "zeta", "survival")]
+        return make_chunk_stats(sample, self.keep, self.clip_threshold(), lambda: (lp - old)[m], keys=keys)
 
     def kl(self) -> torch.Tensor | None:
         if self.ref is None:
             return None
         return k3(self.lp, torch.where(self.keep, self.ref, self.lp.detach()))  # [B, T]
 
-    def stats(self, terms: Terms, kl: torch.Tensor | None) -> dict[str, float]:
+    def stats(self, terms, kl: torch.Tensor | None) -> dict[str, float]:
+        """The diagnostics (see mhpo.diagnostics) from a filled ChunkStats or from Terms."""
+        if isinstance(terms, ChunkStats):
+            if kl is not None:
+                terms.add_full("kl", kl, self.lp.dtype)
+            return terms.result()
         ref_m = _on_policy_multiplier(self.name, tuple(sorted(self.hp.items())), self.lp.dtype)  # A>0, A<=0
-        on_policy = torch.where(self.adv.expand_as(self.lp) > 0, ref_m[0], ref_m[1])
+        on_policy = torch.where(self.adv > 0, ref_m[0], ref_m[1])  # [B, 1] or [B, T]
         return objective_stats(self.log_r.detach(), self.keep, terms.multiplier, on_policy, terms.extras, kl)
 
 

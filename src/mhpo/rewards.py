@@ -5,17 +5,32 @@ of :mod:`mhpo.reward_functions` (exact_match, math_verify, reasoning_gym), ``aut
 verifier), or user functions named ``module:function`` / ``path/to/file.py:function``. Every
 function is called once per completion (one-element lists) in a worker process with a hard time
 limit (:mod:`mhpo.sandbox`), so a hang or an exception costs that completion only: it scores 0 and
-is counted (``reward/errors``, ``reward/timeouts``).
+is counted (``reward/errors``, ``reward/timeouts``); so does a score that is not a number, NaN or
+inf (None scores 0 and is not counted, as in TRL).
 
     total_i = sum_j w_j f_j(i)              correct_i = f_0(i) >= 1   (the first function)
+
+A broken function stops the run (:class:`RewardFunctionError`, one line naming it) instead:
+
+- a result that is not a list of one score per completion (wrong length, a bare number, None):
+  a programming error, at once;
+- the error budget (:class:`ErrorBudget`): a function that fails (raises, times out, returns a
+  non-number) on every completion of the first batch it scores, or on more than
+  ``rewards.max_error_frac`` (default 0.5) of its completions over the last ``rewards.error_window``
+  (default 20) batches. A batch is one :meth:`RewardScorer.score` call: an RL step scores one, an
+  evaluation one (greedy) or two (with pass@k). A scorer that fails now and then never stops a run;
+  ``rewards.max_error_frac=1`` turns the window rule off.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from .cli import UsageError
 
 _BUILTIN_FILE = Path(__file__).with_name("reward_functions.py")
 BUILTIN: dict[str, str] = {name: f"{_BUILTIN_FILE}:{name}" for name in ("exact_match", "math_verify", "reasoning_gym")}
@@ -70,6 +85,53 @@ def _check_target(spec: str, target: str) -> None:
         raise ValueError(f"reward function {spec!r}: module {target!r} cannot be found on the Python path")
 
 
+class RewardFunctionError(UsageError):
+    """A reward function is broken (see the module docstring): one line, and the run stops."""
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """``text`` on one line (newlines folded into spaces), cut to ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+class ErrorBudget:
+    """Per reward function: stop when it is broken, not when it is flaky.
+
+        stop  if  failures(first batch) == calls(first batch) > 0
+        or        sum failures / sum calls > max_frac   over the last ``window`` batches
+                                                       (checked once ``window`` batches were seen)
+    """
+
+    def __init__(self, max_frac: float = 0.5, window: int = 20):
+        if not 0 < max_frac <= 1:
+            raise ValueError(f"rewards.max_error_frac={max_frac!r} must be in (0, 1]")
+        if window < 1:
+            raise ValueError(f"rewards.error_window={window!r} must be >= 1")
+        self.max_frac, self.window = float(max_frac), int(window)
+        self._seen: dict[str, deque] = {}  # name -> deque of (failures, calls, first error or None)
+
+    def record(self, name: str, failures: int, calls: int, first_error: str | None) -> str | None:
+        """Add one batch of function ``name``; the one-line reason to stop, or None."""
+        if calls <= 0:
+            return None
+        first_batch = name not in self._seen
+        seen = self._seen.setdefault(name, deque(maxlen=self.window))
+        seen.append((failures, calls, first_error))
+        if first_batch and failures == calls:
+            return (f"reward function {name!r} failed on all {calls} completion(s) of the first batch it scored "
+                    f"(first error: {one_line(first_error or 'unknown')})")
+        if len(seen) < self.window:
+            return None
+        fails, total = sum(f for f, _, _ in seen), sum(c for _, c, _ in seen)
+        if fails > self.max_frac * total:
+            first = next((e for _, _, e in seen if e), "unknown")
+            return (f"reward function {name!r} failed on {fails} of {total} completions ({fails / total:.0%}) over the last "
+                    f"{len(seen)} scoring batches, more than rewards.max_error_frac={self.max_frac:g} "
+                    f"(first error: {one_line(first)})")
+        return None
+
+
 @dataclass
 class Scores:
     """Scores of one batch of completions (all lists have one entry per completion)."""
@@ -80,13 +142,16 @@ class Scores:
     errors: int = 0
     timeouts: int = 0
     messages: list[str] = field(default_factory=list)  # the first few error messages
+    failures: dict[str, int] = field(default_factory=dict)  # per function: errors + timeouts
 
 
 class RewardScorer:
     """Weighted sum of reward functions, each called per completion in the sandbox."""
 
-    def __init__(self, names: Sequence[str], task_reward: str, weights: Sequence[float] | None, timeout_s: float):
+    def __init__(self, names: Sequence[str], task_reward: str, weights: Sequence[float] | None, timeout_s: float,
+                 *, max_error_frac: float = 0.5, error_window: int = 20):
         self.functions = resolve(names, task_reward)
+        self.budget = ErrorBudget(max_error_frac, error_window)
         if weights is None:
             weights = [1.0] * len(self.functions)
         if len(weights) != len(self.functions) or not all(
@@ -111,47 +176,71 @@ class RewardScorer:
             raise ValueError(f"reward function {errors[0]}")
 
     def score(self, examples: Sequence[Any], completions: Sequence[str]) -> Scores:
-        """Score completion i against examples[i] (an Example: prompt, answer, columns)."""
+        """Score completion i against examples[i] (an Example: prompt, answer, columns).
+
+        Raises RewardFunctionError when a function is broken (see the module docstring)."""
         calls = [
             (([ex.prompt], [c]), {**{k: [v] for k, v in ex.columns.items()}, "answer": [ex.answer]})
             for ex, c in zip(examples, completions)
         ]
         per: dict[str, list[float]] = {}
+        failures: dict[str, int] = {}
         errors = timeouts = 0
         messages: list[str] = []
         for k, (name, _) in enumerate(self.functions):
-            values = []
+            values, first = [], None
+            failures[name] = 0
             for outcome in self.sandbox.map(k, calls):
-                value, problem = _as_score(outcome)
+                value, problem = as_score(name, outcome, expected=1)
                 if problem is not None:
                     timeouts += outcome.timed_out
                     errors += not outcome.timed_out
+                    failures[name] += 1
+                    first = first or problem
                     if len(messages) < 3:
-                        messages.append(f"{name}: {problem}")
+                        messages.append(f"{name}: {one_line(problem)}")
                 values.append(value)
             per[name] = values
+            stop = self.budget.record(name, failures[name], len(calls), first)
+            if stop is not None:
+                raise RewardFunctionError(stop)
         total = [sum(w * per[n][i] for w, n in zip(self.weights, self.names)) for i in range(len(calls))]
         correct = [v >= CORRECT_AT for v in per[self.names[0]]]
-        return Scores(total, per, correct, errors, timeouts, messages)
+        return Scores(total, per, correct, errors, timeouts, messages, failures)
 
     def close(self) -> None:
         self.sandbox.close()
 
 
-def _as_score(outcome) -> tuple[float, str | None]:
-    """(score, problem): 0 with a reason unless the call returned one finite number (None = 0)."""
+def as_score(name: str, outcome, expected: int = 1) -> tuple[float, str | None]:
+    """(score, problem) of one call's outcome: the score when it returned a list of ``expected``
+    finite numbers (None counts as 0, no problem), else 0 and the problem (a raise, a timeout, a
+    non-number, NaN or inf). A result of the wrong length or not a list raises RewardFunctionError:
+    that is a programming error, not a per-sample failure."""
     if not outcome.ok:
         return 0.0, outcome.error
     value = outcome.value
-    if not isinstance(value, (list, tuple)) or len(value) != 1:
-        return 0.0, f"ValueError: must return a list with one score per completion, got {value!r:.80}"
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):  # a numpy array
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise RewardFunctionError(
+            f"reward function {name!r} returned {type(value).__name__} {one_line(repr(value), 40)}, not a list of scores; "
+            f"it must return one score per completion (expected a list of length {expected})"
+        )
+    if len(value) != expected:
+        raise RewardFunctionError(
+            f"reward function {name!r} returned {len(value)} score(s) for {expected} completion(s); "
+            f"it must return one score per completion (expected length {expected}, got {len(value)})"
+        )
     v = value[0]
     if v is None:
         return 0.0, None
+    if isinstance(v, bool):
+        return float(v), None
     try:
         v = float(v)
-    except (TypeError, ValueError):
-        return 0.0, f"ValueError: score {value[0]!r:.40} is not a number"
+    except (TypeError, ValueError, OverflowError):
+        return 0.0, f"ValueError: score {one_line(repr(value[0]), 40)} is not a number"
     if not math.isfinite(v):
         return 0.0, f"ValueError: score {v} is not finite"
     return v, None

@@ -46,11 +46,13 @@ RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.tensorboard", "trai
 def add_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. objective.name=grpo")
     parser.add_argument("--config", metavar="FILE", help="YAML config (keys as in the embedded default), or a packaged config's name")
-    parser.add_argument("--preset", metavar="NAME", help="a packaged config: default, vlm (tiny vision-language demo)")
+    parser.add_argument("--preset", metavar="NAME",
+                        help="a packaged config: default, vlm (tiny vision-language demo), smollm2-short-answers (real model)")
     parser.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<task>-<objective>-s<seed>-<time>)")
     parser.add_argument("--steps", type=int, metavar="N", help="RL steps (train.steps)")
     parser.add_argument("--seed", type=int, metavar="S", help="run seed (seed)")
-    parser.add_argument("--model", metavar="PATH_OR_ID", help="causal LM: a local directory or a hub id (model.name_or_path)")
+    parser.add_argument("--model", metavar="PATH_OR_ID",
+                        help="causal LM: a named model (smollm2-135m-instruct), a .gguf file, a local directory or a hub id")
     parser.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR (only --steps may change)")
 
 
@@ -125,8 +127,10 @@ class Plan:
     task: Any  # tasks.Task
     hparams: dict
     max_new_tokens: int
-    heldout: list
+    heldout: list  # empty when eval.size = 0
     scorer: Any  # rewards.RewardScorer (worker started, functions imported)
+    pass_k: int = 0  # eval.pass_k resolved (eval_settings)
+    eval_max_new_tokens: int = 0  # eval.max_new_tokens resolved
 
 
 def validate(cfg: Config) -> Plan:
@@ -154,12 +158,18 @@ def validate(cfg: Config) -> Plan:
                 f"({cfg.rollout.prompts_per_step} x {cfg.rollout.group_size} rows)"
             )
         task = build_task(cfg.task)
-        heldout = task.heldout(cfg.eval.size, cfg.eval.seed)
-        _check_modality(cfg, heldout)
+        size, pass_k = eval_settings(cfg)
+        heldout = task.heldout(size, cfg.eval.seed) if size else []
+        _check_modality(cfg, heldout or task.heldout(1, cfg.eval.seed))
+        if cfg.eval.benchmarks:  # names and files of eval.benchmarks (loaded in _run)
+            from .benchmarks.training import check_config
+
+            check_config(cfg.eval)
     except (ValueError, TypeError, ImportError, OSError) as err:
         raise fail(err) from None
     try:
-        scorer = RewardScorer(cfg.rewards.functions, task.reward, cfg.rewards.weights, cfg.rewards.timeout_s)
+        scorer = RewardScorer(cfg.rewards.functions, task.reward, cfg.rewards.weights, cfg.rewards.timeout_s,
+                              max_error_frac=cfg.rewards.max_error_frac, error_window=cfg.rewards.error_window)
     except ValueError as err:
         raise fail(err) from None
     try:
@@ -168,7 +178,20 @@ def validate(cfg: Config) -> Plan:
         scorer.close()
         raise fail(err) from None
     max_new = cfg.rollout.max_new_tokens or task.max_new_tokens
-    return Plan(cfg, task, hparams, max_new, heldout, scorer)
+    return Plan(cfg, task, hparams, max_new, heldout, scorer, pass_k, cfg.eval.max_new_tokens or max_new)
+
+
+# Held-out evaluation when eval.size / eval.pass_k are null: (size, pass_k). A pretrained model on a
+# CPU spends minutes per 100 prompts at a few hundred new tokens, so its default is greedy only on 32.
+EVAL_DEFAULTS = {"built-in": (200, 8), "pretrained": (32, 0)}
+
+
+def eval_settings(cfg: Config) -> tuple[int, int]:
+    """(held-out size, pass@k) of the run: eval.size and eval.pass_k, nulls from EVAL_DEFAULTS."""
+    from .models import BUILT_IN
+
+    size, pass_k = EVAL_DEFAULTS["built-in" if cfg.model.name_or_path in BUILT_IN else "pretrained"]
+    return (size if cfg.eval.size is None else cfg.eval.size), (pass_k if cfg.eval.pass_k is None else cfg.eval.pass_k)
 
 
 def _check_modality(cfg: Config, heldout: list) -> None:
@@ -266,6 +289,15 @@ class Policy:
     scheduler: Any
     reference: Any = None  # frozen RL-initial policy, when beta > 0 or log_kl
     processor: Any = None  # what is saved with the model: the tokenizer, or a VLM's processor
+    precision: Any = None  # models.Precision: weights' dtype and autocast (bf16-mixed)
+
+    def autocast(self):
+        """The autocast context of every forward pass of the run (a no-op unless bf16-mixed)."""
+        import contextlib
+
+        if self.precision is None:
+            return contextlib.nullcontext()
+        return self.precision.context(next(self.model.parameters()).device)
 
 
 def _build_tiny(cfg: Config):
@@ -284,14 +316,15 @@ def _build_tiny_vlm(cfg: Config):
 BUILDERS = {"tiny": _build_tiny, "tiny-vlm": _build_tiny_vlm}
 
 
-def model_loader(cfg: Config):
+def model_loader(cfg: Config, log=None):
     """source -> (model, tokenizer or processor): a built-in name (:data:`BUILDERS`) builds the
-    seeded tiny model, anything else is loaded with from_pretrained (a model dir, a hub id, a
-    warm-up dir or a checkpoint dir; a vision-language model comes with its processor)."""
-    from .models import load_pretrained, resolve_device, resolve_dtype
+    seeded tiny model, anything else is loaded with from_pretrained (a named model, a GGUF file, a
+    model dir, a hub id, a warm-up dir or a checkpoint dir; a vision-language model comes with its
+    processor). Weights come in the dtype of :func:`run_precision` (float32 under bf16-mixed)."""
+    from .models import load_pretrained, resolve_device
 
     device = resolve_device(cfg.model.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
+    dtype = run_precision(cfg).weights
 
     def load(source: str):
         try:
@@ -299,11 +332,18 @@ def model_loader(cfg: Config):
                 model, tok = BUILDERS[source](cfg)
                 return model.to(device=device, dtype=dtype), tok
             return load_pretrained(source, dtype=dtype, device=device, trust_remote_code=cfg.model.trust_remote_code,
-                                   attn_implementation=cfg.model.attn_implementation)
+                                   attn_implementation=cfg.model.attn_implementation, log=log)
         except (OSError, ValueError) as err:
             raise UsageError(f"model {source!r} could not be loaded: {str(err).splitlines()[0]}") from None
 
     return load
+
+
+def run_precision(cfg: Config):
+    """The run's :class:`mhpo.models.Precision` (model.dtype on model.device)."""
+    from .models import BUILT_IN, resolve_device, resolve_precision
+
+    return resolve_precision(cfg.model.dtype, resolve_device(cfg.model.device), built_in=cfg.model.name_or_path in BUILT_IN)
 
 
 def warmup_stage(plan: Plan, run_dir: Path, load, console) -> tuple[str, dict]:
@@ -349,7 +389,8 @@ def build_policy(cfg: Config, load, source: str, initial: str) -> Policy:
         weight_decay=cfg.optim.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim, cfg.train.steps))
-    return Policy(model, tokenizer, encoder, eos_token_ids(model, tokenizer), optimizer, scheduler, reference, processor)
+    return Policy(model, tokenizer, encoder, eos_token_ids(model, tokenizer), optimizer, scheduler, reference, processor,
+                  run_precision(cfg))
 
 
 def _run(plan: Plan, run_dir: Path, console, *, resuming: bool, t_start: float) -> dict:
@@ -364,34 +405,52 @@ def _run(plan: Plan, run_dir: Path, console, *, resuming: bool, t_start: float) 
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = run_dir / "checkpoints"
     ckpt.clean_partial(ckpt_root)
-    resume_from = ckpt.latest_checkpoint(ckpt_root) if resuming else None
+    warn = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    resume_from = ckpt.resume_checkpoint(ckpt_root, warn=warn) if resuming else None  # newest intact one
     if not resuming:
         save_config(cfg, run_dir / CONFIG_FILE)
-    load = model_loader(cfg)
+    load = model_loader(cfg, log=lambda m: console.print(f"[bold]mhpo train[/]: {m}", highlight=False))
 
     # The RL-initial policy is only needed when starting, or as the KL reference.
     needs_initial = resume_from is None or cfg.objective.beta > 0 or cfg.objective.log_kl
     initial, warm_info = warmup_stage(plan, run_dir, load, console) if needs_initial else (cfg.model.name_or_path, {})
     pol = build_policy(cfg, load, str(resume_from) if resume_from else initial, initial)
     source = plan.task.train_source(derive_seed(cfg.seed, "rl-data"), frozenset(ex.key for ex in plan.heldout))
+    from .benchmarks.training import open_hook
+
+    try:
+        bench = open_hook(cfg, run_dir, plan.max_new_tokens)  # eval.benchmarks at every evaluation, or None
+    except ValueError as err:
+        raise UsageError(str(err).splitlines()[0]) from None
 
     def run_eval(step: int, stage: str) -> dict:
-        results, records = evaluate(
-            pol.model, pol.tokenizer, pol.encoder, plan.scorer, plan.heldout, max_new_tokens=plan.max_new_tokens,
-            eos_ids=pol.eos_ids, pass_k=cfg.eval.pass_k, temperature=cfg.eval.temperature,
-            batch_size=cfg.eval.batch_size, seed=derive_seed(cfg.eval.seed, "pass@k"),
-        )
+        results, records = {}, []
+        if plan.heldout:
+            with pol.autocast():
+                results, records = evaluate(
+                    pol.model, pol.tokenizer, pol.encoder, plan.scorer, plan.heldout,
+                    max_new_tokens=plan.eval_max_new_tokens, eos_ids=pol.eos_ids, pass_k=plan.pass_k,
+                    temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
+                    seed=derive_seed(cfg.eval.seed, "pass@k"),
+                )
+        if bench is not None:
+            with pol.autocast():
+                results.update(bench(pol.model, pol.tokenizer, pol.encoder, pol.eos_ids, step))
+        if not results:
+            return results
         logger.log_eval(step, stage, results)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        (run_dir / "samples" / f"step_{step:06d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        if records:
+            (run_dir / "samples").mkdir(exist_ok=True)
+            (run_dir / "samples" / f"step_{step:06d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         return results
 
-    def save(step: int) -> None:
+    def save(step: int, kind: str = "full"):
         logger.flush()
         state = {"source": source.state_dict(), "before_rl": before, "warmup": warm_info, "config_hash": _cfg_hash(cfg),
                  "wall_seconds": wall_before + time.perf_counter() - t_start}
-        ckpt.save_checkpoint(ckpt_root, step, model=pol.model, tokenizer=pol.processor, optimizer=pol.optimizer,
-                             scheduler=pol.scheduler, state=state, keep=cfg.train.keep_checkpoints)
+        return ckpt.save_checkpoint(ckpt_root, step, model=pol.model, tokenizer=pol.processor, optimizer=pol.optimizer,
+                                    scheduler=pol.scheduler, state=state, keep=cfg.train.keep_checkpoints, kind=kind,
+                                    save_optimizer=cfg.train.save_optimizer)
 
     start_step = ckpt.read_state(resume_from)["step"] if resume_from is not None else 0
     if resuming and resume_from is None:  # stopped before its first checkpoint: start over in place
@@ -400,19 +459,21 @@ def _run(plan: Plan, run_dir: Path, console, *, resuming: bool, t_start: float) 
     logger = RunLogger(run_dir, tensorboard=cfg.train.tensorboard, resume_step=start_step if resuming else None)
     try:
         if resume_from is not None:
-            state = ckpt.restore_training_state(resume_from, pol.optimizer, pol.scheduler)  # sets every RNG: last
+            state = ckpt.restore_training_state(resume_from, pol.optimizer, pol.scheduler, warn=warn)  # sets every RNG: last
             source.load_state_dict(state["source"])
             before, warm_info, wall_before = state["before_rl"], state["warmup"], state["wall_seconds"]
             console.print(f"[bold]mhpo train[/]: resuming {run_dir} from step {start_step} ({resume_from.name})")
         else:
             torch.manual_seed(derive_seed(cfg.seed, "rl"))
             before, wall_before = run_eval(0, "before"), 0.0
-            console.print(_accuracy_line("before RL", before, cfg.eval.pass_k), highlight=False)
+            if "greedy/accuracy" in before:
+                console.print(_accuracy_line("before RL", before, plan.pass_k), highlight=False)
 
         last_eval = None
         with _progress(console, cfg.train.progress, cfg.train.steps, start_step) as bar:
             for step in range(start_step + 1, cfg.train.steps + 1):
-                metrics = rl_step(plan, pol, source)
+                with pol.autocast():
+                    metrics = rl_step(plan, pol, source)
                 logger.log_step(step, metrics)
                 ckpt.maybe_fault("step", step)
                 bar(step, metrics)
@@ -422,11 +483,16 @@ def _run(plan: Plan, run_dir: Path, console, *, resuming: bool, t_start: float) 
                     save(step)
         steps = cfg.train.steps
         after = last_eval[1] if last_eval and last_eval[0] == steps else run_eval(steps, "after")
-        if start_step < steps or ckpt.latest_checkpoint(ckpt_root) is None:
-            save(steps)
+        final = None  # the final checkpoint (train.final_checkpoint: full | model | none)
+        if cfg.train.final_checkpoint != "none" and (start_step < steps or ckpt.latest_checkpoint(ckpt_root) is None):
+            final = save(steps, cfg.train.final_checkpoint)
+        elif cfg.train.final_checkpoint != "none" and (ckpt_root / ckpt.step_dir_name(steps)).is_dir():
+            final = ckpt_root / ckpt.step_dir_name(steps)  # written before the run was stopped
         logger.flush()
     finally:
         logger.close()
+        if bench is not None:
+            bench.close()
 
     plots = []
     if cfg.train.plots:
@@ -434,7 +500,7 @@ def _run(plan: Plan, run_dir: Path, console, *, resuming: bool, t_start: float) 
 
         plots = [str(p) for p in plot_run(run_dir)]
     wall = wall_before + time.perf_counter() - t_start
-    summary = make_summary(cfg, run_dir, before, after, warm_info, wall, plots)
+    summary = make_summary(cfg, run_dir, before, after, warm_info, wall, plots, final)
     ckpt.atomic_write_json(run_dir / SUMMARY_FILE, summary)
     return summary
 
@@ -634,29 +700,35 @@ class _progress:
             self.progress.__exit__(*exc)
 
 
-def make_summary(cfg: Config, run_dir: Path, before: dict, after: dict, warm: dict, wall: float, plots: list[str]) -> dict:
-    k = cfg.eval.pass_k
+def make_summary(cfg: Config, run_dir: Path, before: dict, after: dict, warm: dict, wall: float, plots: list[str],
+                 final: Path | None = None) -> dict:
+    """The run's summary.json: "checkpoint" is the final checkpoint (None when train.final_checkpoint
+    is none), "checkpoints" the names of every checkpoint left on disk."""
+    from .checkpoint import complete_checkpoints
+
+    size, k = eval_settings(cfg)
     out = {
         "complete": True,
-        "accuracy_before_rl": before["greedy/accuracy"],
-        "accuracy_after_rl": after["greedy/accuracy"],
+        "accuracy_before_rl": before.get("greedy/accuracy"),  # None when eval.size = 0
+        "accuracy_after_rl": after.get("greedy/accuracy"),
         "steps": cfg.train.steps,
         "wall_seconds": round(wall, 2),
         "objective": cfg.objective.name,
         "task": cfg.task.name,
         "model": cfg.model.name_or_path,
         "seed": cfg.seed,
-        "heldout_size": cfg.eval.size,
+        "heldout_size": size,
         "warmup": warm,
         "run_dir": str(run_dir),
-        "checkpoint": str(run_dir / "checkpoints" / f"step_{cfg.train.steps:06d}"),
+        "checkpoint": str(final) if final is not None else None,
+        "checkpoints": [d.name for _, d in complete_checkpoints(run_dir / "checkpoints")],
         "metrics": str(run_dir / "metrics.jsonl"),
-        "evals": str(run_dir / "evals.jsonl"),
+        "evals": str(run_dir / "evals.jsonl") if _nonempty(run_dir / "evals.jsonl") else None,
         "tensorboard": str(run_dir / "tensorboard") if cfg.train.tensorboard else None,
         "plots": plots,
         "config_hash": _cfg_hash(cfg),
     }
-    if k:
+    if k and size:
         out[f"pass@{k}_before_rl"] = before.get(f"pass@{k}")
         out[f"pass@{k}_after_rl"] = after.get(f"pass@{k}")
     return out
@@ -670,19 +742,41 @@ def print_summary(summary: dict, file=None) -> None:
     w = summary.get("warmup") or {}
     if w:
         lines.append(
-            f"  warm-up          {w.get('steps')} supervised steps, probe accuracy {w.get('probe_accuracy', 0):.1%}"
+            f"  warm-up          {_plural(w.get('steps'), 'supervised step')}, probe accuracy {w.get('probe_accuracy', 0):.1%}"
             + (" (reused from cache)" if w.get("reused") else "")
         )
-    lines += [
-        f"  held-out greedy  {summary['accuracy_before_rl']:.1%} before RL -> {summary['accuracy_after_rl']:.1%} after "
-        f"{summary['steps']} RL steps ({summary['heldout_size']} problems)",
-    ]
+    if summary.get("accuracy_before_rl") is None:
+        lines.append(f"  RL               {_plural(summary['steps'], 'step')}, no held-out evaluation (eval.size=0)")
+    else:
+        lines.append(
+            f"  held-out greedy  {summary['accuracy_before_rl']:.1%} before RL -> {summary['accuracy_after_rl']:.1%} after "
+            f"{_plural(summary['steps'], 'RL step')} ({_plural(summary['heldout_size'], 'problem')})"
+        )
     for key in summary:
         if key.startswith("pass@") and key.endswith("_before_rl") and summary[key] is not None:
             name = key[: -len("_before_rl")]
             lines.append(f"  held-out {name:<7} {summary[key]:.1%} -> {summary[name + '_after_rl']:.1%}")
     lines += [
         f"  wall time        {summary['wall_seconds']:.0f} s",
-        f"  outputs          {summary['run_dir']}/ (metrics.jsonl, evals.jsonl, tensorboard/, plots/, checkpoints/, summary.json)",
+        f"  outputs          {summary['run_dir']}/ ({', '.join(written_outputs(summary))})",
     ]
     print("\n".join(lines), file=file or sys.stdout)
+
+
+def _plural(n, word: str) -> str:
+    """'1 problem', '2 problems' (and 'None problems' never: a missing count prints as '?')."""
+    return f"{'?' if n is None else n} {word}{'' if n == 1 else 's'}"
+
+
+def written_outputs(summary: dict) -> list[str]:
+    """The outputs a run wrote, as listed by print_summary: no tensorboard/, plots/ or checkpoints/
+    when those were off or empty."""
+    out = ["metrics.jsonl"] + (["evals.jsonl"] if summary.get("evals") else []) + (["samples/"] if summary.get("heldout_size") else [])
+    out += ["tensorboard/"] if summary.get("tensorboard") else []
+    out += ["plots/"] if summary.get("plots") else []
+    out += ["checkpoints/"] if summary.get("checkpoints", [summary.get("checkpoint")] if summary.get("checkpoint") else []) else []
+    return out + ["summary.json"]
+
+
+def _nonempty(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0

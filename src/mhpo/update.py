@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from .aggregation import global_counts
+from .diagnostics import log_ratio_order_stats, masked_log_ratio
 from .logprobs import model_logprobs
 from .loss import policy_loss
 from .multimodal import model_kwargs
@@ -120,8 +121,9 @@ def policy_update(
             if counts["num_tokens"] == 0:
                 continue
             optimizer.zero_grad(set_to_none=True)
-            micro_stats = []
-            for micro in torch.split(mb, micro_batch_size or len(mb)):
+            micro_stats, micro_lr = [], []
+            micros = torch.split(mb, micro_batch_size or len(mb))
+            for micro in micros:
                 part = batch.rollout.select(micro)
                 w = part.completion_mask.shape[1]
                 logp, ent = _forward(model, part, temperature, fill and batch.entropy is not None)  # [b, w]
@@ -131,10 +133,13 @@ def policy_update(
                     if ent is not None:
                         batch.entropy[micro, :w] = ent.detach().float().cpu() * part.completion_mask
                 ref = batch.ref_logp[micro, :w].to(device) if batch.ref_logp is not None else None
+                old = batch.old_logp[micro, :w].to(device=device, dtype=logp.dtype)
+                if len(micros) > 1:  # the step's percentiles are taken over all its micro-batches' tokens
+                    micro_lr.append(masked_log_ratio(logp, old, mask).cpu())
                 loss, stats = policy_loss(
                     objective,
                     logp,
-                    batch.old_logp[micro, :w].to(device=device, dtype=logp.dtype),
+                    old,
                     batch.advantages[micro].to(device=device, dtype=logp.dtype),
                     mask,
                     agg=agg,
@@ -150,7 +155,7 @@ def policy_update(
             norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             norms.append(float(norm))
-            per_step.append(combine_micro(micro_stats))
+            per_step.append(combine_micro(micro_stats, torch.cat(micro_lr) if micro_lr else None))
     optimizer.zero_grad(set_to_none=True)
     out = mean_stats(per_step)
     out = {f"policy/{k}": v for k, v in out.items()}
@@ -166,9 +171,12 @@ _MIN_KEYS = ("ratio/min", "ratio/p1")
 _SUM_KEYS = ("loss", "tokens")
 
 
-def combine_micro(stats: list[dict[str, float]]) -> dict[str, float]:
-    """One optimizer step's stats from its micro-batches: loss and tokens summed, extremes as
-    min/max (p1/p99 approximated by the extreme over micro-batches), the rest token-weighted means."""
+def combine_micro(stats: list[dict[str, float]], log_ratios: torch.Tensor | None = None) -> dict[str, float]:
+    """One optimizer step's stats from its micro-batches: loss and tokens summed, the rest
+    token-weighted means, and the ratio's min / max / p1 / p99 and |log r| p99 recomputed exactly
+    over all the step's masked tokens when ``log_ratios`` (their log r, concatenated) is given;
+    without it, min / max are exact and p1 / p99 are the extreme micro-batch's (a bound, not the
+    step's percentile)."""
     if len(stats) == 1:
         return dict(stats[0])
     total = sum(s.get("tokens", 0.0) for s in stats) or 1.0
@@ -183,11 +191,15 @@ def combine_micro(stats: list[dict[str, float]]) -> dict[str, float]:
             out[key] = min(values)
         else:
             out[key] = sum(s[key] * s.get("tokens", 0.0) for s in stats if key in s) / total
+    if log_ratios is not None and "ratio/p99" in out:
+        out.update(log_ratio_order_stats(log_ratios))
     return out
 
 
 def mean_stats(stats: list[dict[str, float]]) -> dict[str, float]:
-    """One RL step's stats from its optimizer steps: extremes as min/max, the rest as means."""
+    """One RL step's stats from its optimizer steps: ratio min / p1 as the minimum and max / p99
+    as the maximum over the optimizer steps (the most extreme step's exact percentile: each step
+    has its own policy, so no single percentile covers them), the rest as means."""
     keys = dict.fromkeys(k for s in stats for k in s)
     out = {}
     for k in keys:

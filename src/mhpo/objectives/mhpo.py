@@ -113,6 +113,8 @@ def _mhpo_fast(logp, old_logp, coef, *, want_stats, compiled=False, per_token=Fa
         return None
     scale = 1.0 / on_policy_weight(hp["k_pos"], hp["lambda_pos"], hp["k_neg"], hp["lambda_neg"]) if rescale else 1.0
     coef = coef * scale if rescale else coef
+    if rescale and not isinstance(want_stats, bool):  # a diagnostics sink: M is reported times the scale
+        want_stats.m_scale = scale
     loss, parts = mhpo_fused_loss(
         logp, old_logp, coef, want_stats=want_stats, compiled=compiled, per_token=per_token, **hp
     )

@@ -38,7 +38,7 @@ def hazard(s: torch.Tensor, k: float, lam: float) -> torch.Tensor:
     return power(s, k).mul_(lam ** (-k))
 
 
-def _chunk(x, coef, c, k_pos, lambda_pos, k_neg, lambda_neg, out, stats, values):
+def _chunk(x, coef, c, k_pos, lambda_pos, k_neg, lambda_neg, out, stats, values, sink=None):
     """One chunk: x [n] = log r (overwritten), coef [n] = w*A; writes out [n] = coef * M and
     returns sum coef * exp(psi - zeta) (or writes -coef * exp(psi - zeta) to ``values``). zeta = a s^k_pos + b d^k_neg, a = lambda_pos^-k_pos,
     b = lambda_neg^-k_neg, s = softplus(psi), d = softplus(-psi) = s - psi."""
@@ -50,10 +50,15 @@ def _chunk(x, coef, c, k_pos, lambda_pos, k_neg, lambda_neg, out, stats, values)
     if stats is not None:
         stats[0].copy_(psi)
         torch.mul(u, a, out=stats[1])
+    if sink is not None:  # diagnostics reduced here, while the chunk is in cache (mhpo.diagnostics.ChunkStats)
+        sink.mean("mhpo/psi_mean", psi)
+        sink.zeta(u, a)
     w = psi.sub_(u, alpha=a).exp_()  # exp(psi - zeta)
     t2 = t.mul_(t)  # tanh^2
     if stats is not None:
         torch.addcmul(w, w, t2, value=-1.0, out=stats[2])  # M = w * (1 - tanh^2)
+    if sink is not None:
+        sink.multiplier_from(w, t2)
     cw = w.mul_(coef)  # coef * exp(psi - zeta)
     if values is not None:
         torch.neg(cw, out=values)
@@ -105,7 +110,7 @@ class MHPOLoss(torch.autograd.Function):
         ctx.save_for_backward(grad)
         outs = (value if per_token else -value.to(logp.dtype), *stats)
         ctx.mark_non_differentiable(*outs[1:])
-        return outs if want_stats else outs[0]
+        return outs if want_stats is True else outs[0]
 
     @staticmethod
     def backward(ctx, g, *unused):
@@ -120,19 +125,26 @@ def chunk_size(device: torch.device, n: int) -> int:
 
 
 def _chunked(logp, old_logp, coef, hp, want_stats, per_token):
-    """The chunk loop: (sum coef*w or [N] -coef*w, coef*M [N], [psi, zeta, M] or [])."""
+    """The chunk loop: (sum coef*w or [N] -coef*w, coef*M [N], [psi, zeta, M] or []).
+
+    want_stats: True for the [N] tensors psi, zeta, M; or a sink (mhpo.diagnostics.ChunkStats)
+    that reduces them chunk by chunk, with no [N] outputs; or False."""
     n = logp.numel()
     chunk = chunk_size(logp.device, n)
     grad = torch.empty_like(logp)  # coef * M = -d loss / d logp
-    stats = [torch.empty_like(logp) for _ in range(3)] if want_stats else []  # psi, zeta, M
+    sink = None if isinstance(want_stats, bool) else want_stats
+    stats = [torch.empty_like(logp) for _ in range(3)] if want_stats is True else []  # psi, zeta, M
     values = torch.empty_like(logp) if per_token else None
     buf = torch.empty(chunk, dtype=logp.dtype, device=logp.device)
     total = torch.zeros((), dtype=torch.float64, device=logp.device)  # sum over chunks of coef * w, in float64
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         x = torch.sub(logp[s:e], old_logp[s:e], out=buf[: e - s])
-        chunk_stats = [b[s:e] for b in stats] if want_stats else None
-        total += _chunk(x, coef[s:e], *hp, grad[s:e], chunk_stats, values[s:e] if per_token else None)
+        chunk_stats = [b[s:e] for b in stats] if want_stats is True else None
+        if sink is not None:
+            sink.tokens(s, e, x.dtype)
+            sink.log_ratio(x)  # before _chunk overwrites x
+        total += _chunk(x, coef[s:e], *hp, grad[s:e], chunk_stats, values[s:e] if per_token else None, sink)
     return (values if per_token else total), grad, stats
 
 
@@ -141,11 +153,14 @@ def mhpo_fused_loss(
     per_token=False,
 ):
     """Fused MHPO on [B, T] tensors: the loss -sum coef*w (per_token: the [B, T] matrix -coef*w),
-    and with want_stats also (psi, zeta, M) as [B, T] tensors."""
+    and with want_stats=True also (psi, zeta, M) as [B, T] tensors; want_stats may instead be a
+    sink (mhpo.diagnostics.ChunkStats) fed chunk by chunk (eager kernel only), parts then None."""
     shape = logp.shape
     flat = [t.contiguous().view(-1) for t in (logp, old_logp.to(logp.dtype), coef.to(logp.dtype))]
     hp = (c, k_pos, lambda_pos, k_neg, lambda_neg)
+    if compiled and want_stats and want_stats is not True:
+        raise ValueError("mhpo_fused_loss: a stats sink needs the eager kernel (compiled=False)")
     out = MHPOLoss.apply(flat[0], flat[1], flat[2].detach(), hp, want_stats, compiled, per_token)
-    value, parts = (out[0], out[1:]) if want_stats else (out, None)
+    value, parts = (out[0], out[1:]) if want_stats is True else (out, None)
     value = value.view(shape) if per_token else value
-    return value, (tuple(t.view(shape) for t in parts) if want_stats else None)
+    return value, (tuple(t.view(shape) for t in parts) if parts is not None else None)

@@ -29,7 +29,6 @@ built: a bad row raises ValueError naming the file, the line (or row) and the pr
 from __future__ import annotations
 
 import base64
-import json
 import string
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -37,7 +36,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .base import Example, IndexSource, Task
-from .datasets import DEFAULT_MAX_NEW_TOKENS, load_split
+from .datasets import DEFAULT_MAX_NEW_TOKENS, JsonRows, load_split, where_of
 
 ARGS: dict[str, str] = {  # task.args of image_dataset: name -> default
     "question_column": "question",
@@ -125,6 +124,14 @@ def check_image(value: Any, root: Path | None) -> Any:
     raise ValueError(f"the image must be a path, a data URI, bytes or a PIL image, got {type(value).__name__}")
 
 
+def _in_column(col: str, fn, *args):
+    """fn(*args), with ' (column <col>)' added to a ValueError's message."""
+    try:
+        return fn(*args)
+    except ValueError as err:
+        raise ValueError(f"{err} (column {col!r})") from None
+
+
 def row_to_example(row: Mapping[str, Any], cols: Mapping[str, str], answer_column: str, root: Path | None) -> Example:
     """One checked row -> Example(prompt, canonical answer, columns with the checked image)."""
     q_col, c_col, i_col = cols["question_column"], cols["choices_column"], cols["image_column"]
@@ -142,44 +149,26 @@ def row_to_example(row: Mapping[str, Any], cols: Mapping[str, str], answer_colum
     if len(choices) > len(LETTERS):
         raise ValueError(f"column {c_col!r} has {len(choices)} choices; at most {len(LETTERS)}")
     choices = [str(c) for c in choices]
-    answer = canonical_answer(row[answer_column], choices)
-    image = check_image(row[i_col], root)
+    answer = _in_column(answer_column, canonical_answer, row[answer_column], choices)
+    image = _in_column(i_col, check_image, row[i_col], root)
     columns = {k: v for k, v in row.items() if k not in (q_col, i_col)}
     columns.update({"image": image, "question": question, "choices": choices, "answer": answer})
     return Example(choice_prompt(question, choices, cols["instruction"]), answer, columns)
 
 
-def read_jsonl(path: Path) -> list[tuple[str, dict]]:
-    """(where, row) for every non-blank line; ValueError naming the line of bad JSON or a non-object."""
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-            out.append((where, row))
-    return out
-
-
 def load_rows(path: str, split: str) -> tuple[list[tuple[str, dict]], Path | None]:
-    """((where, row) list, image root): a .jsonl file read line by line (images relative to its
-    folder), anything else through :func:`mhpo.tasks.datasets.load_split`."""
+    """((where, row) list, image root): a JSON file read line by line (images relative to its
+    folder; where = 'file:line'), anything else through :func:`mhpo.tasks.datasets.load_split`
+    (where = 'path [split] row i')."""
     p = Path(path).expanduser()
-    if p.suffix == ".jsonl":
-        if not p.is_file():
-            raise ValueError(f"task.path {path!r} does not exist")
-        if split != "train":
-            raise ValueError(f"task.path {path!r} is a single file: its only split is 'train', not {split!r}")
-        return read_jsonl(p), p.parent
     data = load_split(path, split)
-    root = p if p.is_dir() else None
-    return [(f"{path} [{split}] row {i}", dict(data[i])) for i in range(len(data))], root
+    where = where_of(data, path, split)
+    root = p.parent if p.is_file() else (p if p.is_dir() else None)
+    try:
+        get = data.raw if isinstance(data, JsonRows) else data.__getitem__
+        return [(where(i), dict(get(i))) for i in range(len(data))], root
+    except Exception as err:  # a damaged Arrow / Parquet file can fail only when its rows are read
+        raise ValueError(f"task.path {path!r} could not be read ({type(err).__name__}: {str(err).strip()[:200]})") from None
 
 
 def examples_from_rows(rows: Sequence[tuple[str, dict]], root: Path | None, *, cols: Mapping[str, str], answer_column: str) -> list[Example]:

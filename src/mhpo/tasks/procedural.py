@@ -5,9 +5,11 @@
               first; the held-out set is always full width)
     reverse   (length=n)   'hello|'   -> 'olleh'      reverse a lowercase string
     sort      (length=n)   '3141|'    -> '1134'       sort a string of digits
+    chat_addition (digits=d)  'What is 4 + 7? Put the final answer in \\boxed{}.' -> '11'
+              for pretrained chat models: no padding, math-verify instead of exact match
 
-Each entry is a pure ``make(rng, **args) -> Example`` plus its argument schema; the verifier is
-exact match on the stripped completion. ``heldout`` fixes arguments for the held-out set (addition's
+Each entry is a pure ``make(rng, **args) -> Example`` plus its argument schema and its verifier
+(exact match on the stripped completion unless it names another). ``heldout`` fixes arguments for the held-out set (addition's
 held-out problems are always full-width uniform, whatever the training mix).
 """
 
@@ -38,6 +40,7 @@ class Procedural:
     max_new_tokens: Callable[..., int]  # answer length + 1 for EOS (called with all args)
     description: str
     heldout: Mapping[str, object] = field(default_factory=dict)  # args fixed for the held-out set
+    reward: str = "exact_match"  # the verifier ('auto' in rewards.functions)
 
 
 def make_addition(rng: np.random.Generator, *, digits: int, mixed_widths: bool = False) -> Example:
@@ -53,6 +56,15 @@ def make_addition(rng: np.random.Generator, *, digits: int, mixed_widths: bool =
     else:
         a, b = (int(x) for x in rng.integers(0, 10**digits, size=2))
     return Example(f"{a:0{digits}d}+{b:0{digits}d}=", f"{a + b:0{digits + 1}d}")
+
+
+def make_chat_addition(rng: np.random.Generator, *, digits: int, boxed: bool = True) -> Example:
+    """'What is a + b?' for a chat model, a, b ~ U[0, 10^d); the answer is the sum, checked by
+    math-verify (the final number of a free-form reply, or its \\boxed{} content). ``boxed`` adds
+    the instruction 'Put the final answer in \\boxed{}.'"""
+    a, b = (int(x) for x in rng.integers(0, 10**digits, size=2))
+    suffix = " Put the final answer in \\boxed{}." if boxed else ""
+    return Example(f"What is {a} + {b}?{suffix}", str(a + b))
 
 
 def make_reverse(rng: np.random.Generator, *, length: int) -> Example:
@@ -77,6 +89,16 @@ PROCEDURAL: dict[str, Procedural] = {
         lambda digits, **_: digits + 2,
         "fixed-width zero-padded addition, e.g. 042+317= -> 0359",
         heldout={"mixed_widths": False},
+    ),
+    "chat_addition": Procedural(
+        make_chat_addition,
+        {
+            "digits": Arg(1, 1, 9, "operand width (no zero padding)"),
+            "boxed": Arg(True, 0, 1, "ask for the final answer in \\boxed{}"),
+        },
+        lambda digits, **_: 32,
+        "natural-language addition for chat models, e.g. What is 4 + 7? -> 11 (math-verify)",
+        reward="math_verify",
     ),
     "reverse": Procedural(
         make_reverse, {"length": Arg(5, 1, 64, "string length")}, lambda length, **_: length + 1, "reverse a lowercase string"
@@ -116,4 +138,4 @@ def build_procedural(name: str, args: Mapping) -> Task:
     def train_source(seed: int, exclude: frozenset[str]) -> GeneratorSource:
         return GeneratorSource(make, seed, exclude)
 
-    return Task(name, "exact_match", spec.max_new_tokens(**kw), train_source, heldout, spec.description)
+    return Task(name, spec.reward, spec.max_new_tokens(**kw), train_source, heldout, spec.description)

