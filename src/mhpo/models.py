@@ -141,11 +141,6 @@ def resolve_precision(name: str, device: torch.device, *, built_in: bool = False
     return Precision(table[name])
 
 
-def resolve_dtype(name: str, device: torch.device, *, built_in: bool = False) -> torch.dtype:
-    """The weights' dtype of :func:`resolve_precision`."""
-    return resolve_precision(name, device, built_in=built_in).weights
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 

@@ -4,7 +4,7 @@
 
 ``model`` is a run directory (its latest checkpoint, or ``checkpoint=``), a checkpoint directory,
 or anything :func:`mhpo.models.load_pretrained` takes (a model directory, a hub id, a ``.gguf``
-file, a named model), loaded with :func:`mhpo.models.resolve_device` / ``resolve_dtype``.
+file, a named model), loaded with :func:`mhpo.models.resolve_device` / ``resolve_precision``.
 """
 
 from __future__ import annotations
