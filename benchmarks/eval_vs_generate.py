@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/eval_vs_generate.py                      # smollm2-135m-instruct, 8 problems x K=8
     .venv/bin/python benchmarks/eval_vs_generate.py --model DIR --samples 16 --max-new-tokens 128 --rounds 5
 
-The job: the same model (loaded once, ``mhpo.models.load_pretrained``), the same problems rendered
+The job: the same model (loaded once, ``mhpo.loading.load_pretrained``), the same problems rendered
 by the same prompt encoder (chat template + the boxed-answer instruction), K completions each,
 temperature 0.6, top-p 0.95, top-k off, the same ``max_new_tokens``, EOS ids and torch threads.
 Engines:
@@ -67,9 +67,19 @@ def run_mhpo(ctx, seed: int) -> int:
     total = 0
     for chunk in ctx["batches"]:
         torch.manual_seed(seed)
-        roll = sample(ctx["model"], ctx["tok"], chunk, group_size=ctx["K"], max_new_tokens=ctx["max_new"],
-                      eos_ids=ctx["eos"], do_sample=True, temperature=ctx["T"], top_p=ctx["top_p"], top_k=0,
-                      batch_size=ctx["batch_size"])
+        roll = sample(
+            ctx["model"],
+            ctx["tok"],
+            chunk,
+            group_size=ctx["K"],
+            max_new_tokens=ctx["max_new"],
+            eos_ids=ctx["eos"],
+            do_sample=True,
+            temperature=ctx["T"],
+            top_p=ctx["top_p"],
+            top_k=0,
+            batch_size=ctx["batch_size"],
+        )
         total += int(roll.lengths.sum())
     return total
 
@@ -79,7 +89,7 @@ def run_generate(ctx, seed: int) -> int:
     for single in ctx["singles"]:
         torch.manual_seed(seed)
         out = ctx["model"].generate(**single, generation_config=ctx["gen_cfg_k"])
-        total += _tokens(out[:, single["input_ids"].shape[1]:], ctx["eos"])
+        total += _tokens(out[:, single["input_ids"].shape[1] :], ctx["eos"])
     return total
 
 
@@ -88,7 +98,7 @@ def run_generate_batched(ctx, seed: int) -> int:
     for chunk in ctx["batches"]:
         torch.manual_seed(seed)
         out = ctx["model"].generate(**chunk, generation_config=ctx["gen_cfg_k"])
-        total += _tokens(out[:, chunk["input_ids"].shape[1]:], ctx["eos"])
+        total += _tokens(out[:, chunk["input_ids"].shape[1] :], ctx["eos"])
     return total
 
 
@@ -97,7 +107,8 @@ ENGINES = {"mhpo": run_mhpo, "generate": run_generate, "generate-batched": run_g
 
 def setup(args) -> dict:
     from mhpo.benchmarks.loading import DEFAULT_TEMPLATE, apply_template
-    from mhpo.models import load_pretrained, resolve_device, resolve_precision
+    from mhpo.loading import load_pretrained
+    from mhpo.models import resolve_device, resolve_precision
     from mhpo.rollout import build_encoder, eos_token_ids, sampling_config
     from mhpo.tasks.base import Example
 
@@ -112,14 +123,35 @@ def setup(args) -> dict:
     singles = [enc([ex]) for ex in examples]
     eos = eos_token_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    gen_cfg = sampling_config(model, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
-                              max_new_tokens=args.max_new_tokens, eos_ids=eos, pad_id=pad)
+    gen_cfg = sampling_config(
+        model,
+        do_sample=True,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=0,
+        max_new_tokens=args.max_new_tokens,
+        eos_ids=eos,
+        pad_id=pad,
+    )
     gen_cfg_k = copy.deepcopy(gen_cfg)
     gen_cfg_k.num_return_sequences = args.samples  # the plain engines' only difference: K copies of each prompt
     prompt_lens = [int(s["attention_mask"].sum()) for s in singles]
-    return dict(model=model, tok=tok, batches=batches, singles=singles, eos=eos, gen_cfg_k=gen_cfg_k, K=args.samples,
-                max_new=args.max_new_tokens, T=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-                precision=precision, device=device, prompt_lens=prompt_lens)
+    return dict(
+        model=model,
+        tok=tok,
+        batches=batches,
+        singles=singles,
+        eos=eos,
+        gen_cfg_k=gen_cfg_k,
+        K=args.samples,
+        max_new=args.max_new_tokens,
+        T=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        precision=precision,
+        device=device,
+        prompt_lens=prompt_lens,
+    )
 
 
 def main() -> None:
@@ -140,10 +172,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ctx = setup(args)
     engines = args.engines.split(",")
-    print(f"model {args.model} ({ctx['precision'].name}, {ctx['device']}), {args.problems} problems "
-          f"(prompt tokens {min(ctx['prompt_lens'])}-{max(ctx['prompt_lens'])}), K={args.samples}, "
-          f"max_new_tokens {args.max_new_tokens}, T {args.temperature}, top-p {args.top_p}, "
-          f"{args.batch_size} completions per batch, {args.threads} thread(s)", flush=True)
+    print(
+        f"model {args.model} ({ctx['precision'].name}, {ctx['device']}), {args.problems} problems "
+        f"(prompt tokens {min(ctx['prompt_lens'])}-{max(ctx['prompt_lens'])}), K={args.samples}, "
+        f"max_new_tokens {args.max_new_tokens}, T {args.temperature}, top-p {args.top_p}, "
+        f"{args.batch_size} completions per batch, {args.threads} thread(s)",
+        flush=True,
+    )
     speed: dict[str, list[float]] = {e: [] for e in engines}
     secs: dict[str, list[float]] = {e: [] for e in engines}
     with torch.no_grad(), ctx["precision"].context(ctx["device"]):

@@ -54,8 +54,11 @@ def main() -> None:
             out = _spawn(variant, args)
             for k in _KEYS:
                 results[variant][k] += out[k]
-            print(f"rep {rep + 1}/{args.reps} {variant:>14}: mem {out['mem_mb']} MB, wall {out['time_s']} s, "
-                  f"cpu {out['cpu_s']} s", flush=True)
+            print(
+                f"rep {rep + 1}/{args.reps} {variant:>14}: mem {out['mem_mb']} MB, wall {out['time_s']} s, "
+                f"cpu {out['cpu_s']} s",
+                flush=True,
+            )
     _print_table(results, args)
 
 
@@ -69,8 +72,12 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--entropy", action="store_true", help="also compute entropy and add a bonus to the loss")
     p.add_argument("--reps", type=int, default=5, help="fresh worker processes per variant")
     p.add_argument("--steps", type=int, default=1, help="measured steps per worker (after a small warm-up)")
-    p.add_argument("--chunk-sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                   help="comma-separated chunk sizes (default: the library's default at --vocab only)")
+    p.add_argument(
+        "--chunk-sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="comma-separated chunk sizes (default: the library's default at --vocab only)",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.chunk_sizes is None:
@@ -86,9 +93,26 @@ def _parse() -> argparse.Namespace:
 
 def _spawn(variant: str, args: argparse.Namespace) -> dict:
     """Run one worker process for ``variant`` and return its JSON report."""
-    cmd = [sys.executable, __file__, "--worker", variant, "--vocab", str(args.vocab), "--tokens", str(args.tokens),
-           "--seq-len", str(args.seq_len), "--hidden", str(args.hidden), "--dtype", args.dtype,
-           "--steps", str(args.steps), "--chunk-sizes", ",".join(map(str, args.chunk_sizes))]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--vocab",
+        str(args.vocab),
+        "--tokens",
+        str(args.tokens),
+        "--seq-len",
+        str(args.seq_len),
+        "--hidden",
+        str(args.hidden),
+        "--dtype",
+        args.dtype,
+        "--steps",
+        str(args.steps),
+        "--chunk-sizes",
+        ",".join(map(str, args.chunk_sizes)),
+    ]
     if args.entropy:
         cmd.append("--entropy")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -169,19 +193,25 @@ def _print_table(results: dict[str, dict[str, list[float]]], args: argparse.Name
     base = {k: statistics.median(results["naive"][k]) for k in _KEYS}
     from mhpo.logprobs import default_chunk_size
 
-    print(f"\nV={args.vocab} tokens={args.tokens} H={args.hidden} {args.dtype} entropy={args.entropy} "
-          f"threads={_threads()} reps={args.reps} measured steps per variant={len(results['naive']['time_s'])} "
-          f"library default chunk={default_chunk_size(args.vocab)}")
-    head = (f"{'variant':>14} | {'peak MB':>8} | {'wall s':>7} | {'wall min..max':>13} | {'cpu s':>7} | "
-            f"{'mem ratio':>9} | {'wall ratio':>10} | {'cpu ratio':>9}")
+    print(
+        f"\nV={args.vocab} tokens={args.tokens} H={args.hidden} {args.dtype} entropy={args.entropy} "
+        f"threads={_threads()} reps={args.reps} measured steps per variant={len(results['naive']['time_s'])} "
+        f"library default chunk={default_chunk_size(args.vocab)}"
+    )
+    head = (
+        f"{'variant':>14} | {'peak MB':>8} | {'wall s':>7} | {'wall min..max':>13} | {'cpu s':>7} | "
+        f"{'mem ratio':>9} | {'wall ratio':>10} | {'cpu ratio':>9}"
+    )
     print(head)
     print("-" * len(head))
     for variant, r in results.items():
         med = {k: statistics.median(r[k]) for k in _KEYS}
         spread = f"{min(r['time_s']):.1f}..{max(r['time_s']):.1f}"
-        print(f"{variant:>14} | {med['mem_mb']:8.1f} | {med['time_s']:7.2f} | {spread:>13} | {med['cpu_s']:7.2f} | "
-              f"{med['mem_mb'] / base['mem_mb']:9.3f} | {med['time_s'] / base['time_s']:10.3f} | "
-              f"{med['cpu_s'] / base['cpu_s']:9.3f}")
+        print(
+            f"{variant:>14} | {med['mem_mb']:8.1f} | {med['time_s']:7.2f} | {spread:>13} | {med['cpu_s']:7.2f} | "
+            f"{med['mem_mb'] / base['mem_mb']:9.3f} | {med['time_s'] / base['time_s']:10.3f} | "
+            f"{med['cpu_s'] / base['cpu_s']:9.3f}"
+        )
     print("medians over steps; ratios = variant / naive. Targets: mem ratio <= 0.25, wall ratio <= 1.3.")
 
 

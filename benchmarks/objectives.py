@@ -5,10 +5,11 @@
 Rows `mhpo [impl=...]` time the plain-autograd reference and the torch.compile opt-in of MHPO
 (compilation happens in the warm-up repetitions); rows `[stats=True]` time the default call, with
 diagnostics (`policy_loss`'s default, what the trainer runs), for mhpo and grpo, and the last
-column gives their cost over the same objective's `stats=False` row. Inputs: float32 [B, T] = [512, 8192] (4M tokens), log r ~ N(0, 0.3), 90% of tokens masked in,
-per-sequence advantages, token-mean. Each repetition times `policy_loss(..., stats=False)` plus
-`backward()`, every row once per round (rounds interleave the rows); the table gives medians. The floor row times the transcendental functions MHPO
-cannot avoid, alone, on the same tensor size: per token one tanh, two exp and one log1p.
+column gives their cost over the same objective's `stats=False` row. Inputs: float32 [B, T] =
+[512, 8192] (4M tokens), log r ~ N(0, 0.3), 90% of tokens masked in, per-sequence advantages,
+token-mean. Each repetition times `policy_loss(..., stats=False)` plus `backward()`, every row once
+per round (rounds interleave the rows); the table gives medians. The floor row times the
+transcendental functions MHPO cannot avoid, alone, on the same tensor size: per token one tanh, two exp and one log1p.
 Not a test: these machines are noisy, so read ratios from one run, not absolute times across runs.
 """
 
@@ -78,7 +79,7 @@ def main() -> None:
     times: dict[str, list[float]] = {r: [] for r in rows}
     floor_times: list[float] = []
     x = logp.detach()
-    for rep in range(args.reps + 2):  # rounds interleave every row, so slow phases hit all of them
+    for _ in range(args.reps + 2):  # rounds interleave every row, so slow phases hit all of them
         for row, (name, kw) in rows.items():
             times[row].append(fwd_bwd(name, logp, old, adv, mask, **kw))
         floor_times.append(floor_once(x))
@@ -86,7 +87,7 @@ def main() -> None:
     floor = statistics.median(floor_times[2:])
     base = results["grpo"]
     print(f"{logp.numel():,} tokens float32, {torch.get_num_threads()} threads, median of {args.reps}\n")
-    print(f"| objective | fwd+bwd ms | / grpo | / floor | stats on / off |\n|---|---:|---:|---:|---:|")
+    print("| objective | fwd+bwd ms | / grpo | / floor | stats on / off |\n|---|---:|---:|---:|---:|")
     for n, t in results.items():
         plain = n.replace(" [stats=True]", "")
         on_off = f"{t / results[plain]:.2f}" if plain != n and plain in results else ""

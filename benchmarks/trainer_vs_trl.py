@@ -72,8 +72,11 @@ def main() -> None:
             tokens += out.get("tokens", [])
             results[engine]["loop_mb"].append(out["loop_mb"])
             results[engine]["peak_mb"].append(out["peak_mb"])
-            print(f"round {rnd + 1}/{args.rounds} {engine:>4}: median batch {statistics.median(out['batch_s']):.3f} s, "
-                  f"loop +{out['loop_mb']:.0f} MB, process peak {out['peak_mb']:.0f} MB", flush=True)
+            print(
+                f"round {rnd + 1}/{args.rounds} {engine:>4}: median batch {statistics.median(out['batch_s']):.3f} s, "
+                f"loop +{out['loop_mb']:.0f} MB, process peak {out['peak_mb']:.0f} MB",
+                flush=True,
+            )
     _print_table(results, args, statistics.median(tokens), rollouts)
 
 
@@ -90,10 +93,29 @@ def _parse():
 
 
 def _spawn(engine: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", engine, "--warm", str(args.warm), "--batches", str(args.batches),
-           "--objective", args.objective, "--model", args.model, "--precision", args.precision]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        engine,
+        "--warm",
+        str(args.warm),
+        "--batches",
+        str(args.batches),
+        "--objective",
+        args.objective,
+        "--model",
+        args.model,
+        "--precision",
+        args.precision,
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if JOBS[args.model][4]:
         env["OMP_NUM_THREADS"] = str(JOBS[args.model][4])
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -130,9 +152,16 @@ def _setup(args, objective: str):
     from mhpo.train import build_policy, default_threads, model_loader, validate
 
     prompts, group, max_new, lr, threads = JOBS[args.model]
-    overrides = [f"objective.name={objective}", "warmup.enabled=off", "train.tensorboard=false", f"optim.lr={lr}",
-                 f"model.name_or_path={args.model}", f"rollout.prompts_per_step={prompts}", f"rollout.group_size={group}",
-                 "model.dtype=" + ("bf16-mixed" if args.precision == "bf16" else "float32")]
+    overrides = [
+        f"objective.name={objective}",
+        "warmup.enabled=off",
+        "train.report_to=[]",
+        f"optim.lr={lr}",
+        f"model.name_or_path={args.model}",
+        f"rollout.prompts_per_step={prompts}",
+        f"rollout.group_size={group}",
+        "model.dtype=" + ("bf16-mixed" if args.precision == "bf16" else "float32"),
+    ]
     if args.model != "tiny":
         overrides += ["task.name=chat_addition", f"rollout.max_new_tokens={max_new}", "eval.size=0"]
     cfg = load_config(None, overrides)
@@ -160,8 +189,12 @@ def worker_mhpo(args) -> dict:
             tokens.append(m["response_length/mean"] * cfg.rollout.prompts_per_step * cfg.rollout.group_size)
     finally:
         plan.scorer.close()
-    return {"batch_s": times[args.warm:], "tokens": tokens[args.warm:], "loop_mb": _peak_mb() - base,
-            "peak_mb": _peak_mb()}
+    return {
+        "batch_s": times[args.warm :],
+        "tokens": tokens[args.warm :],
+        "loop_mb": _peak_mb() - base,
+        "peak_mb": _peak_mb(),
+    }
 
 
 def worker_trl(args) -> dict:
@@ -177,8 +210,9 @@ def worker_trl(args) -> dict:
     prompts, group = cfg.rollout.prompts_per_step, cfg.rollout.group_size
     source = plan.task.train_source(derive_seed(cfg.seed, "rl-data"), frozenset())
     examples = source.next(prompts * (n_batches + 1))
-    data = Dataset.from_dict({"prompt": [pol.encoder.render(ex) for ex in examples],
-                              "answer": [ex.answer for ex in examples]})
+    data = Dataset.from_dict(
+        {"prompt": [pol.encoder.render(ex) for ex in examples], "answer": [ex.answer for ex in examples]}
+    )
 
     def exact_match(prompts, completions, answer, **_):
         return [float(c.strip() == a) for c, a in zip(completions, answer)]
@@ -202,18 +236,44 @@ def worker_trl(args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         targs = GRPOConfig(
-            output_dir=tmp, per_device_train_batch_size=prompts * group // 2, steps_per_generation=2,
-            gradient_accumulation_steps=1, num_generations=group, num_iterations=1,
-            max_completion_length=plan.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, beta=0.0,
-            loss_type="dapo", epsilon=0.2, learning_rate=cfg.optim.lr, max_grad_norm=cfg.update.max_grad_norm,
-            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=2 * n_batches,
-            report_to=[], use_cpu=True, bf16=args.precision == "bf16", logging_steps=1, save_strategy="no", disable_tqdm=True,
-            seed=cfg.seed, dataloader_num_workers=0,
+            output_dir=tmp,
+            per_device_train_batch_size=prompts * group // 2,
+            steps_per_generation=2,
+            gradient_accumulation_steps=1,
+            num_generations=group,
+            num_iterations=1,
+            max_completion_length=plan.max_new_tokens,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            beta=0.0,
+            loss_type="dapo",
+            epsilon=0.2,
+            learning_rate=cfg.optim.lr,
+            max_grad_norm=cfg.update.max_grad_norm,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_steps=2 * n_batches,
+            report_to=[],
+            use_cpu=True,
+            bf16=args.precision == "bf16",
+            logging_steps=1,
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=cfg.seed,
+            dataloader_num_workers=0,
         )
-        trainer = GRPOTrainer(pol.model, reward_funcs=reward, args=targs, train_dataset=data,
-                              processing_class=pol.tokenizer, callbacks=[Clock()])
+        trainer = GRPOTrainer(
+            pol.model,
+            reward_funcs=reward,
+            args=targs,
+            train_dataset=data,
+            processing_class=pol.tokenizer,
+            callbacks=[Clock()],
+        )
         trainer.train()
-    times = [b - a for a, b in zip(marks[args.warm - 1:], marks[args.warm:])]
+    times = [b - a for a, b in zip(marks[args.warm - 1 :], marks[args.warm :])]
     return {"batch_s": times, "loop_mb": _peak_mb() - state["base"], "peak_mb": _peak_mb()}
 
 
@@ -223,16 +283,24 @@ WORKERS = {"trl": worker_trl, "mhpo": worker_mhpo}
 def _print_table(results, args, tokens: float, rollouts: int) -> None:
     med = {e: {k: statistics.median(v) for k, v in r.items()} for e, r in results.items()}
     n = {e: len(r["batch_s"]) for e, r in results.items()}
-    print(f"\n{rollouts} rollouts per batch, medians over {n['mhpo']} (mhpo) / {n['trl']} (trl) timed batches "
-          f"from {args.rounds} alternating rounds; model {args.model}, {args.precision}; our objective: {args.objective}")
+    print(
+        f"\n{rollouts} rollouts per batch, medians over {n['mhpo']} (mhpo) / {n['trl']} (trl) timed batches "
+        f"from {args.rounds} alternating rounds; model {args.model}, {args.precision}; our objective: {args.objective}"
+    )
     print(f"{'engine':<8}{'batch s':>10}{'rollouts/s':>12}{'loop MB':>10}{'peak MB':>10}")
     for e in ("trl", "mhpo"):
         m = med[e]
         print(f"{e:<8}{m['batch_s']:>10.3f}{rollouts / m['batch_s']:>12.1f}{m['loop_mb']:>10.0f}{m['peak_mb']:>10.0f}")
-    print(f"mhpo: {tokens / med['mhpo']['batch_s']:.0f} completion tokens/s ({tokens / rollouts:.2f} tokens per completion)")
+    print(
+        f"mhpo: {tokens / med['mhpo']['batch_s']:.0f} completion tokens/s ({tokens / rollouts:.2f} tokens per "
+        "completion)"
+    )
     speed = med["trl"]["batch_s"] / med["mhpo"]["batch_s"]
-    print(f"mhpo / trl: rollouts/s {speed:.2f}x, loop memory {med['mhpo']['loop_mb'] / max(med['trl']['loop_mb'], 1e-9):.2f}x, "
-          f"process peak {med['mhpo']['peak_mb'] / med['trl']['peak_mb']:.2f}x")
+    print(
+        f"mhpo / trl: rollouts/s {speed:.2f}x, loop memory "
+        f"{med['mhpo']['loop_mb'] / max(med['trl']['loop_mb'], 1e-9):.2f}x, "
+        f"process peak {med['mhpo']['peak_mb'] / med['trl']['peak_mb']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

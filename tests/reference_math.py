@@ -77,8 +77,8 @@ def value(name, logp, lr, adv, mask, hp):
         return torch.minimum(s * adv, s.clamp(1 - hp["eps_low"], 1 + hp["eps_high"]) * adv)
     if name == "gmpo":
         a = ((adv * mask).sum(-1) / seq_len(mask)).unsqueeze(-1)
-        l = torch.where(a >= 0, lr.clamp(max=hp["eps_high"]), lr.clamp(min=-hp["eps_low"]))
-        rho = torch.exp((l * mask).sum(-1) / seq_len(mask)).unsqueeze(-1)
+        lc = torch.where(a >= 0, lr.clamp(max=hp["eps_high"]), lr.clamp(min=-hp["eps_low"]))
+        rho = torch.exp((lc * mask).sum(-1) / seq_len(mask)).unsqueeze(-1)
         return (a * rho).expand_as(lr)
     return token_level(name, lr, adv, hp)[0]
 
@@ -96,8 +96,8 @@ def grad_J(name, lr, adv, mask, w, hp):
     if name == "gmpo":
         a = (adv * mask).sum(-1, keepdim=True) / n
         pos = a >= 0
-        l = torch.where(pos, lr.clamp(max=hp["eps_high"]), lr.clamp(min=-hp["eps_low"]))
-        rho = torch.exp((l * mask).sum(-1, keepdim=True) / n)
+        lc = torch.where(pos, lr.clamp(max=hp["eps_high"]), lr.clamp(min=-hp["eps_low"]))
+        rho = torch.exp((lc * mask).sum(-1, keepdim=True) / n)
         unclipped = torch.where(pos, lr <= hp["eps_high"], lr >= -hp["eps_low"])
         return mask * (w * mask).sum(-1, keepdim=True) * a * rho * unclipped / n
     _, m = token_level(name, lr, adv, hp)

@@ -66,8 +66,14 @@ class _Saveable:
 def _save(root, step, **kw):
     _, opt, sched = _opt()
     return ckpt.save_checkpoint(
-        root, step, model=_Saveable("model"), tokenizer=_Saveable("tok"), optimizer=opt, scheduler=sched,
-        state={"source": {"pos": step}}, keep=kw.get("keep", 2),
+        root,
+        step,
+        model=_Saveable("model"),
+        tokenizer=_Saveable("tok"),
+        optimizer=opt,
+        scheduler=sched,
+        state={"source": {"pos": step}},
+        keep=kw.get("keep", 2),
     )
 
 

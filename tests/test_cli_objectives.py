@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -25,7 +26,15 @@ def test_objectives_table_lists_every_objective_with_defaults(capsys):
 
 
 def test_objectives_rich_table_runs_as_console_script():
-    out = subprocess.run([sys.executable, "-m", "mhpo.cli", "objectives"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "mhpo.cli", "objectives"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "200"},  # one line per row: no wrapped cells
+    ).stdout
+    names = [line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│")]
+    assert names == list(OBJECTIVES)  # whole cells: 'gspo' must not pass for 'gspo-token'
     assert all(name in out for name in OBJECTIVES)
 
 
@@ -47,8 +56,9 @@ def test_multiplier_curves_are_the_analytic_multipliers():
             else:
                 keep = r.log() <= hp["eps_high"] if sign > 0 else r.log() >= -hp["eps_low"]
             torch.testing.assert_close(M, torch.where(keep, r, 0.0), rtol=1e-10, atol=1e-14)
-    assert float(multiplier_curve("mhpo", torch.tensor([1.0], dtype=torch.float64), 1.0)) == \
-        math.exp(-(math.log(2) ** 1.5) - (math.log(2) / 0.8) ** 2)
+    assert float(multiplier_curve("mhpo", torch.tensor([1.0], dtype=torch.float64), 1.0)) == math.exp(
+        -(math.log(2) ** 1.5) - (math.log(2) / 0.8) ** 2
+    )
 
 
 def test_plot_multipliers_writes_png(tmp_path):

@@ -12,9 +12,18 @@ import pytest
 from mhpo.cli import main
 
 SMALL = [
-    "task.args.digits=2", "warmup.threshold=0.25", "warmup.max_steps=600", "warmup.eval_every=25", "warmup.eval_size=64",
-    "eval.size=48", "eval.every=2", "eval.pass_k=0", "rollout.prompts_per_step=8", "rollout.group_size=4",
-    "train.checkpoint_every=3", "train.tensorboard=false",
+    "task.args.digits=2",
+    "warmup.threshold=0.25",
+    "warmup.max_steps=600",
+    "warmup.eval_every=25",
+    "warmup.eval_size=64",
+    "eval.size=48",
+    "eval.every=2",
+    "eval.pass_k=0",
+    "rollout.prompts_per_step=8",
+    "rollout.group_size=4",
+    "train.checkpoint_every=3",
+    "train.report_to=[]",
 ]
 TARGET = 0.6
 
@@ -22,8 +31,20 @@ TARGET = 0.6
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp") / "c"
-    args = ["compare", "--objectives", "mhpo,grpo", "--seeds", "2", "--steps", "6", "--output-dir", str(out),
-            "--target", str(TARGET), *SMALL]
+    args = [
+        "compare",
+        "--objectives",
+        "mhpo,grpo",
+        "--seeds",
+        "2",
+        "--steps",
+        "6",
+        "--output-dir",
+        str(out),
+        "--target",
+        str(TARGET),
+        *SMALL,
+    ]
     assert main(args) == 0
     return out, args
 
@@ -43,6 +64,7 @@ def recompute(run_dir: Path) -> dict:
     ent = [m["entropy"] for m in metrics]
     k = min(10, len(ent) // 2)
     hits = [s for s, a in zip(steps, acc) if a >= TARGET]
+    lengths = [m["response_length/mean"] for m in metrics]
     return {
         "accuracy_before_rl": acc[0],
         "final_accuracy": acc[-1],
@@ -53,6 +75,8 @@ def recompute(run_dir: Path) -> dict:
         "max_grad_norm": max(grads),
         "p99_abs_log_ratio": max(m["policy/log_ratio/abs_p99"] for m in metrics),
         "entropy_change": statistics.mean(ent[-k:]) - statistics.mean(ent[:k]),
+        "clip_frac": statistics.mean(m["policy/clip_frac"] for m in metrics),
+        "response_length": statistics.mean(lengths[-k:]),
     }
 
 
@@ -74,7 +98,16 @@ def test_report_numbers_equal_recomputation_from_the_runs(comparison):
             per_label.setdefault(label, []).append(mine)
     for label, runs in per_label.items():
         row = report["objectives"][label]
-        for key in ("final_accuracy", "best_accuracy", "max_grad_norm", "p99_abs_log_ratio", "entropy_change", "grad_spikes"):
+        for key in (
+            "final_accuracy",
+            "best_accuracy",
+            "max_grad_norm",
+            "p99_abs_log_ratio",
+            "entropy_change",
+            "grad_spikes",
+            "clip_frac",
+            "response_length",
+        ):
             values = [float(r[key]) for r in runs]
             assert row[key][0] == pytest.approx(statistics.mean(values), rel=1e-12, abs=1e-12), (label, key)
             assert row[key][1] == pytest.approx(statistics.stdev(values), rel=1e-9, abs=1e-12), (label, key)
@@ -125,12 +158,23 @@ def test_report_rerenders_and_html_is_self_contained(comparison, tmp_path):
     assert again["runs"] == original["runs"] and again["objectives"] == original["objectives"]
     assert any(r["entropy_change"] != 0 for r in again["runs"])
     page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4
-    assert "src=\"http" not in page and "<link" not in page
+    curves = (
+        "greedy_accuracy",
+        "reward_mean",
+        "grad_norm",
+        "entropy",
+        "policy_log_ratio_abs_p99",
+        "policy_clip_frac",
+        "policy_mhpo_survival_mean",
+        "response_length_mean",
+    )
+    assert page.count("data:image/png;base64,") == len(curves)
+    assert 'src="http' not in page and "<link" not in page
     md = (tmp_path / "report.md").read_text()
     assert "| mhpo | 2 |" in md and "| grpo | 2 |" in md
-    for png in ("greedy_accuracy.png", "reward_mean.png", "grad_norm.png", "entropy.png"):
-        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    for name in curves:
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"]({name}.png)" in md
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
@@ -150,6 +194,54 @@ def test_objective_specs_parse_with_hparams():
     from mhpo.compare import parse_objectives, slug
 
     specs = parse_objectives("mhpo[c=0.5,k_pos=2],grpo,dapo[eps_high=0.3]")
-    assert specs == [("mhpo[c=0.5,k_pos=2]", "mhpo", {"c": 0.5, "k_pos": 2}), ("grpo", "grpo", {}),
-                     ("dapo[eps_high=0.3]", "dapo", {"eps_high": 0.3})]
+    assert specs == [
+        ("mhpo[c=0.5,k_pos=2]", "mhpo", {"c": 0.5, "k_pos": 2}),
+        ("grpo", "grpo", {}),
+        ("dapo[eps_high=0.3]", "dapo", {"eps_high": 0.3}),
+    ]
     assert slug("mhpo[c=0.5,k_pos=2]") == "mhpo_c=0.5_k_pos=2"
+
+
+def test_parallel_runs_share_the_cores_unless_threads_are_set():
+    from mhpo.compare import parse_objectives, plan_jobs
+    from mhpo.config import load_config
+
+    specs = parse_objectives("mhpo,grpo")
+    auto = plan_jobs(load_config(None, []), specs, [0], Path("out"), threads=1)
+    assert [j.config["train"]["threads"] for j in auto] == [1, 1]
+    fixed = plan_jobs(load_config(None, ["train.threads=3"]), specs, [0], Path("out"), threads=1)
+    assert [j.config["train"]["threads"] for j in fixed] == [3, 3]
+
+
+def test_curves_without_mhpo_leave_out_the_survival_plot(tmp_path):
+    from mhpo.report import Run, plot_curves
+
+    def run(seed):
+        metrics = [
+            {
+                "step": t,
+                "reward/mean": 0.1 * t,
+                "grad_norm": 1.0,
+                "entropy": 1.0 - 0.1 * t,
+                "policy/log_ratio/abs_p99": 0.2,
+                "policy/clip_frac": 0.01 * t,
+                "response_length/mean": 10.0 + t,
+            }
+            for t in range(1, 4)
+        ]
+        evals = [{"step": 0, "greedy/accuracy": 0.5}, {"step": 3, "greedy/accuracy": 0.7}]
+        return Run(tmp_path / f"s{seed}", "grpo", seed, {}, evals, metrics, {})
+
+    names = sorted(p.name for p in plot_curves([run(0), run(1)], tmp_path))
+    assert "policy_mhpo_survival_mean.png" not in names
+    assert names == sorted(
+        [
+            "greedy_accuracy.png",
+            "reward_mean.png",
+            "grad_norm.png",
+            "entropy.png",
+            "policy_log_ratio_abs_p99.png",
+            "policy_clip_frac.png",
+            "response_length_mean.png",
+        ]
+    )

@@ -69,13 +69,14 @@ def test_malformed_override_and_missing_file():
 
 def _cli_error(capsys, argv, monkeypatch) -> str:
     """Run `mhpo train ...` in-process; any model loading is an error (validation must come first)."""
+    import mhpo.loading as loading
     import mhpo.models as models
 
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before validation failed")
 
     monkeypatch.setattr(models, "build_tiny", no_model)
-    monkeypatch.setattr(models, "load_pretrained", no_model)
+    monkeypatch.setattr(loading, "load_pretrained", no_model)
     code = main(["train", *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2, err

@@ -59,7 +59,9 @@ def test_image_of_a_vision_benchmark_decodes(data_dir):
     from mhpo.multimodal import load_image
 
     for name, color in (("geometry3k", (255, 0, 0)), ("mathvista", (255, 0, 0))):
-        image = load_problems(get_spec(name), template=DEFAULT_TEMPLATE, data_dir=str(data_dir))[0].example.columns["image"]
+        image = load_problems(get_spec(name), template=DEFAULT_TEMPLATE, data_dir=str(data_dir))[0].example.columns[
+            "image"
+        ]
         assert load_image(image).getpixel((0, 0)) == color
 
 
@@ -77,8 +79,11 @@ def test_hub_loading_uses_the_id_config_and_split(monkeypatch):
     for name in ("math500", "gsm8k", "mathvista"):
         problems = load_problems(get_spec(name), template=DEFAULT_TEMPLATE)
         assert [p.gold for p in problems] == EXPECTED[name][1]
-    assert calls == [("HuggingFaceH4/MATH-500", None, "test"), ("openai/gsm8k", "main", "test"),
-                     ("AI4Math/MathVista", None, "testmini")]
+    assert calls == [
+        ("HuggingFaceH4/MATH-500", None, "test"),
+        ("openai/gsm8k", "main", "test"),
+        ("AI4Math/MathVista", None, "testmini"),
+    ]
 
 
 def test_hub_failure_is_one_line_naming_the_source(monkeypatch):
@@ -105,11 +110,16 @@ def test_unknown_benchmark_lists_the_names():
 def test_local_file_with_default_and_flagged_columns(tmp_path):
     path = write_addition(tmp_path / "add.jsonl")
     problems = load_problems(get_spec(str(path)), template="{problem}=")
-    assert [(p.benchmark, p.id, p.example.prompt, p.gold) for p in problems[:2]] == [("add", "q0", "1+2=", "3"), ("add", "q1", "3+4=", "7")]
+    assert [(p.benchmark, p.id, p.example.prompt, p.gold) for p in problems[:2]] == [
+        ("add", "q0", "1+2=", "3"),
+        ("add", "q1", "3+4=", "7"),
+    ]
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"q": "2+2", "sol": 4, "key": "k1"}) + "\n")
-    flagged = load_problems(get_spec(str(other), columns={"problem_column": "q", "answer_column": "sol", "id_column": "key"}),
-                            template="{problem}")
+    flagged = load_problems(
+        get_spec(str(other), columns={"problem_column": "q", "answer_column": "sol", "id_column": "key"}),
+        template="{problem}",
+    )
     assert [(p.id, p.example.prompt, p.gold) for p in flagged] == [("k1", "2+2", "4")]
     # a local parquet with 'question' instead of 'problem' is found without flags; absent ids are row indices
     import datasets
@@ -121,10 +131,14 @@ def test_local_file_with_default_and_flagged_columns(tmp_path):
 
 def test_missing_column_names_it_and_the_columns_present(tmp_path, data_dir):
     path = write_addition(tmp_path / "add.jsonl")
-    with pytest.raises(ValueError, match=r"column 'solution' \(answer_column\) is missing; columns: id, problem, answer"):
+    with pytest.raises(
+        ValueError, match=r"column 'solution' \(answer_column\) is missing; columns: id, problem, answer"
+    ):
         load_problems(get_spec(str(path), columns={"answer_column": "solution"}), template="{problem}")
     with pytest.raises(ValueError, match=r"column 'problem' \(problem_column\) is missing; columns: question, answer"):
-        load_problems(get_spec("gsm8k", columns={"problem_column": "problem"}), template="{problem}", data_dir=str(data_dir))
+        load_problems(
+            get_spec("gsm8k", columns={"problem_column": "problem"}), template="{problem}", data_dir=str(data_dir)
+        )
     bare = tmp_path / "bare.jsonl"
     bare.write_text(json.dumps({"text": "1+1", "answer": "2"}) + "\n")
     with pytest.raises(ValueError, match=r"no problem column .*--problem-column.*columns: text, answer"):

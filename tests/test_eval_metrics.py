@@ -9,8 +9,15 @@ import random
 import pytest
 
 from mhpo.benchmarks.answers import choice_letter, last_boxed, score_completion
-from mhpo.benchmarks.metrics import (avg_at_k, benchmark_metrics, macro_average, majority, pass_at_k,
-                                     problem_metrics, report_ks)
+from mhpo.benchmarks.metrics import (
+    avg_at_k,
+    benchmark_metrics,
+    macro_average,
+    majority,
+    pass_at_k,
+    problem_metrics,
+    report_ks,
+)
 
 
 def brute_pass_at_k(correct: list[bool], k: int) -> float:
@@ -82,7 +89,13 @@ def _row(scores, parsed, lengths=None, truncated=None, greedy=None):
 
 
 def test_problem_and_benchmark_metrics():
-    a = _row([1.0, 0.0, 0.0, 1.0], ["1", "2", "2", "1"], lengths=[4, 6, 8, 10], truncated=[False, True, False, False], greedy=1.0)
+    a = _row(
+        [1.0, 0.0, 0.0, 1.0],
+        ["1", "2", "2", "1"],
+        lengths=[4, 6, 8, 10],
+        truncated=[False, True, False, False],
+        greedy=1.0,
+    )
     b = _row([0.0, 0.0, 0.0, 0.0], [None, "5", None, None], greedy=0.0)
     m = problem_metrics(a, [1, 2, 4])
     assert m["avg@4"] == 0.5 and m["maj@4"] == 1.0  # 1 and 2 tie 2-2; "1" came first
@@ -121,7 +134,11 @@ def test_score_completion_boxed_and_lenient_modes():
     lenient = score_completion("I think the answer is 6", "6", mode="math-verify")
     assert lenient["score"] == 1.0 and lenient["parsed"] == "6"
     assert score_completion("no numbers at all", "6", mode="math-verify")["parsed"] is None
-    assert score_completion("\\boxed{} so it is 6", "6", mode="math-verify") == {"answer": "6", "parsed": "6", "score": 1.0}
+    assert score_completion("\\boxed{} so it is 6", "6", mode="math-verify") == {
+        "answer": "6",
+        "parsed": "6",
+        "score": 1.0,
+    }
     with pytest.raises(ValueError, match="answer extraction"):
         score_completion("x", "1", mode="regex")
 

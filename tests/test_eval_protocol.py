@@ -36,9 +36,28 @@ def env(tmp_path_factory):
 
 
 def _eval(env, out, *extra, benchmarks=None):
-    args = ["eval", "--model", env["model"], "--benchmarks", benchmarks or f"{env['add']},{env['sub']}",
-            "--samples", str(K), "--max-new-tokens", "6", "--prompt-template", "{problem}=", "--threads", "1",
-            "--batch-size", "8", "--answer-extraction", "math-verify", "--output-dir", str(out), *extra]
+    args = [
+        "eval",
+        "--model",
+        env["model"],
+        "--benchmarks",
+        benchmarks or f"{env['add']},{env['sub']}",
+        "--samples",
+        str(K),
+        "--max-new-tokens",
+        "6",
+        "--prompt-template",
+        "{problem}=",
+        "--threads",
+        "1",
+        "--batch-size",
+        "8",
+        "--answer-extraction",
+        "math-verify",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
     return main(args)
 
 
@@ -55,7 +74,9 @@ def full(env):
 
 def test_outputs_have_the_documented_shape(full):
     rows = _rows(full)
-    assert [(r["benchmark"], r["id"]) for r in rows] == [("add", f"q{i}") for i in range(5)] + [("sub", str(i)) for i in range(3)]
+    assert [(r["benchmark"], r["id"]) for r in rows] == [("add", f"q{i}") for i in range(5)] + [
+        ("sub", str(i)) for i in range(3)
+    ]
     for r in rows:
         for key in ("completions", "answers", "parsed", "scores", "lengths", "truncated"):
             assert len(r[key]) == K, key
@@ -111,7 +132,9 @@ def test_summary_agrees_with_samples(full):
         for key, value in _brute(mine).items():
             assert got[key] == pytest.approx(value, abs=1e-12), (name, key)
     macro = summary["macro"]
-    assert macro[f"avg@{K}"] == pytest.approx((summary["benchmarks"]["add"][f"avg@{K}"] + summary["benchmarks"]["sub"][f"avg@{K}"]) / 2)
+    assert macro[f"avg@{K}"] == pytest.approx(
+        (summary["benchmarks"]["add"][f"avg@{K}"] + summary["benchmarks"]["sub"][f"avg@{K}"]) / 2
+    )
     # a random model on a 95-character alphabet: some samples parse (digits), most do not
     assert 0 < summary["benchmarks"]["add"]["no_answer_rate"] < 1
 
@@ -162,16 +185,42 @@ def test_bad_input_exits_2_with_one_line(env, tmp_path, capsys):
 def test_a_run_directory_is_a_model(env, tmp_path):
     from mhpo.checkpoint import save_checkpoint
     from mhpo.config import load_config, save_config
-    from mhpo.models import load_pretrained
+    from mhpo.loading import load_pretrained
 
     model, tok = load_pretrained(env["model"], dtype=torch.float32, device=torch.device("cpu"))
     run = tmp_path / "run"
     run.mkdir()
     save_config(load_config(None, ["model.chat_template=off"]), run / "config.yaml")
-    save_checkpoint(run / "checkpoints", 7, model=model, tokenizer=tok, optimizer=None, scheduler=None, state={},
-                    keep=1, kind="model")
-    assert main(["eval", str(run), "--benchmarks", env["sub"], "--samples", "2", "--max-new-tokens", "4",
-                 "--prompt-template", "{problem}=", "--threads", "1"]) == 0
+    save_checkpoint(
+        run / "checkpoints",
+        7,
+        model=model,
+        tokenizer=tok,
+        optimizer=None,
+        scheduler=None,
+        state={},
+        keep=1,
+        kind="model",
+    )
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--benchmarks",
+                env["sub"],
+                "--samples",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--prompt-template",
+                "{problem}=",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((run / "eval" / "benchmarks" / "summary.json").read_text())
     assert summary["model"]["path"].endswith("checkpoints/step_000007")
     assert summary["benchmarks"]["sub"]["n_problems"] == 3
@@ -186,11 +235,29 @@ def test_vision_benchmark_end_to_end_on_the_tiny_vlm(env, tmp_path, capsys):
     model.save_pretrained(tmp_path / "vlm")
     processor.save_pretrained(tmp_path / "vlm")
     data = write_data_dir(tmp_path / "data")
-    args = ["eval", "--benchmarks", "geometry3k,mathvista", "--data-dir", str(data), "--samples", "2",
-            "--max-new-tokens", "3", "--threads", "1", "--output-dir", str(tmp_path / "out")]
+    args = [
+        "eval",
+        "--benchmarks",
+        "geometry3k,mathvista",
+        "--data-dir",
+        str(data),
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--threads",
+        "1",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
     assert main([*args[:1], "--model", str(tmp_path / "vlm"), *args[1:]]) == 0
     rows = _rows(tmp_path / "out")
-    assert [(r["benchmark"], r["id"]) for r in rows] == [("geometry3k", "0"), ("geometry3k", "1"), ("mathvista", "1"), ("mathvista", "2")]
+    assert [(r["benchmark"], r["id"]) for r in rows] == [
+        ("geometry3k", "0"),
+        ("geometry3k", "1"),
+        ("mathvista", "1"),
+        ("mathvista", "2"),
+    ]
     assert "<|image_pad|>" in rows[0]["prompt"] and rows[2]["choices"] == ["circle", "square", "triangle"]
     assert rows[2]["gold"] == "B"
     # a text-only model refuses a benchmark with images
@@ -201,11 +268,18 @@ def test_vision_benchmark_end_to_end_on_the_tiny_vlm(env, tmp_path, capsys):
 def test_training_hook_reports_benchmarks_and_leaves_the_rng_alone(env, tmp_path):
     from mhpo.benchmarks.training import BenchmarkHook
     from mhpo.config import load_config
-    from mhpo.models import load_pretrained
+    from mhpo.loading import load_pretrained
     from mhpo.rollout import build_encoder, eos_token_ids
 
-    cfg = load_config(None, [f"eval.benchmarks=[{env['add']}, {env['sub']}]", "eval.benchmark_samples=2",
-                             "eval.benchmark_limit=2", "eval.batch_size=4"])
+    cfg = load_config(
+        None,
+        [
+            f"eval.benchmarks=[{env['add']}, {env['sub']}]",
+            "eval.benchmark_samples=2",
+            "eval.benchmark_limit=2",
+            "eval.batch_size=4",
+        ],
+    )
     model, tok = load_pretrained(env["model"], dtype=torch.float32, device=torch.device("cpu"))
     hook = BenchmarkHook(cfg.eval, tmp_path, max_new_tokens=4)
     try:

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from mhpo.config import ObjectiveConfig, UpdateConfig
 from mhpo.models import tiny_qwen2
 from mhpo.rollout import PromptEncoder, repeat_rows, sample
 from mhpo.tasks.base import Example
@@ -32,12 +33,28 @@ def setup():
 def _sample(model, tok, prompts, shared: bool, do_sample: bool, seed: int = 0, batch_size=None):
     torch.manual_seed(seed)
     if shared:  # group_size > 1: the prompts' cache is computed once and repeated
-        return sample(model, tok, prompts, group_size=G, max_new_tokens=6, eos_ids=[tok.eos_token_id],
-                      do_sample=do_sample, batch_size=batch_size)
+        return sample(
+            model,
+            tok,
+            prompts,
+            group_size=G,
+            max_new_tokens=6,
+            eos_ids=[tok.eos_token_id],
+            do_sample=do_sample,
+            batch_size=batch_size,
+        )
     rows = repeat_rows(prompts, G)  # the long way: every completion prefills its own prompt
     whole_groups = batch_size and max(batch_size // G, 1) * G  # the shared path batches whole groups
-    return sample(model, tok, rows, group_size=1, max_new_tokens=6, eos_ids=[tok.eos_token_id],
-                  do_sample=do_sample, batch_size=whole_groups)
+    return sample(
+        model,
+        tok,
+        rows,
+        group_size=1,
+        max_new_tokens=6,
+        eos_ids=[tok.eos_token_id],
+        do_sample=do_sample,
+        batch_size=whole_groups,
+    )
 
 
 @pytest.mark.parametrize("do_sample", [False, True])
@@ -60,9 +77,10 @@ def _update(model, rollout, fill_first: bool, num_minibatches=2, epochs=2, micro
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     n = len(rollout)
     adv = torch.linspace(-1, 1, n)
-    torch.manual_seed(7)
-    first = minibatches(n, num_minibatches)
+    torch.manual_seed(7)  # the same minibatches either way: drawn here, or by the update itself
+    first = None
     if fill_first:
+        first = minibatches(n, num_minibatches)
         old = torch.zeros(rollout.completion_mask.shape)
         ent = torch.zeros_like(old)
         rest = torch.ones(n, dtype=torch.bool)
@@ -71,11 +89,15 @@ def _update(model, rollout, fill_first: bool, num_minibatches=2, epochs=2, micro
         old[rest], ent[rest] = rollout_logprobs(model, rollout.select(rest, trim=False), temperature=1.0, entropy=True)
     else:
         old, ent = rollout_logprobs(model, rollout, temperature=1.0, entropy=True, micro_batch_size=micro)
-    batch = UpdateBatch(rollout, old, adv, fill_first=fill_first, entropy=ent)
-    stats = policy_update(model, opt, batch, objective="mhpo", hparams={}, agg="token-mean", beta=0.0,
-                          num_minibatches=num_minibatches, epochs=epochs, micro_batch_size=micro, max_grad_norm=1.0,
-                          temperature=1.0, norm_length=6.0, first_epoch=first)
-    return model, batch, stats
+    given = old.clone()
+    batch = UpdateBatch(rollout, old, adv, norm_length=6.0, first_epoch=first)
+    update = UpdateConfig(num_minibatches=num_minibatches, epochs=epochs, micro_batch_size=micro, max_grad_norm=1.0)
+    result = policy_update(model, opt, batch, ObjectiveConfig(name="mhpo", agg="token-mean"), update)
+    assert torch.equal(batch.old_logp, given)  # the update never writes into the caller's tensors
+    if fill_first:
+        old, ent = old.clone(), ent.clone()
+        old[result.first_rows], ent[result.first_rows] = result.first_logp, result.first_entropy
+    return model, (old, ent), result.stats
 
 
 @pytest.mark.parametrize("micro", [None, 3])
@@ -85,9 +107,10 @@ def test_first_minibatch_behaviour_logprobs_from_the_update_pass(setup, micro):
     ref_model, ref_batch, ref_stats = _update(model, rollout, False, micro=micro)
     fast_model, fast_batch, fast_stats = _update(model, rollout, True, micro=micro)
     # The filled rows are the no-grad values (up to float rounding of other batch compositions).
-    torch.testing.assert_close(fast_batch.old_logp, ref_batch.old_logp, rtol=0, atol=1e-6)
-    torch.testing.assert_close(fast_batch.entropy, ref_batch.entropy, rtol=0, atol=1e-5)
-    assert (fast_batch.old_logp != 0).sum() == rollout.completion_mask.sum()  # every token filled
+    (fast_old, fast_ent), (ref_old, ref_ent) = fast_batch, ref_batch
+    torch.testing.assert_close(fast_old, ref_old, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fast_ent, ref_ent, rtol=0, atol=1e-5)
+    assert (fast_old != 0).sum() == rollout.completion_mask.sum()  # every token filled
     for (name, p), q in zip(ref_model.named_parameters(), fast_model.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
     assert fast_stats.keys() == ref_stats.keys()
@@ -134,6 +157,9 @@ def test_shared_prompt_forward_applies_only_where_it_is_exact(setup):
     pos = {"position_ids": position_ids(attn)}
     assert _shared_prompt_hidden(base, ids, attn, P, pos) is not None  # groups of 4 identical prompts
     distinct = torch.arange(0, len(ids), G)  # one row per prompt
-    assert _shared_prompt_hidden(base, ids[distinct], attn[distinct], P, {"position_ids": pos["position_ids"][distinct]}) is None
+    assert (
+        _shared_prompt_hidden(base, ids[distinct], attn[distinct], P, {"position_ids": pos["position_ids"][distinct]})
+        is None
+    )
     assert _shared_prompt_hidden(base, ids[:, P - 1 :], attn[:, P - 1 :], 1, {}) is None
     assert _shared_prompt_hidden(base, ids, attn, P, {**pos, "pixel_values": torch.zeros(1)}) is None

@@ -40,14 +40,29 @@ def _opt():
 
 def _save(root, step, **kw):
     opt, sched = _opt()
-    return ckpt.save_checkpoint(root, step, model=_Model(), tokenizer=_Tok(), optimizer=opt, scheduler=sched,
-                                state={"source": {"pos": step}}, keep=kw.pop("keep", 5), **kw)
+    return ckpt.save_checkpoint(
+        root,
+        step,
+        model=_Model(),
+        tokenizer=_Tok(),
+        optimizer=opt,
+        scheduler=sched,
+        state={"source": {"pos": step}},
+        keep=kw.pop("keep", 5),
+        **kw,
+    )
 
 
 def test_manifest_records_size_and_sha256_of_every_file(tmp_path):
     path = _save(tmp_path / "c", 3)
     state = json.loads((path / ckpt.STATE_FILE).read_text())
-    assert set(state["files"]) == {"model.safetensors", "config.json", "tokenizer.json", "optimizer.safetensors", "rng.safetensors"}
+    assert set(state["files"]) == {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "optimizer.safetensors",
+        "rng.safetensors",
+    }
     info = state["files"]["model.safetensors"]
     assert info["size"] == (path / "model.safetensors").stat().st_size
     assert info["sha256"] == ckpt.file_sha256(path / "model.safetensors")
@@ -70,13 +85,16 @@ def _flip(p):
     p.write_bytes(bytes(b))
 
 
-@pytest.mark.parametrize("damage,file,problem", [
-    (_truncate, "model.safetensors", r"model.safetensors: size \d+ bytes, expected \d+"),
-    (_bad_header, "optimizer.safetensors", "optimizer.safetensors: sha256 mismatch"),
-    (_flip, "rng.safetensors", "rng.safetensors: sha256 mismatch"),
-    (lambda p: p.unlink(), "tokenizer.json", "tokenizer.json: missing"),
-    (_truncate, ckpt.STATE_FILE, "trainer_state.json: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "damage,file,problem",
+    [
+        (_truncate, "model.safetensors", r"model.safetensors: size \d+ bytes, expected \d+"),
+        (_bad_header, "optimizer.safetensors", "optimizer.safetensors: sha256 mismatch"),
+        (_flip, "rng.safetensors", "rng.safetensors: sha256 mismatch"),
+        (lambda p: p.unlink(), "tokenizer.json", "tokenizer.json: missing"),
+        (_truncate, ckpt.STATE_FILE, "trainer_state.json: not valid JSON"),
+    ],
+)
 def test_damage_is_detected_and_resume_falls_back_to_the_newest_intact(tmp_path, damage, file, problem):
     root = tmp_path / "c"
     _save(root, 1)
@@ -87,7 +105,9 @@ def test_damage_is_detected_and_resume_falls_back_to_the_newest_intact(tmp_path,
     assert re.fullmatch(problem, ckpt.verify_checkpoint(newest))
     warnings = []
     assert ckpt.resume_checkpoint(root, warn=warnings.append) == root / "step_000001"
-    assert len(warnings) == 1 and re.fullmatch(rf"warning: checkpoint {re.escape(str(newest))} is damaged \({problem}\); skipping it", warnings[0])
+    assert len(warnings) == 1 and re.fullmatch(
+        rf"warning: checkpoint {re.escape(str(newest))} is damaged \({problem}\); skipping it", warnings[0]
+    )
 
 
 def test_state_json_edits_are_caught_by_its_checksum(tmp_path):
@@ -104,8 +124,10 @@ def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
         _flip(_save(root, step) / "model.safetensors")
     with pytest.raises(ckpt.CheckpointError) as err:
         ckpt.resume_checkpoint(root, warn=lambda _: None)
-    assert str(err.value) == (f"no intact checkpoint to resume from in {str(root)!r} (step_000002: model.safetensors: sha256 "
-                              "mismatch; step_000001: model.safetensors: sha256 mismatch)")
+    assert str(err.value) == (
+        f"no intact checkpoint to resume from in {str(root)!r} (step_000002: model.safetensors: sha256 "
+        "mismatch; step_000001: model.safetensors: sha256 mismatch)"
+    )
     assert ckpt.resume_checkpoint(tmp_path / "empty", warn=lambda _: None) is None  # none at all: start over
 
 
@@ -129,10 +151,18 @@ def test_model_only_and_optimizer_less_checkpoints(tmp_path):
     before = {k: v.clone() for k, v in opt.state_dict()["state"][0].items() if torch.is_tensor(v)}
     warnings = []
     state = ckpt.restore_training_state(full, opt, sched, warn=warnings.append)
-    assert state["step"] == 1 and "saved without optimizer state (train.save_optimizer=false): AdamW restarts" in warnings[0]
+    assert (
+        state["step"] == 1
+        and "saved without optimizer state (train.save_optimizer=false): AdamW restarts" in warnings[0]
+    )
     assert all(torch.equal(before[k], opt.state_dict()["state"][0][k]) for k in before)  # optimizer left as built
     model_only = _save(root, 2, kind="model")
-    assert sorted(p.name for p in model_only.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json", ckpt.STATE_FILE]
+    assert sorted(p.name for p in model_only.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        ckpt.STATE_FILE,
+    ]
     assert ckpt.verify_checkpoint(model_only) is None
     assert ckpt.resume_checkpoint(root, warn=warnings.append) == full  # the model-only one is not resumable
     with pytest.raises(ckpt.CheckpointError, match="holds only the model"):
@@ -140,8 +170,14 @@ def test_model_only_and_optimizer_less_checkpoints(tmp_path):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(file=st.sampled_from(["model.safetensors", "optimizer.safetensors", "rng.safetensors", "config.json", ckpt.STATE_FILE]),
-       offset=st.integers(0, 10**6), junk=st.binary(min_size=1, max_size=16), truncate=st.booleans())
+@given(
+    file=st.sampled_from(
+        ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "config.json", ckpt.STATE_FILE]
+    ),
+    offset=st.integers(0, 10**6),
+    junk=st.binary(min_size=1, max_size=16),
+    truncate=st.booleans(),
+)
 def test_fuzz_any_damage_is_reported_never_raised(tmp_path, file, offset, junk, truncate):
     root = tmp_path / "fuzz"
     path = root / "step_000001"
@@ -150,7 +186,7 @@ def test_fuzz_any_damage_is_reported_never_raised(tmp_path, file, offset, junk, 
     target = path / file
     original = target.read_bytes()
     at = offset % len(original)
-    damaged = original[:at] if truncate else original[:at] + junk + original[at + len(junk):]
+    damaged = original[:at] if truncate else original[:at] + junk + original[at + len(junk) :]
     if damaged == original:
         return
     try:

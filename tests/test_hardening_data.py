@@ -26,7 +26,9 @@ def _write_lines(path, lines):
 
 
 def test_malformed_jsonl_line_names_file_line_and_column(tmp_path):
-    path = _write_lines(tmp_path / "d.jsonl", [json.dumps(_good(0)), '{"prompt": "p", "answer": 1,, }', json.dumps(_good(2))])
+    path = _write_lines(
+        tmp_path / "d.jsonl", [json.dumps(_good(0)), '{"prompt": "p", "answer": 1,, }', json.dumps(_good(2))]
+    )
     with pytest.raises(ValueError) as err:
         _task(path)
     assert str(err.value) == f"{path}:2:29: not valid JSON (Expecting property name enclosed in double quotes)"
@@ -34,9 +36,15 @@ def test_malformed_jsonl_line_names_file_line_and_column(tmp_path):
 
 def test_row_problems_name_the_line_and_the_column(tmp_path):
     cases = [
-        ({"prompt": None, "answer": "1"}, ":2: column 'prompt' must hold a string or a list of chat messages, got NoneType"),
+        (
+            {"prompt": None, "answer": "1"},
+            ":2: column 'prompt' must hold a string or a list of chat messages, got NoneType",
+        ),
         ({"prompt": "  ", "answer": "1"}, ":2: column 'prompt' is empty"),
-        ({"prompt": [{"text": "hi"}], "answer": "1"}, ":2: column 'prompt' message 0 must be a mapping with 'role' and 'content'"),
+        (
+            {"prompt": [{"text": "hi"}], "answer": "1"},
+            ":2: column 'prompt' message 0 must be a mapping with 'role' and 'content'",
+        ),
         ({"prompt": "p"}, ":2: column 'answer' is missing (columns: prompt)"),
     ]
     for row, expected in cases:
@@ -73,7 +81,9 @@ def test_parquet_and_saved_dataset_rows_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"d.parquet \[train\] row 5: column 'prompt' is empty"):
         _task(tmp_path / "d.parquet")
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "ds"))
-    with pytest.raises(ValueError, match=r"ds' \[train\] row 5: column 'prompt' is empty|ds \[train\] row 5: column 'prompt' is empty"):
+    with pytest.raises(
+        ValueError, match=r"ds' \[train\] row 5: column 'prompt' is empty|ds \[train\] row 5: column 'prompt' is empty"
+    ):
         _task(tmp_path / "ds")
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(ValueError, match=r"task.path '.*broken.parquet' could not be loaded \("):
@@ -96,14 +106,22 @@ def _one_line_value_error(fn) -> None:
 
 
 _settings = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-                            lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.sampled_from(["prompt", "answer", "x"]), kids, max_size=3),
-                            max_leaves=6)
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda kids: (
+        st.lists(kids, max_size=3) | st.dictionaries(st.sampled_from(["prompt", "answer", "x"]), kids, max_size=3)
+    ),
+    max_leaves=6,
+)
 
 
 @_settings
-@given(lines=st.lists(st.one_of(st.binary(max_size=40), _json_values.map(lambda v: json.dumps(v).encode())), min_size=1, max_size=6),
-       suffix=st.sampled_from([".jsonl", ".json"]))
+@given(
+    lines=st.lists(
+        st.one_of(st.binary(max_size=40), _json_values.map(lambda v: json.dumps(v).encode())), min_size=1, max_size=6
+    ),
+    suffix=st.sampled_from([".jsonl", ".json"]),
+)
 def test_fuzz_json_files_never_give_a_traceback(tmp_path, lines, suffix):
     path = tmp_path / f"f{suffix}"
     path.write_bytes(b"\n".join(lines))
@@ -124,14 +142,36 @@ def test_fuzz_damaged_parquet_never_gives_a_traceback(tmp_path, data, keep):
     _one_line_value_error(lambda: _task(path).heldout(1, 0))
 
 
-_keys = st.sampled_from(["seed", "rollout.group_size", "optim.lr", "train.final_checkpoint", "rewards.max_error_frac",
-                         "rewards.error_window", "task.args", "model", "nope.key", "train", "eval.size", "objective.hparams.c"])
-_raw = st.one_of(st.text(max_size=12), st.sampled_from(["1", "-1", "0.5", "1e-3", "null", "[1, 2]", "{a: 1}", "true", "nan", "inf",
-                                                        "full", "none", "[", "{", "'x"]))
+_keys = st.sampled_from(
+    [
+        "seed",
+        "rollout.group_size",
+        "optim.lr",
+        "train.final_checkpoint",
+        "rewards.max_error_frac",
+        "rewards.error_window",
+        "task.args",
+        "model",
+        "nope.key",
+        "train",
+        "eval.size",
+        "objective.hparams.c",
+    ]
+)
+_raw = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(
+        ["1", "-1", "0.5", "1e-3", "null", "[1, 2]", "{a: 1}", "true", "nan", "inf", "full", "none", "[", "{", "'x"]
+    ),
+)
 
 
 @settings(max_examples=80, deadline=None)
-@given(overrides=st.lists(st.one_of(st.text(max_size=20), st.tuples(_keys, _raw).map(lambda kv: f"{kv[0]}={kv[1]}")), max_size=4))
+@given(
+    overrides=st.lists(
+        st.one_of(st.text(max_size=20), st.tuples(_keys, _raw).map(lambda kv: f"{kv[0]}={kv[1]}")), max_size=4
+    )
+)
 def test_fuzz_overrides_give_a_config_or_one_config_error(overrides):
     try:
         cfg = load_config(None, overrides)

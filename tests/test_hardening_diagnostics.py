@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mhpo import diagnostics as D
-from mhpo.objectives import mhpo_fused
 from mhpo import policy_loss
+from mhpo.objectives import mhpo_fused
 
 
 def _reference(logp, old, mask):
@@ -21,9 +21,15 @@ def _reference(logp, old, mask):
     a = lr.abs().sort().values
     n = lr.numel()
     k = lambda q: D.nearest_rank(q, n) - 1  # noqa: E731
-    return {"ratio/min": float(lr[0].exp()), "ratio/max": float(lr[-1].exp()), "ratio/p1": float(lr[k(0.01)].exp()),
-            "ratio/p99": float(lr[k(0.99)].exp()), "log_ratio/abs_p99": float(a[k(0.99)]),
-            "ratio/mean": float(lr.exp().mean()), "log_ratio/abs_mean": float(lr.abs().mean())}
+    return {
+        "ratio/min": float(lr[0].exp()),
+        "ratio/max": float(lr[-1].exp()),
+        "ratio/p1": float(lr[k(0.01)].exp()),
+        "ratio/p99": float(lr[k(0.99)].exp()),
+        "log_ratio/abs_p99": float(a[k(0.99)]),
+        "ratio/mean": float(lr.exp().mean()),
+        "log_ratio/abs_mean": float(lr.abs().mean()),
+    }
 
 
 def _inputs(seed, B, T, scale, density, ties):
@@ -38,8 +44,15 @@ def _inputs(seed, B, T, scale, density, ties):
 
 @pytest.mark.parametrize("sample", [D.SAMPLE, 600])  # the default, and a tiny sample whose thresholds often miss
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 10**6), B=st.integers(1, 24), T=st.sampled_from([1, 7, 64, 300]), scale=st.sampled_from([0.0, 1e-3, 0.3, 5.0]),
-       density=st.sampled_from([0.05, 0.5, 1.0]), ties=st.sampled_from([0.0, 0.5, 0.99]), impl=st.sampled_from(["auto", "reference"]))
+@given(
+    seed=st.integers(0, 10**6),
+    B=st.integers(1, 24),
+    T=st.sampled_from([1, 7, 64, 300]),
+    scale=st.sampled_from([0.0, 1e-3, 0.3, 5.0]),
+    density=st.sampled_from([0.05, 0.5, 1.0]),
+    ties=st.sampled_from([0.0, 0.5, 0.99]),
+    impl=st.sampled_from(["auto", "reference"]),
+)
 def test_stats_equal_a_float64_sort_reference(monkeypatch, sample, seed, B, T, scale, density, ties, impl):
     monkeypatch.setattr(D, "SAMPLE", sample)
     monkeypatch.setattr(D, "MIN_SAMPLE", 16)
@@ -63,8 +76,9 @@ def test_quantiles_are_exact_elements_and_fused_equals_reference():
     _, fused = policy_loss("mhpo", logp, old, adv, mask)
     _, plain = policy_loss("mhpo", logp, old, adv, mask, impl="reference")
     lr = (logp.detach() - old)[mask]
-    assert torch.isin(torch.tensor(np.log(fused["ratio/p99"]), dtype=torch.float32), lr) or \
-        any(abs(float(v) - np.log(fused["ratio/p99"])) < 1e-6 for v in lr.topk(5000).values)
+    assert torch.isin(torch.tensor(np.log(fused["ratio/p99"]), dtype=torch.float32), lr) or any(
+        abs(float(v) - np.log(fused["ratio/p99"])) < 1e-6 for v in lr.topk(5000).values
+    )
     for key in ("ratio/p1", "ratio/p99", "ratio/min", "ratio/max", "log_ratio/abs_p99", "clip_frac", "tokens"):
         assert fused[key] == plain[key], key
     for key in ("ratio/mean", "multiplier/mean", "mhpo/psi_mean", "mhpo/zeta_mean", "mhpo/survival_mean", "loss"):
@@ -74,7 +88,7 @@ def test_quantiles_are_exact_elements_and_fused_equals_reference():
 def test_tail_thresholds_select_few_tokens():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1 << 18, generator=g)
-    lo, hi = D.tail_bounds(x[:: 8], x.numel())
+    lo, hi = D.tail_bounds(x[::8], x.numel())
     kept = ((x < lo) | (x > hi)).float().mean()
     assert 0.02 < float(kept) < 0.04  # ~1.3% per tail, not every token
 

@@ -7,7 +7,7 @@ import pytest
 from mhpo.rewards import ErrorBudget, RewardFunctionError, RewardScorer
 from mhpo.tasks import Example
 
-USER = '''
+USER = """
 def one_score_for_all(prompts, completions, **kw):
     return [1.0, 1.0, 1.0, 1.0]
 
@@ -27,7 +27,7 @@ def flaky(prompts, completions, **kw):
 
 def good(prompts, completions, **kw):
     return [0.5]
-'''
+"""
 
 
 @pytest.fixture()
@@ -46,27 +46,35 @@ def test_wrong_length_and_non_list_results_stop_with_one_line(user_file):
     try:
         with pytest.raises(RewardFunctionError) as err:
             scorer.score([Example("q", "a")] * 2, ["x", "y"])
-        assert str(err.value) == ("reward function 'one_score_for_all' returned 4 score(s) for 1 completion(s); it must return "
-                                  "one score per completion (expected length 1, got 4)")
+        assert str(err.value) == (
+            "reward function 'one_score_for_all' returned 4 score(s) for 1 completion(s); it must return "
+            "one score per completion (expected length 1, got 4)"
+        )
     finally:
         scorer.close()
     scorer = _scorer(user_file, "bare_number")
     try:
-        with pytest.raises(RewardFunctionError, match=r"^reward function 'bare_number' returned float 1.0, not a list of scores"):
+        with pytest.raises(
+            RewardFunctionError, match=r"^reward function 'bare_number' returned float 1.0, not a list of scores"
+        ):
             scorer.score([Example("q", "a")], ["x"])
     finally:
         scorer.close()
 
 
-@pytest.mark.parametrize("name,first", [("always_raises", "KeyError: 'solution'"),
-                                        ("returns_strings", "ValueError: score 'high' is not a number")])
+@pytest.mark.parametrize(
+    "name,first",
+    [("always_raises", "KeyError: 'solution'"), ("returns_strings", "ValueError: score 'high' is not a number")],
+)
 def test_a_function_failing_on_the_whole_first_batch_stops_the_run(user_file, name, first):
     scorer = _scorer(user_file, "good", name)
     try:
         with pytest.raises(RewardFunctionError) as err:
             scorer.score([Example("q", "a")] * 4, ["c0", "c1", "c2", "c3"])
-        assert str(err.value) == (f"reward function {name!r} failed on all 4 completion(s) of the first batch it scored "
-                                  f"(first error: {first})")
+        assert str(err.value) == (
+            f"reward function {name!r} failed on all 4 completion(s) of the first batch it scored "
+            f"(first error: {first})"
+        )
         assert "\n" not in str(err.value)
     finally:
         scorer.close()
@@ -88,15 +96,19 @@ def test_error_budget_window_rule():
     assert b.record("f", 2, 4, "E: a") is None  # half of the first batch: not all of it
     assert b.record("f", 3, 4, "E: b") is None  # window not full yet
     stop = b.record("f", 3, 4, "E: c")  # 8 of 12 > 0.5
-    assert stop == ("reward function 'f' failed on 8 of 12 completions (67%) over the last 3 scoring batches, more than "
-                    "rewards.max_error_frac=0.5 (first error: E: a)")
+    assert stop == (
+        "reward function 'f' failed on 8 of 12 completions (67%) over the last 3 scoring batches, more than "
+        "rewards.max_error_frac=0.5 (first error: E: a)"
+    )
     b = ErrorBudget(max_frac=0.5, window=2)
     assert b.record("g", 1, 4, None) is None and b.record("g", 2, 4, "x") is None  # 3 of 8: under the budget
     assert b.record("g", 4, 4, "y") is not None  # 6 of 8 over the last 2
     never = ErrorBudget(max_frac=1.0, window=1)
     assert never.record("h", 0, 4, None) is None and never.record("h", 4, 4, "z") is None  # 1.0: window rule off
     assert ErrorBudget().record("k", 4, 4, "line one\nline two") == (
-        "reward function 'k' failed on all 4 completion(s) of the first batch it scored (first error: line one line two)")
+        "reward function 'k' failed on all 4 completion(s) of the first batch it scored (first error: line one line "
+        "two)"
+    )
     with pytest.raises(ValueError, match="rewards.max_error_frac=0 must be in"):
         ErrorBudget(max_frac=0)
 

@@ -10,15 +10,24 @@ from rich.console import Console
 
 from _train_helpers import small_config
 from mhpo import checkpoint as ckpt
-from mhpo.cli import UsageError
+from mhpo.errors import UsageError
 from mhpo.train import _plural, print_summary, run_training, written_outputs
 
-FAST = ["warmup.enabled=off", "eval.size=8", "eval.pass_k=0", "eval.every=0", "rollout.prompts_per_step=4", "train.tensorboard=false"]
+FAST = [
+    "warmup.enabled=off",
+    "eval.size=8",
+    "eval.pass_k=0",
+    "eval.every=0",
+    "rollout.prompts_per_step=4",
+    "train.report_to=[]",
+]
 
 
 def _run(tmp_path, name, *overrides, resume="never"):
     out = io.StringIO()
-    summary = run_training(small_config(*FAST, *overrides), tmp_path / name, resume=resume, console=Console(file=out, width=200))
+    summary = run_training(
+        small_config(*FAST, *overrides), tmp_path / name, resume=resume, console=Console(file=out, width=200)
+    )
     return summary, out.getvalue()
 
 
@@ -27,15 +36,22 @@ def test_resume_skips_a_damaged_checkpoint_and_eval_names_it(tmp_path):
 
     summary, _ = _run(tmp_path, "a", "train.steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=3")
     root = tmp_path / "a" / "checkpoints"
-    assert summary["checkpoint"] == str(root / "step_000002") and summary["checkpoints"] == ["step_000001", "step_000002"]
+    assert summary["checkpoint"] == str(root / "step_000002") and summary["checkpoints"] == [
+        "step_000001",
+        "step_000002",
+    ]
     damaged = root / "step_000002" / "model.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:-3])
     with pytest.raises(UsageError) as err:
         evaluate_run(tmp_path / "a")
-    assert str(err.value) == (f"checkpoint {root / 'step_000002'} is damaged (model.safetensors: size "
-                              f"{damaged.stat().st_size} bytes, expected {damaged.stat().st_size + 3}); intact checkpoints: "
-                              "step_000001 (--checkpoint NAME)")
-    summary, log = _run(tmp_path, "a", "train.steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=3", resume="require")
+    assert str(err.value) == (
+        f"checkpoint {root / 'step_000002'} is damaged (model.safetensors: size "
+        f"{damaged.stat().st_size} bytes, expected {damaged.stat().st_size + 3}); intact checkpoints: "
+        "step_000001 (--checkpoint NAME)"
+    )
+    summary, log = _run(
+        tmp_path, "a", "train.steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=3", resume="require"
+    )
     assert f"warning: checkpoint {root / 'step_000002'} is damaged (model.safetensors: size" in log
     assert "resuming" in log and "from step 1 (step_000001)" in log
     assert summary["complete"] and summary["steps"] == 3
@@ -62,4 +78,8 @@ def test_final_checkpoint_model_none_and_no_optimizer(tmp_path):
 
 
 def test_plural():
-    assert (_plural(1, "problem"), _plural(2, "problem"), _plural(0, "RL step")) == ("1 problem", "2 problems", "0 RL steps")
+    assert (_plural(1, "problem"), _plural(2, "problem"), _plural(0, "RL step")) == (
+        "1 problem",
+        "2 problems",
+        "0 RL steps",
+    )

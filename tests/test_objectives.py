@@ -148,7 +148,9 @@ TABLE = {  # r: (exp(psi - zeta), M(r)) at the paper defaults, rounded to 3 deci
 def mhpo_weight_and_multiplier(r: float, name="mhpo", **hp):
     logp = torch.tensor([[math.log(r)]], dtype=torch.float64, requires_grad=True)
     old = torch.zeros_like(logp)
-    loss, _ = policy_loss(name, logp, old, torch.ones(1, dtype=torch.float64), torch.ones_like(old, dtype=torch.bool), stats=False, **hp)
+    loss, _ = policy_loss(
+        name, logp, old, torch.ones(1, dtype=torch.float64), torch.ones_like(old, dtype=torch.bool), stats=False, **hp
+    )
     (g,) = torch.autograd.grad(loss, logp)
     return -float(loss.detach()), -float(g)  # weight = j / A, M = dJ/dlogp / A
 
@@ -173,8 +175,16 @@ def library_multiplier(lr: torch.Tensor, name: str = "mhpo", **hp) -> torch.Tens
     """M(r) = (dJ/dlogp)/A from autograd on one-token rows with A = 1 and unit weights; lr [N]."""
     logp = lr.unsqueeze(-1).clone().requires_grad_(True)
     ones = torch.ones(len(lr), dtype=lr.dtype)
-    loss, _ = policy_loss(name, logp, torch.zeros_like(logp), ones, torch.ones_like(logp, dtype=torch.bool),
-                          num_tokens=1.0, stats=False, **hp)
+    loss, _ = policy_loss(
+        name,
+        logp,
+        torch.zeros_like(logp),
+        ones,
+        torch.ones_like(logp, dtype=torch.bool),
+        num_tokens=1.0,
+        stats=False,
+        **hp,
+    )
     (g,) = torch.autograd.grad(loss, logp)
     return -g.squeeze(-1)
 
@@ -205,7 +215,7 @@ def test_mhpo_default_multiplier_peak_is_about_039():
 
 
 def test_zeta_carries_no_gradient():
-    from mhpo.objectives.mhpo import dhp, lfm
+    from mhpo.objectives.mhpo_formula import dhp, lfm
 
     lr = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     zeta = dhp(lfm(lr, 1.5), 1.5, 1.0, 2.0, 0.8)
@@ -264,8 +274,19 @@ def test_micro_batches_sum_to_full_batch_gradient(name, agg):
     for rows in torch.tensor_split(torch.randperm(B, generator=g), 4):
         width = max(int(lengths[rows].max()), 1)  # each micro-batch trims its own padding
         sl = (rows, slice(0, width))
-        loss, _ = policy_loss(name, x[sl], old[sl], adv[rows], mask[sl], ref_logp=ref_lp[sl],
-                              agg=agg, beta=0.04, norm_length=T, stats=False, **counts)
+        loss, _ = policy_loss(
+            name,
+            x[sl],
+            old[sl],
+            adv[rows],
+            mask[sl],
+            ref_logp=ref_lp[sl],
+            agg=agg,
+            beta=0.04,
+            norm_length=T,
+            stats=False,
+            **counts,
+        )
         loss.backward()
         total = total + loss.detach()
     torch.testing.assert_close(x.grad, full_grad, rtol=1e-12, atol=1e-15)
@@ -304,7 +325,14 @@ def test_sapo_temperatures_are_exact_in_float64():
     """tau_neg = 1.05 must not pass through float32 (it would become 1.0499999523)."""
     logp = torch.zeros(1, 1, dtype=torch.float64)
     old = torch.full_like(logp, -0.5)
-    loss, _ = policy_loss("sapo", logp, old, torch.tensor([-1.0], dtype=torch.float64), torch.ones_like(logp, dtype=torch.bool), stats=False)
+    loss, _ = policy_loss(
+        "sapo",
+        logp,
+        old,
+        torch.tensor([-1.0], dtype=torch.float64),
+        torch.ones_like(logp, dtype=torch.bool),
+        stats=False,
+    )
     r, tau = math.exp(0.5), 1.05
     expected = 1.0 / (1.0 + math.exp(-tau * (r - 1))) * 4 / tau  # loss = -(-1) * f(r)
     assert float(loss) == pytest.approx(expected, rel=1e-15, abs=0)

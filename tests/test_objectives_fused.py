@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mhpo import AGG_MODES, policy_loss
-from mhpo.objectives.mhpo_fused import CHUNK, hazard
+from mhpo.objectives.mhpo_formula import hazard
+from mhpo.objectives.mhpo_fused import CHUNK
 
 FUSED = ["mhpo", "mhpo-symmetric", "mhpo-rescaled"]
 
@@ -73,6 +74,15 @@ def test_fused_path_is_used_and_falls_back_for_ablations():
         policy_loss("mhpo", x, x, torch.zeros(2), torch.ones(2, 3), impl="fast")
 
 
+def _cxx() -> str | None:
+    """A C++ compiler for torch.compile's CPU backend (inductor), as it looks for one."""
+    import os
+    import shutil
+
+    return next(filter(None, (shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++"))), None)
+
+
+@pytest.mark.skipif(_cxx() is None, reason="no C++ compiler (c++, g++, clang++): torch.compile builds no CPU kernel")
 def test_compiled_kernel_equals_reference():
     """The torch.compile opt-in (impl="compile") gives the reference numbers, across shapes."""
     for shape in ((3, 7), (4, 1000)):
@@ -87,3 +97,14 @@ def test_compiled_kernel_equals_reference():
         torch.testing.assert_close(g_c, g_ref)
         for k in s_ref:
             assert s_c[k] == pytest.approx(s_ref[k], rel=1e-5, abs=1e-6), k
+
+
+def test_auto_compiles_the_fused_kernel_on_cuda_only(monkeypatch):
+    import mhpo.loss as loss
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(loss, "_has_triton", lambda: True)
+    assert [loss.use_compiled_kernel(i, cpu) for i in ("auto", "compile", "reference")] == [False, True, False]
+    assert [loss.use_compiled_kernel(i, cuda) for i in ("auto", "compile", "reference")] == [True, True, False]
+    monkeypatch.setattr(loss, "_has_triton", lambda: False)  # no triton: the eager fused kernel
+    assert not loss.use_compiled_kernel("auto", cuda)

@@ -67,7 +67,9 @@ def test_half_precision_matches_float32_computation():
     logp, old, adv, mask, _ = extreme_batch(torch.float32)
     logp, old = logp.clamp(-20, 0), old.clamp(-20, 0)
     bf = policy_loss("mhpo", logp.bfloat16(), old.bfloat16(), adv.bfloat16(), mask, stats=False)[0]
-    f32 = policy_loss("mhpo", logp.bfloat16().float(), old.bfloat16().float(), adv.bfloat16().float(), mask, stats=False)[0]
+    f32 = policy_loss(
+        "mhpo", logp.bfloat16().float(), old.bfloat16().float(), adv.bfloat16().float(), mask, stats=False
+    )[0]
     assert bf.dtype == torch.float32
     torch.testing.assert_close(bf, f32, rtol=0, atol=0)
 
@@ -75,7 +77,12 @@ def test_half_precision_matches_float32_computation():
 @pytest.mark.parametrize("arg", ["logp", "old_logp", "advantages", "ref_logp"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nan_or_inf_input_names_the_argument(arg, bad):
-    t = {"logp": torch.zeros(2, 3), "old_logp": torch.zeros(2, 3), "advantages": torch.zeros(2), "ref_logp": torch.zeros(2, 3)}
+    t = {
+        "logp": torch.zeros(2, 3),
+        "old_logp": torch.zeros(2, 3),
+        "advantages": torch.zeros(2),
+        "ref_logp": torch.zeros(2, 3),
+    }
     t[arg].view(-1)[1] = bad
     with pytest.raises(ValueError, match=f"'{arg}' contains NaN or inf"):
         policy_loss("mhpo", t["logp"], t["old_logp"], t["advantages"], torch.ones(2, 3), ref_logp=t["ref_logp"])
@@ -115,9 +122,13 @@ def test_unknown_objective_lists_valid_choices():
 
 
 def test_unknown_hparam_lists_valid_hparams():
-    with pytest.raises(ValueError, match=r"unknown hparam 'lambda_p'.*valid hparams: c, k_pos, lambda_pos, k_neg, lambda_neg, lfm, dhp"):
+    with pytest.raises(
+        ValueError, match=r"unknown hparam 'lambda_p'.*valid hparams: c, k_pos, lambda_pos, k_neg, lambda_neg, lfm, dhp"
+    ):
         call(lambda_p=1.0)
-    with pytest.raises(ValueError, match=r"objective 'grpo': unknown hparam 'c'; valid hparams: eps_low, eps_high, dual_clip"):
+    with pytest.raises(
+        ValueError, match=r"objective 'grpo': unknown hparam 'c'; valid hparams: eps_low, eps_high, dual_clip"
+    ):
         call("grpo", c=1.0)
 
 
@@ -147,7 +158,11 @@ def re_escape(s):
 
 
 def test_other_bad_options():
-    with pytest.raises(ValueError, match="unknown aggregation 'mean'; valid aggregations: token-mean, seq-mean-token-mean, seq-mean-token-sum-norm"):
+    with pytest.raises(
+        ValueError,
+        match="unknown aggregation 'mean'; valid aggregations: token-mean, seq-mean-token-mean, "
+        "seq-mean-token-sum-norm",
+    ):
         call(agg="mean")
     with pytest.raises(ValueError, match="beta=0.1 needs 'ref_logp'"):
         call(beta=0.1)
@@ -207,5 +222,7 @@ def test_diagnostics_match_independent_computation():
 def test_clip_fraction_counts_hard_clipped_tokens():
     lr = torch.log(torch.tensor([[0.5, 0.9, 1.0, 1.1, 1.3, 2.0]], dtype=torch.float64))
     for adv, expected in ((1.0, 2 / 6), (-1.0, 1 / 6)):
-        _, s = policy_loss("grpo", lr, torch.zeros_like(lr), torch.tensor([adv], dtype=torch.float64), torch.ones_like(lr))
+        _, s = policy_loss(
+            "grpo", lr, torch.zeros_like(lr), torch.tensor([adv], dtype=torch.float64), torch.ones_like(lr)
+        )
         assert s["clip_frac"] == pytest.approx(expected)

@@ -22,11 +22,14 @@ def test_cpu_flags_decide_native_bf16():
     assert not cpu_has_bf16("flags\t: fpu avx avx2 avx512f avx512bw\n")  # AVX512 without BF16: emulated
 
 
-@pytest.mark.parametrize(("native", "built_in", "expected"), [
-    (True, False, Precision(torch.float32, torch.bfloat16)),
-    (True, True, Precision(torch.float32)),  # the tiny demo stays float32
-    (False, False, Precision(torch.float32)),
-])
+@pytest.mark.parametrize(
+    ("native", "built_in", "expected"),
+    [
+        (True, False, Precision(torch.float32, torch.bfloat16)),
+        (True, True, Precision(torch.float32)),  # the tiny demo stays float32
+        (False, False, Precision(torch.float32)),
+    ],
+)
 def test_auto_on_cpu(monkeypatch, native, built_in, expected):
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: native)
     assert resolve_precision("auto", CPU, built_in=built_in) == expected
@@ -36,13 +39,15 @@ def test_explicit_precisions_and_bad_name():
     assert resolve_precision("bf16-mixed", CPU).name == "bf16-mixed"
     assert resolve_precision("float32", CPU) == Precision(torch.float32)
     assert resolve_precision("bfloat16", CPU) == Precision(torch.bfloat16)
-    with pytest.raises(ValueError, match="unknown model.dtype 'bf17'; valid: auto, float32, bfloat16, float16, bf16-mixed"):
+    with pytest.raises(
+        ValueError, match="unknown model.dtype 'bf17'; valid: auto, float32, bfloat16, float16, bf16-mixed"
+    ):
         resolve_precision("bf17", CPU)
 
 
 def _tiny_rollout():
-    from mhpo.models import build_tiny
     from mhpo.config import load_config
+    from mhpo.models import build_tiny
     from mhpo.rollout import PromptEncoder, eos_token_ids, sample
     from mhpo.tasks.procedural import build_procedural
 
@@ -50,8 +55,14 @@ def _tiny_rollout():
     model, tok = build_tiny(cfg.model.tiny, seed=3)
     examples = build_procedural("addition", {}).heldout(6, 1)
     torch.manual_seed(0)
-    rollout = sample(model, tok, PromptEncoder(tok, chat=False)(examples), group_size=2, max_new_tokens=5,
-                     eos_ids=eos_token_ids(model, tok))
+    rollout = sample(
+        model,
+        tok,
+        PromptEncoder(tok, chat=False)(examples),
+        group_size=2,
+        max_new_tokens=5,
+        eos_ids=eos_token_ids(model, tok),
+    )
     return model, rollout
 
 
@@ -76,9 +87,23 @@ def test_a_bf16_mixed_run_trains_with_finite_metrics(tmp_path):
 
     reward = tmp_path / "length.py"  # a dense reward, so that the untrained model gets advantages
     reward.write_text("def length(prompts, completions, **_):\n    return [len(c) / 5 for c in completions]\n")
-    cfg = load_config(None, ["model.dtype=bf16-mixed", "warmup.enabled=off", f"rewards.functions=[{reward}:length]", "train.steps=2", "rollout.prompts_per_step=4",
-                             "rollout.group_size=4", "eval.size=4", "eval.pass_k=0", "train.progress=false",
-                             "train.plots=false", "train.tensorboard=false", "train.final_checkpoint=none"])
+    cfg = load_config(
+        None,
+        [
+            "model.dtype=bf16-mixed",
+            "warmup.enabled=off",
+            f"rewards.functions=[{reward}:length]",
+            "train.steps=2",
+            "rollout.prompts_per_step=4",
+            "rollout.group_size=4",
+            "eval.size=4",
+            "eval.pass_k=0",
+            "train.progress=false",
+            "train.plots=false",
+            "train.report_to=[]",
+            "train.final_checkpoint=none",
+        ],
+    )
     run_training(cfg, tmp_path / "run", resume="never")
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2

@@ -50,7 +50,7 @@ def model_dir(cache) -> Path:
 
 @pytest.fixture(scope="module")
 def policy(model_dir):
-    from mhpo.models import load_pretrained
+    from mhpo.loading import load_pretrained
 
     model, tok = load_pretrained(str(model_dir), dtype=torch.float32, device=torch.device("cpu"))
     return model, tok
@@ -129,8 +129,18 @@ def test_recomputed_logprobs_equal_the_samplers(policy):
     eos = eos_token_ids(model, tok)
     torch.manual_seed(1)
     with torch.no_grad():
-        gen = model.generate(**prompts, do_sample=True, top_k=0, top_p=1.0, temperature=0.7, max_new_tokens=20,
-                             eos_token_id=eos, pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=True)
+        gen = model.generate(
+            **prompts,
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=0.7,
+            max_new_tokens=20,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
     P = prompts["input_ids"].shape[1]
     tokens = gen.sequences[:, P:]
     steps = torch.stack(gen.logits, 1).float() / 0.7  # [B, C, V] raw logits / T
@@ -149,7 +159,7 @@ def test_recomputed_logprobs_equal_the_samplers(policy):
 
 @needs_model
 def test_math_verify_scores_real_completions(policy):
-    """The sandboxed math_verify reward on the model's own completions equals math-verify run here."""
+    """The math_verify reward (in its timeout worker) on the model's own completions equals math-verify run here."""
     from math_verify import parse, verify
 
     from mhpo.rewards import RewardScorer
@@ -157,8 +167,15 @@ def test_math_verify_scores_real_completions(policy):
 
     model, tok = policy
     examples = _examples(6)
-    out = sample(model, tok, _encoder(tok)(examples), group_size=1, do_sample=False, max_new_tokens=40,
-                 eos_ids=eos_token_ids(model, tok))
+    out = sample(
+        model,
+        tok,
+        _encoder(tok)(examples),
+        group_size=1,
+        do_sample=False,
+        max_new_tokens=40,
+        eos_ids=eos_token_ids(model, tok),
+    )
     completions = [*out.completions, f"The sum is \\boxed{{{examples[0].answer}}}.", "I do not know."]
     rows = [*examples, examples[0], examples[1]]
     scorer = RewardScorer(["math_verify"], "math_verify", None, 10.0)
@@ -180,12 +197,25 @@ def runs(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("real-runs")
     out = {}
     for objective in ("mhpo", "grpo"):
-        cfg = load_config(None, [
-            f"model.name_or_path={NAME}", "task.name=chat_addition", f"objective.name={objective}", "train.steps=2",
-            "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=24", "eval.size=2",
-            "optim.lr=1e-5", "train.progress=false", "train.plots=false", "train.tensorboard=false",
-            "train.final_checkpoint=model", "seed=5",
-        ])
+        cfg = load_config(
+            None,
+            [
+                f"model.name_or_path={NAME}",
+                "task.name=chat_addition",
+                f"objective.name={objective}",
+                "train.steps=2",
+                "rollout.prompts_per_step=2",
+                "rollout.group_size=4",
+                "rollout.max_new_tokens=24",
+                "eval.size=2",
+                "optim.lr=1e-5",
+                "train.progress=false",
+                "train.plots=false",
+                "train.report_to=[]",
+                "train.final_checkpoint=model",
+                "seed=5",
+            ],
+        )
         out[objective] = (root / objective, run_training(cfg, root / objective, resume="never"))
     return out
 

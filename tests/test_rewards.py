@@ -1,4 +1,4 @@
-"""Reward functions in the sandbox: hard time limits, errors that score 0, TRL's signature."""
+"""Reward functions in the timeout worker: hard time limits, errors that score 0, TRL's signature."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import time
 import pytest
 
 from mhpo.rewards import RewardScorer, resolve
-from mhpo.sandbox import Sandbox
 from mhpo.tasks import Example
+from mhpo.timeout_worker import TimeoutWorker
 
-USER = '''
+USER = """
 import os, time
 CALLS = []
 
@@ -34,7 +34,7 @@ def malformed(prompts, completions, **kw):
 
 def pid(prompts, completions, **kw):
     return [float(os.getpid())]
-'''
+"""
 
 
 @pytest.fixture()
@@ -68,7 +68,7 @@ def test_hanging_function_times_out_scores_zero_and_the_rest_is_still_scored(use
         assert time.monotonic() - t0 < 10
         assert s.per_function["hang_on_hang"] == [1.0, 0.0, 1.0, 0.0]
         assert s.timeouts == 2 and s.errors == 0
-        assert scorer.sandbox.restarts == 2  # the hung worker was killed and replaced, twice
+        assert scorer.worker.restarts == 2  # the hung worker was killed and replaced, twice
         assert any("TimeoutError" in m for m in s.messages)
         worker = int(s.per_function["pid"][0])
         assert worker != os.getpid()  # scoring runs in another process
@@ -143,10 +143,10 @@ def test_resolution_and_load_errors(user_file):
         scorer.close()
 
 
-def test_sandbox_worker_that_dies_costs_one_call(tmp_path):
+def test_timeout_worker_that_dies_costs_one_call(tmp_path):
     f = tmp_path / "die.py"
     f.write_text("import os\ndef f(x):\n    if x == 1:\n        os._exit(3)\n    return x * 2\n")
-    with Sandbox([f"{f}:f"], timeout_s=5.0) as box:
+    with TimeoutWorker([f"{f}:f"], timeout_s=5.0) as box:
         out = box.map(0, [((0,), {}), ((1,), {}), ((2,), {})])
         assert [o.value for o in out] == [0, None, 4]
         assert "WorkerDied" in out[1].error and not out[1].timed_out

@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mhpo.models import build_tiny
 from mhpo.config import TinyModelConfig
+from mhpo.models import build_tiny
 from mhpo.rollout import PromptEncoder, completion_mask, eos_token_ids, pack, sample, sampling_config
 from mhpo.tasks import Example
 from mhpo.update import rollout_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,9 @@ def test_completion_mask_stops_after_the_first_eos():
 
 def test_sampling_config_is_true_temperature_sampling(tiny):
     model, tok = tiny
-    cfg = sampling_config(model, do_sample=True, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=4, eos_ids=[2], pad_id=0)
+    cfg = sampling_config(
+        model, do_sample=True, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=4, eos_ids=[2], pad_id=0
+    )
     assert (cfg.top_k, cfg.top_p, cfg.temperature, cfg.repetition_penalty) == (0, 1.0, 0.7, 1.0)
 
 
@@ -62,7 +63,16 @@ def test_rollout_layout_groups_and_logprobs_match_generate_scores(tiny):
     from mhpo.rollout import repeat_rows
 
     rows = repeat_rows(prompts, 4)
-    cfg = sampling_config(model, do_sample=True, temperature=1.3, top_p=1.0, top_k=0, max_new_tokens=6, eos_ids=eos, pad_id=tok.pad_token_id)
+    cfg = sampling_config(
+        model,
+        do_sample=True,
+        temperature=1.3,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=6,
+        eos_ids=eos,
+        pad_id=tok.pad_token_id,
+    )
     out = model.generate(**rows, generation_config=cfg, output_logits=True, return_dict_in_generate=True)
     assert torch.equal(out.sequences[:, r.prompt_width :][r.completion_mask], r.completion_ids[r.completion_mask])
     logits = torch.stack(out.logits, 1).float() / 1.3  # [N, C, V]

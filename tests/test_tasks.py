@@ -94,7 +94,9 @@ def test_jsonl_dataset_task_passes_columns_and_holds_out_rows(tmp_path):
     ex = train[0]
     assert ex.columns["answer"] == ex.answer == ex.columns["solution"]
     assert "level" in ex.columns and "question" not in ex.columns
-    with pytest.raises(ValueError, match="task.prompt_column 'prompt' is not a column .* columns: question, solution, level"):
+    with pytest.raises(
+        ValueError, match="task.prompt_column 'prompt' is not a column .* columns: question, solution, level"
+    ):
         _task(name="dataset", path=str(path))
     with pytest.raises(ValueError, match="eval.size=50 is too large"):
         task.heldout(50, 0)
@@ -116,16 +118,26 @@ def test_parquet_dataset_task(tmp_path):
 def test_saved_hf_dataset_with_an_eval_split(tmp_path):
     import datasets
 
-    data = datasets.DatasetDict({
-        "train": datasets.Dataset.from_list(_rows(20)),
-        "test": datasets.Dataset.from_list([{"question": f"q{i}", "solution": str(i), "level": 0} for i in range(8)]),
-    })
+    data = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(_rows(20)),
+            "test": datasets.Dataset.from_list(
+                [{"question": f"q{i}", "solution": str(i), "level": 0} for i in range(8)]
+            ),
+        }
+    )
     data.save_to_disk(str(tmp_path / "ds"))
-    task = _task(name="dataset", path=str(tmp_path / "ds"), prompt_column="question", answer_column="solution",
-                 eval_split="test")
+    task = _task(
+        name="dataset", path=str(tmp_path / "ds"), prompt_column="question", answer_column="solution", eval_split="test"
+    )
     held = task.heldout(8, 0)
     assert sorted(ex.prompt for ex in held) == sorted(f"q{i}" for i in range(8))
     assert len(task.train_source(0, frozenset()).next(20)) == 20
     with pytest.raises(ValueError, match="has no split 'dev'; splits: train, test"):
-        _task(name="dataset", path=str(tmp_path / "ds"), prompt_column="question", answer_column="solution",
-              eval_split="dev")
+        _task(
+            name="dataset",
+            path=str(tmp_path / "ds"),
+            prompt_column="question",
+            answer_column="solution",
+            eval_split="dev",
+        )

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 
+from _train_helpers import jsonl
 from mhpo.config import load_config
 from mhpo.train import run_training
-
-from _train_helpers import jsonl
 
 
 def test_shortened_default_pipeline_learns(tmp_path):
@@ -30,9 +29,23 @@ def test_shortened_default_pipeline_learns(tmp_path):
 
     # what a run directory holds
     m = metrics[-1]
-    for key in ("reward/mean", "reward/std", "accuracy", "response_length/mean", "entropy", "grad_norm", "lr",
-                "policy/ratio/mean", "policy/ratio/p99", "policy/clip_frac", "policy/multiplier/mean",
-                "policy/mhpo/psi_mean", "policy/loss", "throughput/tokens_per_s", "time/step"):
+    for key in (
+        "reward/mean",
+        "reward/std",
+        "accuracy",
+        "response_length/mean",
+        "entropy",
+        "grad_norm",
+        "lr",
+        "policy/ratio/mean",
+        "policy/ratio/p99",
+        "policy/clip_frac",
+        "policy/multiplier/mean",
+        "policy/mhpo/psi_mean",
+        "policy/loss",
+        "throughput/tokens_per_s",
+        "time/step",
+    ):
         assert key in m, key
     evals = jsonl(run / "evals.jsonl")
     assert [(e["step"], e["stage"]) for e in evals] == [(0, "before"), (50, "periodic"), (100, "after")]
@@ -46,8 +59,14 @@ def test_shortened_default_pipeline_learns(tmp_path):
     assert {p.split("/")[-1] for p in summary["plots"]} == {"reward.png", "accuracy.png", "grad_norm.png"}
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     ckpt = run / "checkpoints" / "step_000100"
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "optimizer.safetensors", "rng.safetensors",
-                 "trainer_state.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "optimizer.safetensors",
+        "rng.safetensors",
+        "trainer_state.json",
+    ):
         assert (ckpt / name).is_file(), name
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000100"
     assert (run / "samples" / "step_000100.jsonl").is_file()

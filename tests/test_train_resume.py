@@ -13,19 +13,34 @@ import time
 import torch
 from safetensors.torch import load_file
 
+from _train_helpers import ENV, SMALL, jsonl, mhpo_cli
 from mhpo.metrics import strip_timing
 
-from _train_helpers import ENV, SMALL, jsonl, mhpo_cli
-
 STEPS = 16
-ARGS = [*SMALL, "train.checkpoint_every=4", "train.tensorboard=true", "objective.name=mhpo"]
+ARGS = [*SMALL, "train.checkpoint_every=4", "train.report_to=[tensorboard]", "objective.name=mhpo"]
 
 
 def _start(run, cache, *extra, env=None):
     return subprocess.Popen(
-        [sys.executable, "-m", "mhpo.cli", "train", "--output-dir", str(run), "--steps", str(STEPS), "--seed", "3",
-         *ARGS, f"warmup.cache_dir={cache}", *extra],
-        env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mhpo.cli",
+            "train",
+            "--output-dir",
+            str(run),
+            "--steps",
+            str(STEPS),
+            "--seed",
+            "3",
+            *ARGS,
+            f"warmup.cache_dir={cache}",
+            *extra,
+        ],
+        env={**ENV, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -56,8 +71,13 @@ def test_killed_runs_resume_to_the_uninterrupted_metrics(tmp_path):
     assert _last_step(run) == 8
 
     # 2. resume, then SIGKILL it at whatever it is doing once it has logged step 10
-    p = subprocess.Popen([sys.executable, "-m", "mhpo.cli", "train", "--resume", str(run)], env=ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mhpo.cli", "train", "--resume", str(run)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 600
     while _last_step(run) < 10 and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -7,14 +7,13 @@ import copy
 import pytest
 import torch
 
-from mhpo.config import TinyModelConfig
+from mhpo.config import ObjectiveConfig, TinyModelConfig, UpdateConfig
 from mhpo.models import build_tiny
 from mhpo.rollout import PromptEncoder, eos_token_ids, sample
 from mhpo.tasks import Example
 from mhpo.update import UpdateBatch, policy_update, rollout_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 
 def _setup():
@@ -24,7 +23,7 @@ def _setup():
     r = sample(model, tok, prompts, group_size=4, max_new_tokens=5, eos_ids=eos_token_ids(model, tok))
     old, _ = rollout_logprobs(model, r, temperature=1.0)
     adv = torch.linspace(-1.5, 1.5, len(r))
-    return model, UpdateBatch(r, old, adv)
+    return model, UpdateBatch(r, old, adv, norm_length=5.0)
 
 
 def _grads(model, batch, micro, objective, agg):
@@ -36,16 +35,18 @@ def _grads(model, batch, micro, objective, agg):
             captured.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
 
     opt = Capture(model.parameters(), lr=0.0)
-    stats = policy_update(
-        model, opt, batch, objective=objective, hparams={}, agg=agg, beta=0.0, num_minibatches=1, epochs=1,
-        micro_batch_size=micro, max_grad_norm=1e9, temperature=1.0, norm_length=5.0,
-    )
+    update = UpdateConfig(num_minibatches=1, epochs=1, micro_batch_size=micro, max_grad_norm=1e9)
+    stats = policy_update(model, opt, batch, ObjectiveConfig(name=objective, agg=agg), update).stats
     return captured, stats
 
 
 def test_micro_batches_give_the_full_minibatch_gradient():
     model, batch = _setup()
-    for objective, agg in (("mhpo", "token-mean"), ("grpo", "seq-mean-token-mean"), ("mhpo", "seq-mean-token-sum-norm")):
+    for objective, agg in (
+        ("mhpo", "token-mean"),
+        ("grpo", "seq-mean-token-mean"),
+        ("mhpo", "seq-mean-token-sum-norm"),
+    ):
         full, s_full = _grads(model, batch, None, objective, agg)
         micro, s_micro = _grads(model, batch, 5, objective, agg)
         assert full.keys() == micro.keys() and full
@@ -60,10 +61,8 @@ def test_second_minibatch_sees_ratios_away_from_one():
     model, batch = _setup()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     torch.manual_seed(0)
-    stats = policy_update(
-        model, opt, batch, objective="mhpo", hparams={}, agg="token-mean", beta=0.0, num_minibatches=2, epochs=1,
-        micro_batch_size=None, max_grad_norm=1.0, temperature=1.0, norm_length=5.0,
-    )
+    update = UpdateConfig(num_minibatches=2, epochs=1, max_grad_norm=1.0)
+    stats = policy_update(model, opt, batch, ObjectiveConfig(name="mhpo", agg="token-mean"), update).stats
     assert stats["update/optimizer_steps"] == 2
     assert stats["policy/ratio/max"] > 1.0 + 1e-4 or stats["policy/ratio/min"] < 1.0 - 1e-4
     assert stats["grad_norm"] > 0

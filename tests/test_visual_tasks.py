@@ -12,7 +12,7 @@ from PIL import Image
 from mhpo.config import load_config
 from mhpo.reward_functions import exact_match
 from mhpo.tasks import build_task, task_names
-from mhpo.tasks.visual import CELL, COLOURS, INK, VISUAL, make_bars, make_compare, make_count
+from mhpo.tasks.visual import COLOURS, INK, VISUAL, make_bars, make_compare, make_count
 
 
 def pixels(example) -> np.ndarray:
@@ -41,15 +41,20 @@ def blobs(image: np.ndarray, rgb) -> int:
 
 
 def task(name: str, **args):
-    return build_task(load_config(None, [f"task.name={name}"]).task if not args else
-                      load_config(None, [f"task.name={name}", *(f"task.args.{k}={v}" for k, v in args.items())]).task)
+    return build_task(
+        load_config(None, [f"task.name={name}"]).task
+        if not args
+        else load_config(None, [f"task.name={name}", *(f"task.args.{k}={v}" for k, v in args.items())]).task
+    )
 
 
 @pytest.mark.parametrize("name", list(VISUAL))
 def test_generator_is_a_pure_function_of_the_seed(name):
     t = task(name)
     a, b = t.heldout(12, 7), t.heldout(12, 7)
-    assert [(e.prompt, e.answer, e.columns["image"]) for e in a] == [(e.prompt, e.answer, e.columns["image"]) for e in b]
+    assert [(e.prompt, e.answer, e.columns["image"]) for e in a] == [
+        (e.prompt, e.answer, e.columns["image"]) for e in b
+    ]
     other = t.heldout(12, 8)
     assert [e.key for e in a] != [e.key for e in other]
     src1, src2 = t.train_source(3, frozenset()), t.train_source(3, frozenset())
@@ -102,7 +107,6 @@ def test_heldout_is_distinct_and_never_drawn_for_training():
 
 def test_exact_match_scores_the_answer_and_nothing_else():
     ex = task("add_numbers").heldout(20, 0)
-    assert exact_match(None, [e.answer for e in ex], [e.answer for e in ex]) == [1.0] * 20
     assert exact_match(None, [f" {e.answer}\n" for e in ex], [e.answer for e in ex]) == [1.0] * 20
     wrong = [str(int(e.answer) + 1) for e in ex]
     assert exact_match(None, wrong, [e.answer for e in ex]) == [0.0] * 20
@@ -117,11 +121,10 @@ def test_registry_names_and_argument_errors():
         task("count_shapes", max_count=12)
     with pytest.raises(ValueError, match="size 60: must be a multiple of 14"):
         task("count_shapes", size=60).heldout(1, 0)
-    assert CELL == 14
 
 
 def test_text_model_with_an_image_task_is_refused_before_loading():
-    from mhpo.cli import UsageError
+    from mhpo.errors import UsageError
     from mhpo.train import validate
 
     cfg = load_config(None, ["task.name=count_shapes", "eval.size=4"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mhpo.config import load_config
+from mhpo.config import ObjectiveConfig, UpdateConfig, load_config
 from mhpo.logprobs import model_logprobs
 from mhpo.multimodal import (
     MODEL_POSITIONS,
@@ -44,8 +44,9 @@ def _vision_params(model):
 def _rollout(model, processor, encoder, examples, group_size=2, seed=0):
     tok = text_tokenizer(processor)
     torch.manual_seed(seed)
-    return sample(model, tok, encoder(examples), group_size=group_size, max_new_tokens=3,
-                  eos_ids=eos_token_ids(model, tok))
+    return sample(
+        model, tok, encoder(examples), group_size=group_size, max_new_tokens=3, eos_ids=eos_token_ids(model, tok)
+    )
 
 
 def test_encoder_batch_layout(setup):
@@ -54,7 +55,9 @@ def test_encoder_batch_layout(setup):
     batch = encoder(examples)
     n_pad = (batch["input_ids"] == processor.image_token_id).sum(-1)
     assert n_pad.tolist() == [4, 4, 4]  # 56 px -> 4 x 4 patches -> 2 x 2 merged image tokens
-    assert isinstance(batch["pixel_values"], Ragged) and [r.shape for r in batch["pixel_values"].rows] == [(16, 1176)] * 3
+    assert (
+        isinstance(batch["pixel_values"], Ragged) and [r.shape for r in batch["pixel_values"].rows] == [(16, 1176)] * 3
+    )
     assert [r.tolist() for r in batch["image_grid_thw"].rows] == [[[1, 4, 4]]] * 3
     assert batch["position_ids"] is MODEL_POSITIONS and isinstance(batch["mm_token_type_ids"], TokenTypes)
     assert (batch["attention_mask"][:, -1] == 1).all()  # left padding
@@ -65,13 +68,20 @@ def test_the_image_changes_the_logprobs(setup):
     model, processor, task, encoder = setup
     ex = task.heldout(2, 0)
     swapped = [type(ex[0])(ex[0].prompt, ex[0].answer, {**ex[0].columns, "image": ex[1].columns["image"]})]
-    blank = [type(ex[0])(ex[0].prompt, ex[0].answer, {**ex[0].columns, "image": _png(Image.new("RGB", (56, 56), "white"))})]
+    blank = [
+        type(ex[0])(ex[0].prompt, ex[0].answer, {**ex[0].columns, "image": _png(Image.new("RGB", (56, 56), "white"))})
+    ]
     rollout = _rollout(model, processor, encoder, ex[:1], group_size=1)
     logps = []
     for examples in (ex[:1], swapped, blank):
         prompts = encoder(examples)
-        r = Rollout(rollout.input_ids, rollout.attention_mask, rollout.completion_mask, rollout.prompt_width,
-                    {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask")})
+        r = Rollout(
+            rollout.input_ids,
+            rollout.attention_mask,
+            rollout.completion_mask,
+            rollout.prompt_width,
+            {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask")},
+        )
         logps.append(rollout_logprobs(model, r, temperature=1.0)[0])
     assert not torch.allclose(logps[0], logps[1]) and not torch.allclose(logps[0], logps[2])
 
@@ -86,19 +96,35 @@ def test_recomputed_logprobs_match_the_sampler_and_do_not_depend_on_batching(set
     model, processor, task, encoder = setup
     tok = text_tokenizer(processor)
     prompts = encoder(task.heldout(4, 1))
-    gen = sampling_config(model, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=3,
-                          eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    gen = sampling_config(
+        model,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=3,
+        eos_ids=[tok.eos_token_id],
+        pad_id=tok.pad_token_id,
+    )
     gen.output_scores, gen.return_dict_in_generate = True, True
     rows = repeat_inputs(prompts, 3, 4)
     torch.manual_seed(3)
     out = model.generate(**model_kwargs(rows, rows["input_ids"], rows["attention_mask"]), generation_config=gen)
     P = rows["input_ids"].shape[1]
     tokens = out.sequences[:, P:]
-    sampled = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    sampled = (
+        torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
+        .gather(-1, tokens.unsqueeze(-1))
+        .squeeze(-1)
+    )
     keep = ~torch.isin(tokens, torch.tensor([processor.image_token_id, processor.video_token_id])).any(-1)
-    rollout = Rollout(out.sequences, torch.cat([rows["attention_mask"], torch.ones_like(tokens)], 1),
-                      torch.ones_like(tokens, dtype=torch.bool), P,
-                      {k: v for k, v in rows.items() if k not in ("input_ids", "attention_mask")})
+    rollout = Rollout(
+        out.sequences,
+        torch.cat([rows["attention_mask"], torch.ones_like(tokens)], 1),
+        torch.ones_like(tokens, dtype=torch.bool),
+        P,
+        {k: v for k, v in rows.items() if k not in ("input_ids", "attention_mask")},
+    )
     rollout = rollout.select(keep.nonzero().squeeze(-1), trim=False)  # rows that sampled no placeholder
     assert len(rollout) >= 6
     full, _ = rollout_logprobs(model, rollout, temperature=1.0)
@@ -112,11 +138,15 @@ def test_model_logprobs_of_a_batch_equal_those_of_each_row(setup):
     rollout = _rollout(model, processor, encoder, task.heldout(3, 2), group_size=2)
     extra = lambda r: model_kwargs({**r.model_inputs}, r.input_ids, r.attention_mask)  # noqa: E731
     with torch.no_grad():
-        batch, _ = model_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_width, **extra(rollout))
+        batch, _ = model_logprobs(
+            model, rollout.input_ids, rollout.attention_mask, rollout.prompt_width, **extra(rollout)
+        )
         for i in range(len(rollout)):
             row = rollout.select([i], trim=False)
             single, _ = model_logprobs(model, row.input_ids, row.attention_mask, row.prompt_width, **extra(row))
-            torch.testing.assert_close(batch[i] * rollout.completion_mask[i], single[0] * row.completion_mask[0], atol=2e-5, rtol=0)
+            torch.testing.assert_close(
+                batch[i] * rollout.completion_mask[i], single[0] * row.completion_mask[0], atol=2e-5, rtol=0
+            )
 
 
 def test_select_and_repeat_keep_each_sequence_with_its_own_pixels(setup):
@@ -132,7 +162,9 @@ def test_select_and_repeat_keep_each_sequence_with_its_own_pixels(setup):
     assert "position_ids" not in kw  # the model computes its own 3-D positions
     assert kw["mm_token_type_ids"].sum(-1).tolist() == [4, 4]  # derived from the ids: one per image token
     text = {"input_ids": torch.ones(3, 4, dtype=torch.long), "attention_mask": torch.ones(3, 4, dtype=torch.long)}
-    assert set(model_kwargs(select_inputs(text, [1], 3), text["input_ids"][:1], text["attention_mask"][:1])) == set(text)
+    assert set(model_kwargs(select_inputs(text, [1], 3), text["input_ids"][:1], text["attention_mask"][:1])) == set(
+        text
+    )
 
 
 def test_a_sampled_placeholder_ends_the_completion():
@@ -160,9 +192,9 @@ def test_two_rl_updates_train_the_vision_tower(setup):
         rollout = _rollout(model, processor, encoder, task.heldout(4, 10 + step), group_size=4, seed=step)
         old, _ = rollout_logprobs(model, rollout, temperature=1.0)
         adv = torch.randn(len(rollout), generator=torch.Generator().manual_seed(step))
-        stats = policy_update(model, opt, UpdateBatch(rollout, old, adv), objective="mhpo", hparams={}, agg="token-mean",
-                              beta=0.0, num_minibatches=2, epochs=1, micro_batch_size=3, max_grad_norm=1.0,
-                              temperature=1.0, norm_length=3.0)
+        update = UpdateConfig(num_minibatches=2, epochs=1, micro_batch_size=3, max_grad_norm=1.0)
+        batch = UpdateBatch(rollout, old, adv, norm_length=3.0)
+        stats = policy_update(model, opt, batch, ObjectiveConfig(name="mhpo", agg="token-mean"), update).stats
         assert stats["update/optimizer_steps"] == 2
     assert len(grads) == 4 and all(g > 0 for g in grads)  # every optimizer step got vision-tower gradients
     assert any(not torch.equal(before[n], p) for n, p in vision.items())

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from mhpo.cli import UsageError
 from mhpo.config import ConfigError, load_config, packaged_configs
+from mhpo.errors import UsageError
 from mhpo.train import add_arguments, config_from_args, run_training
 
 
@@ -39,8 +39,15 @@ def test_preset_and_config_name_resolve_to_the_packaged_file():
 # see docs/vlm.md (the rise is far larger than asserted).
 SEED = 0
 SHORT = [
-    f"seed={SEED}", "eval.size=100", "eval.pass_k=0", "eval.every=0", "train.steps=30",
-    "train.checkpoint_every=0", "train.progress=false", "train.plots=false", "train.tensorboard=false",
+    f"seed={SEED}",
+    "eval.size=100",
+    "eval.pass_k=0",
+    "eval.every=0",
+    "train.steps=30",
+    "train.checkpoint_every=0",
+    "train.progress=false",
+    "train.plots=false",
+    "train.report_to=[]",
 ]
 
 
@@ -61,7 +68,7 @@ def test_shortened_preset_warms_up_then_rl_raises_accuracy(short_run):
     assert mean(last) >= mean(first) + 0.10  # the sampled policy's training reward rises too
 
     # The final checkpoint reloads as a vision-language model with a torchvision-free processor.
-    from mhpo.models import load_pretrained
+    from mhpo.loading import load_pretrained
     from mhpo.vlm import ImageTextProcessor
 
     model, processor = load_pretrained(summary["checkpoint"], dtype=torch.float32, device=torch.device("cpu"))

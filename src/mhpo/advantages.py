@@ -9,7 +9,7 @@ counts in token-mean denominators. ``drop_zero_std`` removes such groups from th
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

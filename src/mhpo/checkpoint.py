@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .cli import UsageError
+from .errors import UsageError
 
 STATE_FILE = "trainer_state.json"
 FORMAT = 1
@@ -119,7 +119,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, js: dict, tensors: di
         state.setdefault(int(idx), {})[name] = value
     for idx, entry in js.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(entry)
-    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()} for g in js["param_groups"]]
+    groups = [
+        {k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+        for g in js["param_groups"]
+    ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})  # JSON turned tuples (betas) into lists
 
 
@@ -220,8 +223,15 @@ def save_checkpoint(
         maybe_fault("checkpoint", step)
         rng_js, rng_tensors = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        full.update({"optimizer": opt_js, "optimizer_saved": bool(save_optimizer), "scheduler": scheduler.state_dict(),
-                     "rng": rng_js, **state})
+        full.update(
+            {
+                "optimizer": opt_js,
+                "optimizer_saved": bool(save_optimizer),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_js,
+                **state,
+            }
+        )
     full["files"] = manifest(tmp)
     (tmp / STATE_FILE).write_text(dump_state(full))
     final = ckpt_root / name
@@ -333,7 +343,7 @@ def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The newest complete checkpoint (the ``latest`` pointer, or the highest step if newer)."""
+    """The complete checkpoint with the highest step (None when there is none)."""
     found = complete_checkpoints(ckpt_root)
     return found[-1][1] if found else None
 
@@ -373,7 +383,10 @@ def _load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(Path(ckpt) / name))
     except Exception as err:  # SafetensorError, OSError: a damaged file that the manifest did not catch
-        raise CheckpointError(f"checkpoint {ckpt} is damaged ({name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        raise CheckpointError(
+            f"checkpoint {ckpt} is damaged ({name}: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
 
 
 def restore_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler, warn=print) -> dict:
@@ -387,17 +400,23 @@ def restore_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, schedul
     ckpt = Path(ckpt)
     state = read_state(ckpt)
     if not is_resumable(state):
-        raise CheckpointError(f"checkpoint {ckpt} holds only the model (train.final_checkpoint=model); it cannot be resumed")
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds only the model (train.final_checkpoint=model); it cannot be resumed"
+        )
     if state.get("optimizer_saved", True):
         try:
             load_optimizer_state(optimizer, state["optimizer"], _load_tensors(ckpt, "optimizer.safetensors"))
         except (KeyError, ValueError, RuntimeError) as err:
             if isinstance(err, CheckpointError):
                 raise
-            raise CheckpointError(f"checkpoint {ckpt}: the optimizer state does not fit this model ({type(err).__name__})") from None
+            raise CheckpointError(
+                f"checkpoint {ckpt}: the optimizer state does not fit this model ({type(err).__name__})"
+            ) from None
     else:
-        warn(f"warning: checkpoint {ckpt.name} was saved without optimizer state (train.save_optimizer=false): "
-             "AdamW restarts from zero moments, so this run will not match an uninterrupted one")
+        warn(
+            f"warning: checkpoint {ckpt.name} was saved without optimizer state (train.save_optimizer=false): "
+            "AdamW restarts from zero moments, so this run will not match an uninterrupted one"
+        )
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"], _load_tensors(ckpt, "rng.safetensors"))
     return state

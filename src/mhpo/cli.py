@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import UsageError  # re-exported: mhpo.cli.UsageError
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mhpo.train", "RL with verifiable rewards on a causal LM (default: offline tiny demo)"),
     "eval": ("mhpo.evaluate", "evaluate a run on its held-out set, or any model on math benchmarks (--benchmarks)"),
@@ -18,10 +20,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "objectives": ("mhpo.commands.objectives", "list the registered objectives: formula and defaults"),
     "plot-multipliers": ("mhpo.commands.plot_multipliers", "plot the gradient multiplier M(r) of every objective"),
 }
-
-
-class UsageError(ValueError):
-    """A bad command-line or config value: printed as one line, exit status 2, no traceback."""
 
 
 def main(argv: list[str] | None = None) -> int:

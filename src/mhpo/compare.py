@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from .cli import UsageError
+from .errors import UsageError
 
 BASELINES = "mhpo,grpo,dapo,sapo,gspo,cispo,gmpo"
 
@@ -106,8 +106,11 @@ class Job:
     config: dict  # the full resolved config of this run
 
 
-def plan_jobs(base, specs, seeds: list[int], out: Path) -> list[Job]:
-    """One job per objective x seed; all share the config except objective and seed."""
+def plan_jobs(base, specs, seeds: list[int], out: Path, threads: int = 0) -> list[Job]:
+    """One job per objective x seed; all share the config except objective and seed.
+
+    ``threads`` (> 0) replaces an automatic ``train.threads`` (0), so that parallel runs share the
+    cores instead of each taking all of them."""
     from .config import from_dict, to_dict
 
     jobs = []
@@ -120,6 +123,8 @@ def plan_jobs(base, specs, seeds: list[int], out: Path) -> list[Job]:
             tree["objective"]["hparams"] = dict(hparams)
             tree["warmup"]["cache_dir"] = warm_cache
             tree["train"]["progress"] = False
+            if threads and not tree["train"]["threads"]:
+                tree["train"]["threads"] = threads
             from_dict(tree)  # validate
             jobs.append(Job(label, seed, str(out / "runs" / slug(label) / f"seed{seed}"), tree))
     return jobs
@@ -152,26 +157,35 @@ def run_jobs(jobs: list[Job], workers: int, echo=print) -> list[tuple[Job, str]]
                 done_count += 1
                 try:
                     s = fut.result()
-                    echo(f"[{done_count}/{len(jobs)}] {job.label} seed {job.seed}: accuracy "
-                         f"{s['accuracy_before_rl']:.1%} -> {s['accuracy_after_rl']:.1%} ({s['wall_seconds']:.0f} s; "
-                         f"{time.perf_counter() - t0:.0f} s elapsed)")
+                    echo(
+                        f"[{done_count}/{len(jobs)}] {job.label} seed {job.seed}: accuracy "
+                        f"{s['accuracy_before_rl']:.1%} -> {s['accuracy_after_rl']:.1%} ({s['wall_seconds']:.0f} s; "
+                        f"{time.perf_counter() - t0:.0f} s elapsed)"
+                    )
                 except Exception as err:  # a failed run is reported, the others go on
                     failures.append((job, f"{type(err).__name__}: {err}"))
-                    echo(f"[{done_count}/{len(jobs)}] {job.label} seed {job.seed}: FAILED ({type(err).__name__}: {err}); "
-                         f"log: {job.run_dir}/train.log")
+                    echo(
+                        f"[{done_count}/{len(jobs)}] {job.label} seed {job.seed}: FAILED ({type(err).__name__}: "
+                        f"{err}); "
+                        f"log: {job.run_dir}/train.log"
+                    )
     return failures
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides for every run")
-    parser.add_argument("--objectives", help=f"comma-separated, NAME or NAME[k=v,...] (default: the preset's; {BASELINES})")
+    parser.add_argument(
+        "--objectives", help=f"comma-separated, NAME or NAME[k=v,...] (default: the preset's; {BASELINES})"
+    )
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: %(default)s)")
     parser.add_argument("--preset", default="default", help=f"one of: {', '.join(PRESETS)} (default: %(default)s)")
     parser.add_argument("--config", metavar="FILE", help="base YAML config (the preset's overrides apply on top)")
     parser.add_argument("--steps", type=int, metavar="N", help="RL steps per run")
     parser.add_argument("--output-dir", metavar="DIR", help="default: runs/compare-<preset>")
     parser.add_argument("--jobs", type=int, default=None, help="parallel runs (default: the core count)")
-    parser.add_argument("--target", type=float, default=0.5, help="target accuracy for the report (default: %(default)s)")
+    parser.add_argument(
+        "--target", type=float, default=0.5, help="target accuracy for the report (default: %(default)s)"
+    )
 
 
 def run(args) -> int:
@@ -196,20 +210,33 @@ def run(args) -> int:
     except ConfigError as err:
         raise UsageError(str(err)) from None
     out = Path(args.output_dir or f"runs/compare-{args.preset}")
-    jobs = plan_jobs(base, specs, list(range(args.seeds)), out)
+    n_runs = len(specs) * args.seeds
+    cores = os.cpu_count() or 1
+    workers = args.jobs or min(cores, n_runs)
+    jobs = plan_jobs(base, specs, list(range(args.seeds)), out, threads=max(1, cores // workers))
     from .train import validate
 
     validate(base).scorer.close()  # task, rewards, model: checked once before any work
-    workers = args.jobs or min(os.cpu_count() or 1, len(jobs))
-    print(f"mhpo compare: {len(specs)} objectives x {args.seeds} seeds = {len(jobs)} runs, {workers} in parallel, "
-          f"preset {args.preset} ({preset.about}); output {out}")
+    print(
+        f"mhpo compare: {len(specs)} objectives x {args.seeds} seeds = {len(jobs)} runs, {workers} in parallel, "
+        f"preset {args.preset} ({preset.about}); output {out}"
+    )
     t0 = time.perf_counter()
     failures = run_jobs(jobs, workers)
     if failures:
-        print(f"{len(failures)} of {len(jobs)} runs failed; rerun the same command to retry them (finished runs are skipped)")
+        print(
+            f"{len(failures)} of {len(jobs)} runs failed; rerun the same command to retry them (finished runs are "
+            "skipped)"
+        )
         return 1
-    result = build_report([out / "runs"], out, target=args.target, reference=specs[0][0], order=[s[0] for s in specs],
-                          title=f"{args.preset} preset, {len(specs)} objectives x {args.seeds} seeds")
+    result = build_report(
+        [out / "runs"],
+        out,
+        target=args.target,
+        reference=specs[0][0],
+        order=[s[0] for s in specs],
+        title=f"{args.preset} preset, {len(specs)} objectives x {args.seeds} seeds",
+    )
     print("\n".join(result["summary"]))
     print(f"\n{len(jobs)} runs in {time.perf_counter() - t0:.0f} s; report: {out / 'report.md'}, {out / 'report.html'}")
     return 0

@@ -12,7 +12,6 @@ reward names, model path) live in :func:`mhpo.train.validate`, which also runs b
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -21,9 +20,11 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
+
+from .errors import did_you_mean
 
 
 class ConfigError(ValueError):
@@ -33,7 +34,9 @@ class ConfigError(ValueError):
 def _f(default, check: str | None = None, help: str = ""):
     """A dataclass field with a range rule (see RULES) and a one-line gloss."""
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"check": check, "help": help})
+        return field(
+            default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"check": check, "help": help}
+        )
     return field(default=default, metadata={"check": check, "help": help})
 
 
@@ -71,14 +74,20 @@ class TinyVisionConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("tiny", help="'tiny' (built-in tiny Qwen2 + char tokenizer), 'tiny-vlm' (tiny Qwen2.5-VL), "
-                           "a named model (smollm2-135m-instruct), a .gguf file, a local dir or a hub id")
+    name_or_path: str = _f(
+        "tiny",
+        help="'tiny' (built-in tiny Qwen2 + char tokenizer), 'tiny-vlm' (tiny Qwen2.5-VL), "
+        "a named model (smollm2-135m-instruct), a .gguf file, a local dir or a hub id",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16", "bf16-mixed"] = _f(
-        "auto", help="auto: bf16 on a GPU that has it, bf16-mixed on a CPU with native bf16 matmuls, else fp32")
+        "auto", help="auto: bf16 on a GPU that has it, bf16-mixed on a CPU with native bf16 matmuls, else fp32"
+    )
     device: str = _f("auto", help="auto | cpu | cuda | cuda:N | mps")
-    chat_template: Literal["auto", "on", "off"] = _f("auto", help="auto: apply the tokenizer's chat template when it has one")
+    chat_template: Literal["auto", "on", "off"] = _f(
+        "auto", help="auto: apply the tokenizer's chat template when it has one"
+    )
     trust_remote_code: bool = _f(False)
-    attn_implementation: Optional[str] = _f(None, help="passed to from_pretrained (e.g. sdpa, eager)")
+    attn_implementation: str | None = _f(None, help="passed to from_pretrained (e.g. sdpa, eager)")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     vision: TinyVisionConfig = field(default_factory=TinyVisionConfig)  # tiny-vlm's vision tower
 
@@ -87,21 +96,28 @@ class ModelConfig:
 class TaskConfig:
     name: str = _f("addition", help="a procedural task, 'rg:<reasoning-gym dataset>', or 'dataset' (with path)")
     args: dict = _f({}, help="task arguments (procedural: e.g. digits; rg: the dataset's config fields)")
-    path: Optional[str] = _f(None, help="dataset: a .jsonl / .parquet file, a saved HF dataset dir or a hub id")
+    path: str | None = _f(None, help="dataset: a .jsonl / .parquet file, a saved HF dataset dir or a hub id")
     prompt_column: str = _f("prompt")
     answer_column: str = _f("answer")
     split: str = _f("train", help="dataset split to train on")
-    eval_split: Optional[str] = _f(None, help="held-out split; default: hold out eval.size rows of the train split")
+    eval_split: str | None = _f(None, help="held-out split; default: hold out eval.size rows of the train split")
     train_size: int = _f(10000, ">=1", "rows generated for reasoning-gym tasks")
-    system_prompt: Optional[str] = _f(None, help="system message for chat models")
+    system_prompt: str | None = _f(None, help="system message for chat models")
 
 
 @dataclass
 class RewardsConfig:
-    functions: list = _f(["auto"], help="auto (the task's verifier), exact_match, math_verify, reasoning_gym, module:function, file.py:function")
-    weights: Optional[list] = _f(None, help="one weight per function (default 1 each)")
+    functions: list = _f(
+        ["auto"],
+        help="auto (the task's verifier), exact_match, math_verify, reasoning_gym, module:function, file.py:function",
+    )
+    weights: list | None = _f(None, help="one weight per function (default 1 each)")
     timeout_s: float = _f(10.0, ">0", "hard time limit per scored completion (the worker is killed and respawned)")
-    max_error_frac: float = _f(0.5, "(0,1]", "stop when a function fails on more than this share of its completions over error_window batches (1: never)")
+    max_error_frac: float = _f(
+        0.5,
+        "(0,1]",
+        "stop when a function fails on more than this share of its completions over error_window batches (1: never)",
+    )
     error_window: int = _f(20, ">=1", "scoring batches (one per RL step) in the error-budget window")
 
 
@@ -109,11 +125,11 @@ class RewardsConfig:
 class RolloutConfig:
     prompts_per_step: int = _f(32, ">=1", "prompts drawn per RL step")
     group_size: int = _f(8, ">=2", "completions sampled per prompt (G)")
-    max_new_tokens: Optional[int] = _f(None, ">=1", "default: the task's")
+    max_new_tokens: int | None = _f(None, ">=1", "default: the task's")
     temperature: float = _f(1.0, ">0")
     top_p: float = _f(1.0, "(0,1]")
     top_k: int = _f(0, ">=0", "0 = off (true temperature sampling)")
-    batch_size: Optional[int] = _f(None, ">=1", "rows per generate call (default: all)")
+    batch_size: int | None = _f(None, ">=1", "rows per generate call (default: all)")
 
 
 @dataclass
@@ -136,7 +152,7 @@ class ObjectiveConfig:
 class UpdateConfig:
     num_minibatches: int = _f(2, ">=1", "optimizer steps per rollout batch and epoch")
     epochs: int = _f(1, ">=1", "passes over each rollout batch")
-    micro_batch_size: Optional[int] = _f(None, ">=1", "rows per forward/backward (default: the minibatch)")
+    micro_batch_size: int | None = _f(None, ">=1", "rows per forward/backward (default: the minibatch)")
     max_grad_norm: float = _f(1.0, ">0")
 
 
@@ -164,25 +180,35 @@ class WarmupConfig:
     max_steps: int = _f(1500, ">=1", "cap on supervised steps")
     eval_every: int = _f(25, ">=1", "probe every N steps")
     eval_size: int = _f(256, ">=1", "probe set size (drawn like the held-out set, disjoint from it)")
-    cache_dir: Optional[str] = _f(None, help="where warm-up checkpoints are cached by config hash (default: <run>/warmup)")
+    cache_dir: str | None = _f(None, help="where warm-up checkpoints are cached by config hash (default: <run>/warmup)")
 
 
 @dataclass
 class EvalConfig:
-    size: Optional[int] = _f(None, ">=0", "held-out set size, fixed across seeds (0: no held-out evaluation; "
-                             "null: 200 for the built-in tiny models, 32 for a pretrained model)")
+    size: int | None = _f(
+        None,
+        ">=0",
+        "held-out set size, fixed across seeds (0: no held-out evaluation; "
+        "null: 200 for the built-in tiny models, 32 for a pretrained model)",
+    )
     seed: int = _f(2024, ">=0", "seed of the held-out set")
     every: int = _f(50, ">=0", "evaluate every N RL steps (0: only before and after)")
-    pass_k: Optional[int] = _f(None, ">=0", "pass@k by sampling k completions per prompt (0: off; null: 8 for the "
-                               "built-in tiny models, 0 for a pretrained model)")
-    max_new_tokens: Optional[int] = _f(None, ">=1", "held-out completion budget (null: the rollout's)")
+    pass_k: int | None = _f(
+        None,
+        ">=0",
+        "pass@k by sampling k completions per prompt (0: off; null: 8 for the "
+        "built-in tiny models, 0 for a pretrained model)",
+    )
+    max_new_tokens: int | None = _f(None, ">=1", "held-out completion budget (null: the rollout's)")
     temperature: float = _f(1.0, ">0")
     batch_size: int = _f(512, ">=1", "rows per generate call")
-    benchmarks: list = _f([], help="benchmark names or local files evaluated at every evaluation (as mhpo eval --benchmarks)")
+    benchmarks: list = _f(
+        [], help="benchmark names or local files evaluated at every evaluation (as mhpo eval --benchmarks)"
+    )
     benchmark_samples: int = _f(4, ">=1", "samples per benchmark problem (Avg@k, pass@k, maj@k)")
-    benchmark_limit: Optional[int] = _f(None, ">=1", "first N problems of each benchmark (null: all)")
-    benchmark_max_new_tokens: Optional[int] = _f(None, ">=1", "null: the run's max_new_tokens")
-    benchmark_data_dir: Optional[str] = _f(None, help="local copies of named benchmarks (DIR/<name>[.jsonl|.parquet])")
+    benchmark_limit: int | None = _f(None, ">=1", "first N problems of each benchmark (null: all)")
+    benchmark_max_new_tokens: int | None = _f(None, ">=1", "null: the run's max_new_tokens")
+    benchmark_data_dir: str | None = _f(None, help="local copies of named benchmarks (DIR/<name>[.jsonl|.parquet])")
 
 
 @dataclass
@@ -190,11 +216,15 @@ class TrainConfig:
     steps: int = _f(250, ">=0", "RL steps")
     checkpoint_every: int = _f(50, ">=0", "0: only at the end")
     keep_checkpoints: int = _f(2, ">=1")
-    final_checkpoint: Literal["full", "model", "none"] = _f("full", help="after the last step: full (resumable) | model (HF model + tokenizer only) | none")
-    save_optimizer: bool = _f(True, help="false: checkpoints skip optimizer.safetensors (a resume from one restarts AdamW, with a warning)")
+    final_checkpoint: Literal["full", "model", "none"] = _f(
+        "full", help="after the last step: full (resumable) | model (HF model + tokenizer only) | none"
+    )
+    save_optimizer: bool = _f(
+        True, help="false: checkpoints skip optimizer.safetensors (a resume from one restarts AdamW, with a warning)"
+    )
     threads: int = _f(0, ">=0", "torch CPU threads (0: auto = 1 for the tiny model, else all cores up to 8)")
     progress: bool = _f(True, help="rich progress bar")
-    tensorboard: bool = _f(True)
+    report_to: list = _f(["tensorboard"], help="trackers besides metrics.jsonl: tensorboard | wandb | trackio")
     plots: bool = _f(True)
 
 
@@ -302,7 +332,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """
     tree = yaml.safe_load(default_yaml()) or {}
     if path is not None:
-        tree = merge(tree, read_yaml(path))
+        tree = merge(tree, migrate(read_yaml(path)))
     for text in overrides:
         keys, value = parse_override(text)
         set_dotted(tree, keys, value)
@@ -310,7 +340,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def from_dict(tree: dict) -> Config:
-    return _build(Config, tree, "")
+    return _build(Config, migrate(tree), "")
+
+
+def migrate(tree: dict) -> dict:
+    """Keys renamed since a run directory was written, read in their new form:
+    ``train.tensorboard: true | false`` -> ``train.report_to: [tensorboard] | []``."""
+    train = tree.get("train")
+    if isinstance(train, dict) and "tensorboard" in train and "report_to" not in train:
+        train = dict(train)
+        tree = {**tree, "train": train}
+        train["report_to"] = ["tensorboard"] if train.pop("tensorboard") else []
+    return tree
 
 
 def to_dict(config) -> dict:
@@ -333,11 +374,6 @@ def config_hash(tree: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Structural validation.
-
-
-def did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _build(cls, data, where: str):

@@ -27,7 +27,7 @@ the sums (relative ~1e-7); the percentiles and min / max are exactly the same nu
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -38,8 +38,17 @@ SAMPLE = 1 << 15  # positions in the strided sample that sets the tail threshold
 MIN_SAMPLE = 512  # with fewer masked tokens in the sample, every masked token is kept
 Q_LOW, Q_HIGH = 0.01, 0.99
 _MHPO = ("psi", "zeta", "survival")
-_KEYS = ["ratio/mean", "ratio/min", "ratio/max", "ratio/p1", "ratio/p99", "log_ratio/abs_mean", "log_ratio/abs_p99",
-         "clip_frac", "multiplier/mean"]
+_KEYS = [
+    "ratio/mean",
+    "ratio/min",
+    "ratio/max",
+    "ratio/p1",
+    "ratio/p99",
+    "log_ratio/abs_mean",
+    "log_ratio/abs_p99",
+    "clip_frac",
+    "multiplier/mean",
+]
 
 
 def nearest_rank(q: float, n: int) -> int:
@@ -106,7 +115,9 @@ class ChunkStats:
     keys           mean keys to report even when no chunk gave them
     """
 
-    def __init__(self, mask: torch.Tensor, clip_thr, bounds, log_ratio_all, m_scale: float = 1.0, keys=(), n: int | None = None):
+    def __init__(
+        self, mask: torch.Tensor, clip_thr, bounds, log_ratio_all, m_scale: float = 1.0, keys=(), n: int | None = None
+    ):
         self.mask = mask.reshape(-1)
         self.n = int(torch.count_nonzero(self.mask)) if n is None else n
         if torch.is_tensor(clip_thr):
@@ -258,7 +269,12 @@ class ChunkStats:
             out[4] = _kth(big, big.numel() - top_abs + 1)
         if any(v is None for v in out):  # a threshold missed: the exact path over every masked token
             v = self.log_ratio_all()
-            exact = [float(v.min()), *masked_quantiles(v, (Q_LOW, Q_HIGH)), float(v.max()), masked_quantiles(v.abs(), (Q_HIGH,))[0]]
+            exact = [
+                float(v.min()),
+                *masked_quantiles(v, (Q_LOW, Q_HIGH)),
+                float(v.max()),
+                masked_quantiles(v.abs(), (Q_HIGH,))[0],
+            ]
             out = [exact[i] if out[i] is None else out[i] for i in range(5)]
         return out[0], out[1], out[2], out[3], out[4]
 
@@ -276,8 +292,13 @@ def log_ratio_order_stats(values: torch.Tensor) -> dict[str, float]:
     if values.numel() == 0:
         return {k: 0.0 for k in ("ratio/min", "ratio/max", "ratio/p1", "ratio/p99", "log_ratio/abs_p99")}
     p1, p99 = masked_quantiles(values, (Q_LOW, Q_HIGH))
-    return {"ratio/min": _exp(float(values.min())), "ratio/max": _exp(float(values.max())), "ratio/p1": _exp(p1),
-            "ratio/p99": _exp(p99), "log_ratio/abs_p99": masked_quantiles(values.abs(), (Q_HIGH,))[0]}
+    return {
+        "ratio/min": _exp(float(values.min())),
+        "ratio/max": _exp(float(values.max())),
+        "ratio/p1": _exp(p1),
+        "ratio/p99": _exp(p99),
+        "log_ratio/abs_p99": masked_quantiles(values.abs(), (Q_HIGH,))[0],
+    }
 
 
 def masked_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -290,8 +311,9 @@ def chunk_len(device: torch.device, numel: int) -> int:
     return max(min(CHUNK if device.type == "cpu" else numel, numel), 1)
 
 
-def make_chunk_stats(log_r_sample: torch.Tensor, mask: torch.Tensor, clip_thr, log_ratio_all, m_scale: float = 1.0,
-                     keys=()) -> ChunkStats:
+def make_chunk_stats(
+    log_r_sample: torch.Tensor, mask: torch.Tensor, clip_thr, log_ratio_all, m_scale: float = 1.0, keys=()
+) -> ChunkStats:
     """A ChunkStats whose tail thresholds come from ``log_r_sample`` (masked log r at
     :func:`sample_positions`)."""
     n = int(torch.count_nonzero(mask))

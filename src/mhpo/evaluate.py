@@ -20,47 +20,85 @@ import json
 import time
 from pathlib import Path
 
-from .cli import UsageError
+from .errors import UsageError
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("run_dir", metavar="DIR", nargs="?", help="a run directory (or one of its checkpoint directories)")
-    parser.add_argument("overrides", nargs="*", metavar="eval.KEY=VALUE", help="evaluation overrides, e.g. eval.pass_k=16")
-    parser.add_argument("--checkpoint", metavar="NAME", help="checkpoint name (step_000250) or path; default: the latest")
+    parser.add_argument(
+        "run_dir", metavar="DIR", nargs="?", help="a run directory (or one of its checkpoint directories)"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="eval.KEY=VALUE", help="evaluation overrides, e.g. eval.pass_k=16"
+    )
+    parser.add_argument(
+        "--checkpoint", metavar="NAME", help="checkpoint name (step_000250) or path; default: the latest"
+    )
     from .benchmarks.protocol import Settings
 
     d = Settings()
     b = parser.add_argument_group("benchmark mode (--benchmarks; docs/evaluation.md)")
-    b.add_argument("--model", metavar="M", help="RUN_DIR | MODEL_DIR | HUB_ID | FILE.gguf | a named model (default: DIR)")
-    b.add_argument("--benchmarks", metavar="NAMES", help="comma-separated: math500, aime24, aime25, amc23, hmmt25, gsm8k, "
-                   "geometry3k, mathvista, or local .jsonl / .parquet files / saved dataset dirs")
-    b.add_argument("--samples", "-k", type=int, default=d.samples, metavar="K", help="samples per problem (default: %(default)s)")
-    b.add_argument("--output-dir", "-o", metavar="OUT", help="default: DIR/eval/benchmarks for a run dir, else eval-<model>")
+    b.add_argument(
+        "--model", metavar="M", help="RUN_DIR | MODEL_DIR | HUB_ID | FILE.gguf | a named model (default: DIR)"
+    )
+    b.add_argument(
+        "--benchmarks",
+        metavar="NAMES",
+        help="comma-separated: math500, aime24, aime25, amc23, hmmt25, gsm8k, "
+        "geometry3k, mathvista, or local .jsonl / .parquet files / saved dataset dirs",
+    )
+    b.add_argument(
+        "--samples", "-k", type=int, default=d.samples, metavar="K", help="samples per problem (default: %(default)s)"
+    )
+    b.add_argument(
+        "--output-dir", "-o", metavar="OUT", help="default: DIR/eval/benchmarks for a run dir, else eval-<model>"
+    )
     b.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
     b.add_argument("--top-p", type=float, default=d.top_p, help="(default: %(default)s)")
     b.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="(default: %(default)s)")
     b.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     b.add_argument("--system-prompt", default=None, help="system message for chat models (default: none)")
-    b.add_argument("--prompt-template", default=d.template, metavar="TEXT",
-                   help="user turn, {problem} is replaced (default: %(default)r)")
-    b.add_argument("--answer-extraction", choices=("boxed", "math-verify"), default=d.answer_extraction,
-                   help="boxed: the last \\boxed{}; math-verify: also the last expression/number (default: %(default)s)")
-    b.add_argument("--greedy", action="store_true", help="also report greedy accuracy (one more completion per problem)")
+    b.add_argument(
+        "--prompt-template",
+        default=d.template,
+        metavar="TEXT",
+        help="user turn, {problem} is replaced (default: %(default)r)",
+    )
+    b.add_argument(
+        "--answer-extraction",
+        choices=("boxed", "math-verify"),
+        default=d.answer_extraction,
+        help="boxed: the last \\boxed{}; math-verify: also the last expression/number (default: %(default)s)",
+    )
+    b.add_argument(
+        "--greedy", action="store_true", help="also report greedy accuracy (one more completion per problem)"
+    )
     b.add_argument("--pass-k", metavar="K1,K2", help="pass@k to report (default: 1, 2, 4, ... and K)")
-    b.add_argument("--batch-size", type=int, default=d.batch_size, help="completions per generate call (default: %(default)s)")
+    b.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="completions per generate call (default: %(default)s)"
+    )
     b.add_argument("--limit", type=int, help="first N problems of each benchmark")
-    b.add_argument("--data-dir", metavar="DIR", help="local copies of named benchmarks: DIR/<name>[.jsonl|.parquet] "
-                   "(a save_to_disk dir or a file in the hub schema)")
+    b.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="local copies of named benchmarks: DIR/<name>[.jsonl|.parquet] "
+        "(a save_to_disk dir or a file in the hub schema)",
+    )
     b.add_argument("--split", help="split to read (default: the benchmark's)")
     for col in ("problem", "answer", "id", "image", "choices"):
         b.add_argument(f"--{col}-column", metavar="COL", help=f"column holding the {col} (default: the benchmark's)")
-    b.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16", "bf16-mixed"), default="auto",
-                   help="as model.dtype; auto: bf16 on a GPU with it, bf16-mixed on a CPU with native bf16 (default: %(default)s)")
+    b.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16", "bf16-mixed"),
+        default="auto",
+        help="as model.dtype; auto: bf16 on a GPU with it, bf16-mixed on a CPU with native bf16 (default: %(default)s)",
+    )
     b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
     b.add_argument("--chat-template", choices=("auto", "on", "off"), help="default: the run's, else auto")
     b.add_argument("--trust-remote-code", action="store_true")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the usable cores, at most 8)")
-    b.add_argument("--score-timeout", type=float, default=10.0, help="hard limit per scored completion, s (default: %(default)s)")
+    b.add_argument(
+        "--score-timeout", type=float, default=10.0, help="hard limit per scored completion, s (default: %(default)s)"
+    )
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -94,7 +132,10 @@ def run_benchmarks(args) -> int:
     if args.model is not None and args.run_dir is not None:
         raise UsageError(f"give the model once: --model {args.model!r} or DIR {args.run_dir!r}")
     if args.overrides:
-        raise UsageError(f"eval.KEY=VALUE overrides apply to a run's held-out evaluation, not to --benchmarks ({args.overrides[0]!r})")
+        raise UsageError(
+            "eval.KEY=VALUE overrides apply to a run's held-out evaluation, not to --benchmarks "
+            f"({args.overrides[0]!r})"
+        )
     names = split_names(args.benchmarks or "")
     if not names:
         raise UsageError("--benchmarks is empty; named benchmarks: " + ", ".join(benchmark_names()))
@@ -104,20 +145,41 @@ def run_benchmarks(args) -> int:
         raise UsageError(f"--pass-k {args.pass_k!r} must be comma-separated integers") from None
     columns = {f"{c}_column": getattr(args, f"{c}_column") for c in ("problem", "answer", "id", "image", "choices")}
     try:
-        settings = Settings(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed, system_prompt=args.system_prompt,
-                            template=args.prompt_template, answer_extraction=args.answer_extraction,
-                            greedy=args.greedy, batch_size=args.batch_size, pass_k=pass_k)
+        settings = Settings(
+            samples=args.samples,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            system_prompt=args.system_prompt,
+            template=args.prompt_template,
+            answer_extraction=args.answer_extraction,
+            greedy=args.greedy,
+            batch_size=args.batch_size,
+            pass_k=pass_k,
+        )
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         out = args.output_dir or _default_output_dir(model)
         threads = args.threads or min(8, len(os.sched_getaffinity(0)))
         torch.set_num_threads(threads)
-        summary = evaluate_benchmarks(
-            model, names, settings, out, data_dir=args.data_dir, limit=args.limit, columns=columns, split=args.split,
-            dtype=args.dtype, device=args.device, chat_template=args.chat_template,
-            trust_remote_code=args.trust_remote_code, checkpoint=args.checkpoint, score_timeout_s=args.score_timeout,
-            progress=not args.no_progress and sys.stderr.isatty(), log=print,
+        evaluate_benchmarks(
+            model,
+            names,
+            settings,
+            out,
+            data_dir=args.data_dir,
+            limit=args.limit,
+            columns=columns,
+            split=args.split,
+            dtype=args.dtype,
+            device=args.device,
+            chat_template=args.chat_template,
+            trust_remote_code=args.trust_remote_code,
+            checkpoint=args.checkpoint,
+            score_timeout_s=args.score_timeout,
+            progress=not args.no_progress and sys.stderr.isatty(),
+            log=print,
         )
     except ValueError as err:
         raise UsageError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
@@ -156,7 +218,9 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | None) -> tuple[Path, Pat
         from .checkpoint import complete_checkpoints
 
         names = [d.name for _, d in complete_checkpoints(run_dir / "checkpoints")]
-        raise UsageError(f"no complete checkpoint {checkpoint!r} in {str(run_dir)!r}; available: {', '.join(names) or 'none'}")
+        raise UsageError(
+            f"no complete checkpoint {checkpoint!r} in {str(run_dir)!r}; available: {', '.join(names) or 'none'}"
+        )
     return run_dir, path
 
 
@@ -167,8 +231,15 @@ def check_intact(run_dir: Path, ckpt: Path) -> None:
 
     problem = verify_checkpoint(ckpt)
     if problem is not None:
-        others = [d.name for _, d in complete_checkpoints(Path(run_dir) / "checkpoints") if d != ckpt and verify_checkpoint(d) is None]
-        raise UsageError(f"checkpoint {ckpt} is damaged ({problem}); intact checkpoints: {', '.join(others) or 'none'} (--checkpoint NAME)")
+        others = [
+            d.name
+            for _, d in complete_checkpoints(Path(run_dir) / "checkpoints")
+            if d != ckpt and verify_checkpoint(d) is None
+        ]
+        raise UsageError(
+            f"checkpoint {ckpt} is damaged ({problem}); intact checkpoints: {', '.join(others) or 'none'} "
+            "(--checkpoint NAME)"
+        )
 
 
 def evaluate_run(run_dir: str | Path, *, checkpoint: str | None = None, overrides=()) -> dict:
@@ -180,7 +251,8 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str | None = None, override
     from .checkpoint import atomic_write_json, read_state
     from .config import ConfigError, from_dict, parse_override, set_dotted, to_dict
     from .evaluation import evaluate
-    from .models import load_pretrained, resolve_device
+    from .loading import load_pretrained
+    from .models import resolve_device
     from .multimodal import text_tokenizer
     from .rollout import build_encoder, eos_token_ids
     from .seeding import derive_seed
@@ -202,24 +274,35 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str | None = None, override
     plan = validate(dataclasses.replace(cfg))
     if not plan.heldout:
         plan.scorer.close()
-        raise UsageError(f"run {str(run_dir)!r} has no held-out set (eval.size=0); give one, e.g. eval.size=100, "
-                         "or use mhpo eval --model ... --benchmarks ...")
+        raise UsageError(
+            f"run {str(run_dir)!r} has no held-out set (eval.size=0); give one, e.g. eval.size=100, "
+            "or use mhpo eval --model ... --benchmarks ..."
+        )
     try:
         torch.set_num_threads(cfg.train.threads or default_threads(cfg))
         device = resolve_device(cfg.model.device)
         precision = run_precision(cfg)
         # A vision-language checkpoint loads with its processor: the encoder takes the processor
         # (prompts with pixels), decoding and the EOS ids the processor's text tokenizer.
-        model, processor = load_pretrained(str(ckpt), dtype=precision.weights, device=device,
-                                           trust_remote_code=cfg.model.trust_remote_code)
+        model, processor = load_pretrained(
+            str(ckpt), dtype=precision.weights, device=device, trust_remote_code=cfg.model.trust_remote_code
+        )
         encoder = build_encoder(processor, chat_template=cfg.model.chat_template, system_prompt=cfg.task.system_prompt)
         tokenizer = text_tokenizer(processor)
         t0 = time.perf_counter()
         with precision.context(device):
             results, records = evaluate(
-                model, tokenizer, encoder, plan.scorer, plan.heldout, max_new_tokens=plan.eval_max_new_tokens,
-                eos_ids=eos_token_ids(model, tokenizer), pass_k=plan.pass_k, temperature=cfg.eval.temperature,
-                batch_size=cfg.eval.batch_size, seed=derive_seed(cfg.eval.seed, "pass@k"),
+                model,
+                tokenizer,
+                encoder,
+                plan.scorer,
+                plan.heldout,
+                max_new_tokens=plan.eval_max_new_tokens,
+                eos_ids=eos_token_ids(model, tokenizer),
+                pass_k=plan.pass_k,
+                temperature=cfg.eval.temperature,
+                batch_size=cfg.eval.batch_size,
+                seed=derive_seed(cfg.eval.seed, "pass@k"),
             )
         results["time/seconds"] = time.perf_counter() - t0
     finally:
@@ -227,7 +310,13 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str | None = None, override
     out_dir = run_dir / "eval"
     out_dir.mkdir(exist_ok=True)
     step = read_state(ckpt)["step"]
-    record = {"checkpoint": str(ckpt), "step": step, "heldout_size": len(plan.heldout), "eval": to_dict(cfg)["eval"], "results": results}
+    record = {
+        "checkpoint": str(ckpt),
+        "step": step,
+        "heldout_size": len(plan.heldout),
+        "eval": to_dict(cfg)["eval"],
+        "results": results,
+    }
     path = out_dir / f"{ckpt.name}.json"
     atomic_write_json(path, record)
     (out_dir / f"{ckpt.name}.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -13,7 +13,7 @@ training RNG untouched (so evaluating does not change the training run).
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -58,8 +58,14 @@ def evaluate(
     device = next(model.parameters()).device
     prompts = encoder(examples)
     greedy = sample(
-        model, tokenizer, prompts, group_size=1, do_sample=False, max_new_tokens=max_new_tokens,
-        eos_ids=eos_ids, batch_size=batch_size,
+        model,
+        tokenizer,
+        prompts,
+        group_size=1,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids,
+        batch_size=batch_size,
     )
     scores = scorer.score(examples, greedy.completions)
     n = len(examples)
@@ -73,8 +79,15 @@ def evaluate(
     if pass_k > 0:
         with seeded(seed, device):
             sampled = sample(
-                model, tokenizer, prompts, group_size=pass_k, do_sample=True, temperature=temperature,
-                max_new_tokens=max_new_tokens, eos_ids=eos_ids, batch_size=batch_size,
+                model,
+                tokenizer,
+                prompts,
+                group_size=pass_k,
+                do_sample=True,
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                eos_ids=eos_ids,
+                batch_size=batch_size,
             )
         rows = [ex for ex in examples for _ in range(pass_k)]
         s = scorer.score(rows, sampled.completions)

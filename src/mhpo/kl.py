@@ -1,6 +1,6 @@
 """KL penalty to a frozen reference policy: the DeepSeekMath k3 estimator.
 
-    k3 = exp(ref - logp) - (ref - logp) - 1   >= 0,   d k3 / d logp = 1 - exp(ref - logp)
+k3 = exp(ref - logp) - (ref - logp) - 1   >= 0,   d k3 / d logp = 1 - exp(ref - logp)
 """
 
 from __future__ import annotations

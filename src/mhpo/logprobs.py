@@ -168,7 +168,9 @@ def prompt_prefix_cache(base, input_ids, attention_mask, position_ids, rows: tor
     rounding. None when the cache is not one plain key/value pair per layer (e.g. sliding windows).
     """
     head = {"position_ids": position_ids[:, :-1]} if position_ids is not None else {}
-    cache = base(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], use_cache=True, **head).past_key_values
+    cache = base(
+        input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], use_cache=True, **head
+    ).past_key_values
     layers = getattr(cache, "layers", None)
     if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
         return None
@@ -193,12 +195,15 @@ def _shared_prompt_hidden(base, input_ids, attention_mask, prompt_width, model_i
         return None
     rows = torch.arange(len(key), device=key.device)
     first = torch.full((len(uniq),), len(key), dtype=torch.long, device=key.device).scatter_reduce(0, inv, rows, "amin")
-    cache = prompt_prefix_cache(base, input_ids[first, :P], attention_mask[first, :P],
-                                pos[first, :P] if pos is not None else None, inv)
+    cache = prompt_prefix_cache(
+        base, input_ids[first, :P], attention_mask[first, :P], pos[first, :P] if pos is not None else None, inv
+    )
     if cache is None:
         return None
     tail = {"position_ids": pos[:, P - 1 :]} if pos is not None else {}
-    out = base(input_ids=input_ids[:, P - 1 :], attention_mask=attention_mask, past_key_values=cache, use_cache=True, **tail)
+    out = base(
+        input_ids=input_ids[:, P - 1 :], attention_mask=attention_mask, past_key_values=cache, use_cache=True, **tail
+    )
     return out.last_hidden_state[:, :-1]
 
 

@@ -12,9 +12,9 @@ aggregate themselves (verl's agg_loss, TRL's normaliser); `policy_loss` aggregat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
-from typing import Mapping
 
 import torch
 
@@ -52,7 +52,7 @@ def policy_loss(
     num_seqs: float | None = None,  # global non-empty sequence count over the step (seq-mean-*)
     norm_length: float | None = None,  # constant L for seq-mean-token-sum-norm (default T)
     stats: bool = True,
-    impl: str = "auto",  # "auto": fused kernel where one applies; "compile": that kernel via torch.compile; "reference": autograd
+    impl: str = "auto",  # "auto": fused kernel (compiled on CUDA) | "compile": compiled everywhere | "reference"
     **hparams,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss (scalar, to minimise) and detached float diagnostics for objective ``name``.
@@ -63,7 +63,9 @@ def policy_loss(
     """
     check_agg(agg)
     x = _prepare(name, logp, old_logp, advantages, mask, ref_logp, beta, impl, hparams)
-    row = row_weights(x.keep, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length, dtype=x.lp.dtype)  # [B, 1]
+    row = row_weights(
+        x.keep, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length, dtype=x.lp.dtype
+    )  # [B, 1]
     fast = x.fast(torch.where(x.keep, x.adv * row, 0.0), stats, per_token=False)  # coef = w A, 0 off the mask
     if fast is not None:  # loss = -sum w A exp(psi - sg zeta), analytic backward
         loss, terms = fast
@@ -134,10 +136,16 @@ class _Prepared:
         is the diagnostics: a ChunkStats the eager kernel filled, Terms (compiled), or None."""
         if self.impl == "reference" or self.objective.fused is None:
             return None
-        compiled = self.impl == "compile"
+        compiled = use_compiled_kernel(self.impl, self.lp.device)
         sink = self.chunk_stats() if want_stats and not compiled else None
         out = self.objective.fast(
-            self.lp, self.old, coef, sink if sink is not None else want_stats, compiled=compiled, per_token=per_token, **self.hp
+            self.lp,
+            self.old,
+            coef,
+            sink if sink is not None else want_stats,
+            compiled=compiled,
+            per_token=per_token,
+            **self.hp,
         )
         if out is None:
             return None
@@ -178,6 +186,23 @@ class _Prepared:
         return objective_stats(self.log_r.detach(), self.keep, terms.multiplier, on_policy, terms.extras, kl)
 
 
+def use_compiled_kernel(impl: str, device: torch.device) -> bool:
+    """Whether a fused objective runs its torch.compile kernel: always for impl="compile"; for
+    "auto" on CUDA where triton is installed (one fused kernel instead of a dozen eager ones), never
+    on CPU (there the chunked eager kernel keeps its temporaries in cache and needs no compiler)."""
+    if impl == "compile":
+        return True
+    return impl == "auto" and device.type == "cuda" and _has_triton()
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return has_triton()
+
+
 def _prepare(name, logp, old_logp, advantages, mask, ref_logp, beta, impl, hparams) -> _Prepared:
     objective = get_objective(name)
     hp = objective.resolve(hparams)
@@ -215,7 +240,9 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, beta) -> None:
     shape = tuple(logp.shape)
     for arg in ("old_logp", "mask", "ref_logp"):
         if arg in tensors and tuple(tensors[arg].shape) != shape:
-            raise ValueError(f"policy_loss: {arg!r} has shape {tuple(tensors[arg].shape)}; expected {shape} like 'logp'")
+            raise ValueError(
+                f"policy_loss: {arg!r} has shape {tuple(tensors[arg].shape)}; expected {shape} like 'logp'"
+            )
     if tuple(advantages.shape) not in (shape[:1], shape):
         raise ValueError(
             f"policy_loss: 'advantages' has shape {tuple(advantages.shape)}; expected {shape[:1]} or {shape}"

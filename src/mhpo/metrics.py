@@ -1,9 +1,10 @@
-"""Run logs: ``metrics.jsonl`` (one line per RL step), ``evals.jsonl`` (one line per evaluation),
-and TensorBoard events under ``tensorboard/``.
+"""Run logs: ``metrics.jsonl`` (one line per RL step) and ``evals.jsonl`` (one line per evaluation),
+the source of truth, and the trackers of ``train.report_to`` (:mod:`mhpo.trackers`).
 
 Lines are flushed as they are written, so a killed run leaves complete lines (at most one torn last
 line, which readers skip). On resume, both files are cut back to the checkpoint's step and
-TensorBoard purges events after it, so the logs of a resumed run read like the uninterrupted run's.
+TensorBoard purges events after it (wandb and trackio resume their run), so the logs of a resumed
+run read like the uninterrupted run's.
 Keys under ``time/`` and ``throughput/`` are wall-clock measurements; everything else is a pure
 function of the config and seed on CPU.
 """
@@ -56,9 +57,13 @@ def _clean(value: Any) -> Any:
 
 
 class RunLogger:
-    """Writes metrics and evaluations of one run directory."""
+    """Writes the metrics and evaluations of one run directory, and passes them to its trackers."""
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(
+        self, run_dir: str | Path, report_to=(), config: dict | None = None, *, resume_step: int | None = None
+    ):
+        from .trackers import open_trackers
+
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.evals_path = self.run_dir / "evals.jsonl"
@@ -67,37 +72,33 @@ class RunLogger:
             truncate_jsonl(self.evals_path, resume_step)
         self._metrics = open(self.metrics_path, "a", buffering=1)
         self._evals = open(self.evals_path, "a", buffering=1)
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = resume_step + 1 if resume_step is not None else None
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
+        self.trackers = open_trackers(report_to, self.run_dir, config or {}, resume_step)
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"train/{key}", value, step)
+        self._track(step, "train", metrics)
 
     def log_eval(self, step: int, stage: str, results: dict[str, float]) -> None:
         record = {"step": step, "stage": stage, **{k: _clean(v) for k, v in results.items()}}
         self._evals.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in results.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"eval/{key}", value, step)
+        self._track(step, "eval", results)
+
+    def _track(self, step: int, prefix: str, values: dict) -> None:
+        from .trackers import finite_scalars
+
+        scalars = {f"{prefix}/{k}": v for k, v in finite_scalars(values).items()}
+        for tracker in self.trackers:
+            tracker.log(step, scalars)
 
     def flush(self) -> None:
         self._metrics.flush()
         self._evals.flush()
-        if self._tb is not None:
-            self._tb.flush()
+        for tracker in self.trackers:
+            getattr(tracker, "flush", lambda: None)()
 
     def close(self) -> None:
         self._metrics.close()
         self._evals.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self.trackers:
+            tracker.close()

@@ -20,9 +20,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "mhpo_source.json"  # written last into a converted model dir: what it was made from
@@ -79,7 +79,10 @@ def named_model_file(name: str) -> Path:
         raise ValueError(f"model {name!r} is not installed; install it with: {spec.install}") from None
     path = Path(str(dist.locate_file(spec.file)))
     if not path.is_file():
-        raise ValueError(f"model {name!r}: {spec.distribution} is installed but has no {spec.file}; reinstall it with: {spec.install}")
+        raise ValueError(
+            f"model {name!r}: {spec.distribution} is installed but has no {spec.file}; reinstall it with: "
+            f"{spec.install}"
+        )
     return path
 
 
@@ -105,7 +108,9 @@ def check_gguf(path: Path) -> str:
     except KeyError:
         raise ValueError(f"GGUF file {str(path)!r} names no general.architecture") from None
     except Exception as err:  # noqa: BLE001  (numpy / struct errors of a cut-off file)
-        raise ValueError(f"GGUF file {str(path)!r} is truncated or damaged ({type(err).__name__}: {err})".splitlines()[0]) from None
+        raise ValueError(
+            f"GGUF file {str(path)!r} is truncated or damaged ({type(err).__name__}: {err})".splitlines()[0]
+        ) from None
     supported = set(GGUF_SUPPORTED_ARCHITECTURES) | {"mistral"}
     if arch not in supported and not any(arch.startswith(a) for a in ("qwen2moe", "qwen3moe")):
         raise ValueError(
@@ -133,7 +138,10 @@ def load_gguf(path: str | Path, log: Callable[[str], None] | None = None):
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError, IndexError, OSError, RuntimeError) as err:
-        raise ValueError(f"GGUF file {str(path)!r} could not be loaded: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise ValueError(
+            f"GGUF file {str(path)!r} could not be loaded: "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
     finally:
         if was:
             hf_logging.enable_progress_bar()

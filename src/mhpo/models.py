@@ -166,7 +166,9 @@ def check_model_source(name_or_path: str) -> None:
     local_looking = name_or_path.startswith((".", "/", "~")) or path.exists()
     if local_looking:
         if not path.is_dir():
-            raise ValueError(f"model {name_or_path!r} is not a directory, a .gguf file or a named model ({', '.join(NAMED_MODELS)})")
+            raise ValueError(
+                f"model {name_or_path!r} is not a directory, a .gguf file or a named model ({', '.join(NAMED_MODELS)})"
+            )
         if not (path / "config.json").is_file():
             raise ValueError(f"model directory {name_or_path!r} has no config.json (not a transformers model)")
         if not any((path / f).is_file() for f in TOKENIZER_FILES):
@@ -178,7 +180,8 @@ def check_model_source(name_or_path: str) -> None:
     parts = name_or_path.split("/")
     if len(parts) > 2 or not all(parts):
         raise ValueError(
-            f"model {name_or_path!r} is neither built in ({', '.join(BUILT_IN)}), a named model ({', '.join(NAMED_MODELS)}), "
+            f"model {name_or_path!r} is neither built in ({', '.join(BUILT_IN)}), a named model "
+            f"({', '.join(NAMED_MODELS)}), "
             "a local directory, a .gguf file, nor a hub id like org/name"
         )
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
@@ -187,7 +190,8 @@ def check_model_source(name_or_path: str) -> None:
         found = try_to_load_from_cache(name_or_path, "config.json")
         if not isinstance(found, str):
             raise ValueError(
-                f"model {name_or_path!r} is not a local directory and not in the Hugging Face cache (HF_HUB_OFFLINE is set)"
+                f"model {name_or_path!r} is not a local directory and not in the Hugging Face cache (HF_HUB_OFFLINE is "
+                "set)"
             )
 
 
@@ -240,7 +244,9 @@ def neutral_generation_config(model) -> None:
     from transformers import GenerationConfig
 
     old = getattr(model, "generation_config", None)
-    keep = {k: getattr(old, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")}
+    keep = {
+        k: getattr(old, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    }
     model.generation_config = GenerationConfig(**{k: v for k, v in keep.items() if v is not None})
 
 
@@ -259,40 +265,5 @@ def build_tiny(tiny_cfg, seed: int):
         max_positions=tiny_cfg.max_positions,
         seed=seed,
     )
-    neutral_generation_config(model)
-    return model, tokenizer
-
-
-def load_pretrained(path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
-                    attn_implementation: str | None = None, log=None):
-    """(model, tokenizer) from a named model, a GGUF file, a local directory or a hub id.
-
-    A named model is converted once into the cache (:func:`mhpo.model_sources.ensure_named_model`)
-    and loaded from there; a GGUF file is dequantised on every load (``log`` says so). The pad token
-    is made explicit (:func:`align_special_tokens`). A vision-language model (its config has a
-    ``vision_config``, e.g. Qwen2.5-VL or a tiny-vlm checkpoint) is loaded with
-    :func:`mhpo.vlm.load_pretrained_vlm` and comes with its processor in place of the tokenizer.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .model_sources import NAMED_MODELS, ensure_named_model, is_gguf, load_gguf
-
-    if path in NAMED_MODELS:
-        path = str(ensure_named_model(path, log=log))
-    if is_gguf(path):
-        model, tokenizer = load_gguf(path, log=log)
-        model = model.to(device=device, dtype=dtype)
-    else:
-        if getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "vision_config", None) is not None:
-            from .vlm import load_pretrained_vlm
-
-            return load_pretrained_vlm(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                                       attn_implementation=attn_implementation)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
-    align_special_tokens(model, tokenizer)
     neutral_generation_config(model)
     return model, tokenizer

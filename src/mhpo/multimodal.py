@@ -28,11 +28,16 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
+
+# Qwen2-VL / Qwen2.5-VL's vision markers: an image is <|vision_start|><|image_pad|><|vision_end|> in
+# the prompt, and the processor expands the pad into one token per merged patch group.
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 
 IMAGE_COLUMN = "image"
 
@@ -51,7 +56,7 @@ class Ragged:
     rows: tuple[torch.Tensor, ...]
 
     @classmethod
-    def split(cls, flat: torch.Tensor, counts: Sequence[int]) -> "Ragged":
+    def split(cls, flat: torch.Tensor, counts: Sequence[int]) -> Ragged:
         """Row i gets the next counts[i] entries of ``flat`` (sum(counts) == len(flat))."""
         if sum(counts) != flat.shape[0]:
             raise ValueError(f"row counts sum to {sum(counts)}, but the tensor has {flat.shape[0]} entries")
@@ -60,10 +65,10 @@ class Ragged:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def select(self, idx: Sequence[int]) -> "Ragged":
+    def select(self, idx: Sequence[int]) -> Ragged:
         return Ragged(tuple(self.rows[i] for i in idx))
 
-    def repeat_interleave(self, repeats: int) -> "Ragged":
+    def repeat_interleave(self, repeats: int) -> Ragged:
         """Row i -> rows i*repeats .. i*repeats + repeats - 1 (as ``Tensor.repeat_interleave``)."""
         return Ragged(tuple(r for r in self.rows for _ in range(repeats)))
 
@@ -157,7 +162,9 @@ def repeat_inputs(inputs: Mapping[str, Any], repeats: int, n: int) -> dict[str, 
     return out
 
 
-def model_kwargs(inputs: Mapping[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor, device=None) -> dict[str, Any]:
+def model_kwargs(
+    inputs: Mapping[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor, device=None
+) -> dict[str, Any]:
     """Keyword inputs for ``model(...)`` / ``model.generate(...)`` over (input_ids, attention_mask).
 
     Ragged values are concatenated (left out when they hold no entry, e.g. a text-only batch),
@@ -201,9 +208,13 @@ def load_image(value, root: str | os.PathLike | None = None):
         if not path.is_absolute() and root is not None:
             path = Path(root) / path
         if not path.is_file():
-            raise ValueError(f"image {str(value)!r} does not exist" + (f" (looked in {str(root)!r})" if root is not None else ""))
+            raise ValueError(
+                f"image {str(value)!r} does not exist" + (f" (looked in {str(root)!r})" if root is not None else "")
+            )
         return _open(path, str(path))
-    raise ValueError(f"an image must be a path, bytes, a {{'bytes', 'path'}} dict or a PIL image, got {type(value).__name__}")
+    raise ValueError(
+        f"an image must be a path, bytes, a {{'bytes', 'path'}} dict or a PIL image, got {type(value).__name__}"
+    )
 
 
 def _open(source, name: str):
@@ -258,7 +269,9 @@ def image_messages(prompt, n_images: int, system_prompt: str | None = None) -> l
         messages = [{"role": "user", "content": [*images, {"type": "text", "text": prompt}]}]
     else:
         messages = [dict(m) for m in prompt]
-        has_image = any(isinstance(m.get("content"), list) and any(c.get("type") == "image" for c in m["content"]) for m in messages)
+        has_image = any(
+            isinstance(m.get("content"), list) and any(c.get("type") == "image" for c in m["content"]) for m in messages
+        )
         if n_images and not has_image:
             first = next((i for i, m in enumerate(messages) if m.get("role") == "user"), 0)
             content = messages[first].get("content")
@@ -278,8 +291,15 @@ class VisionPromptEncoder:
     (MODEL_POSITIONS). Same interface as :class:`mhpo.rollout.PromptEncoder` (``render``, call).
     """
 
-    def __init__(self, processor, *, chat: bool = True, system_prompt: str | None = None,
-                 image_column: str = IMAGE_COLUMN, image_root: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        processor,
+        *,
+        chat: bool = True,
+        system_prompt: str | None = None,
+        image_column: str = IMAGE_COLUMN,
+        image_root: str | os.PathLike | None = None,
+    ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.chat = chat
@@ -300,8 +320,6 @@ class VisionPromptEncoder:
             return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if not isinstance(example.prompt, str):
             raise ValueError("a prompt given as chat messages needs a processor with a chat template")
-        from .vlm import VISION_END, VISION_START
-
         return f"{VISION_START}{self.processor.image_token}{VISION_END}" * n + example.prompt
 
     def __call__(self, examples: Sequence) -> dict[str, Any]:
@@ -309,7 +327,11 @@ class VisionPromptEncoder:
         per_row = [example_images(ex.columns, self.image_column, self.image_root) for ex in examples]
         images = [im for row in per_row for im in row]
         enc = self.processor(
-            text=texts, images=images or None, return_tensors="pt", padding=True, padding_side="left",
+            text=texts,
+            images=images or None,
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
             add_special_tokens=not self.chat,
         )
         out: dict[str, Any] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -320,6 +342,8 @@ class VisionPromptEncoder:
             per_row_patches = [int(p.sum()) for p in torch.split(patches, n_images)]
             out["pixel_values"] = Ragged.split(enc["pixel_values"], per_row_patches)
             out["image_grid_thw"] = Ragged.split(grid, n_images)
-        out["mm_token_type_ids"] = TokenTypes(self.processor.image_token_id, getattr(self.processor, "video_token_id", None))
+        out["mm_token_type_ids"] = TokenTypes(
+            self.processor.image_token_id, getattr(self.processor, "video_token_id", None)
+        )
         out["position_ids"] = MODEL_POSITIONS
         return out

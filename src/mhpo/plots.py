@@ -54,6 +54,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         "grad_norm",
         "gradient norm before clipping",
         "grad norm",
-        [("mean over minibatches", *_series(metrics, "grad_norm"), "-"), ("max", *_series(metrics, "grad_norm/max"), ":")],
+        [
+            ("mean over minibatches", *_series(metrics, "grad_norm"), "-"),
+            ("max", *_series(metrics, "grad_norm/max"), ":"),
+        ],
     )
     return written

@@ -12,9 +12,13 @@ Per run, from its `evals.jsonl` (held-out evaluations) and `metrics.jsonl` (one 
     p99_abs_log_ratio  the largest per-step 99th percentile of |log r|
     entropy_change     mean entropy of the last 10 steps minus that of the first 10 (fewer for runs
                        shorter than 20 steps: half the steps each; 0 below 2 steps)
+    clip_frac          mean over steps of the fraction of update tokens whose multiplier is
+                       below 0.1 M(1) (gradient clipped away or nearly so)
+    response_length    mean completion length (tokens) over the same last steps as entropy_change
 
-Per objective (label), each number as mean +- sample std over seeds; curves of accuracy, reward,
-grad norm and entropy with a +-1 std band. A difference between two objectives is said to exceed
+Per objective (label), each number as mean +- sample std over seeds; per-step curves with a +-1 std
+band over seeds: accuracy, reward, grad norm, entropy, p99 |log r|, clip fraction, MHPO's survival
+weight exp(-zeta) (MHPO family only) and response length. A difference between two objectives is said to exceed
 the seed spread when |mean_a - mean_b| > std_a + std_b; with fewer than 2 seeds nothing is claimed.
 """
 
@@ -28,7 +32,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .cli import UsageError
+from .errors import UsageError
 from .metrics import read_jsonl
 
 SPIKE_FACTOR = 5.0
@@ -39,6 +43,10 @@ CURVES = (  # (file, key, title)
     ("metrics", "reward/mean", "mean reward (training rollouts)"),
     ("metrics", "grad_norm", "grad norm before clipping"),
     ("metrics", "entropy", "entropy per token (training rollouts)"),
+    ("metrics", "policy/log_ratio/abs_p99", "p99 |log r| over update tokens"),
+    ("metrics", "policy/clip_frac", "clip fraction: tokens with M(r) < 0.1 M(1)"),
+    ("metrics", "policy/mhpo/survival_mean", "MHPO survival weight exp(-zeta), token mean"),
+    ("metrics", "response_length/mean", "response length (tokens, training rollouts)"),
 )
 
 
@@ -68,6 +76,8 @@ class RunStats:
     max_grad_norm: float
     p99_abs_log_ratio: float
     entropy_change: float
+    clip_frac: float
+    response_length: float
     wall_seconds: float
 
 
@@ -92,7 +102,9 @@ def load_run(path: str | Path) -> Run:
     label = run_label(cfg["objective"])
     rest = {k: v for k, v in cfg.items() if k not in ("seed", "objective")}
     rest["objective"] = {k: v for k, v in cfg["objective"].items() if k not in ("name", "hparams")}
-    return Run(path, label, cfg["seed"], rest, read_jsonl(path / "evals.jsonl"), read_jsonl(path / "metrics.jsonl"), summary)
+    return Run(
+        path, label, cfg["seed"], rest, read_jsonl(path / "evals.jsonl"), read_jsonl(path / "metrics.jsonl"), summary
+    )
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -125,6 +137,9 @@ def run_stats(run: Run, target: float) -> RunStats:
     p99 = [m["policy/log_ratio/abs_p99"] for m in run.metrics if m.get("policy/log_ratio/abs_p99") is not None]
     ent = [m["entropy"] for m in run.metrics if m.get("entropy") is not None]
     n = min(EDGE_STEPS, len(ent) // 2)  # the two windows never overlap
+    clip = [m["policy/clip_frac"] for m in run.metrics if m.get("policy/clip_frac") is not None]
+    length = [m["response_length/mean"] for m in run.metrics if m.get("response_length/mean") is not None]
+    tail = length[-max(n, 1) :]
     return RunStats(
         label=run.label,
         seed=run.seed,
@@ -137,6 +152,8 @@ def run_stats(run: Run, target: float) -> RunStats:
         max_grad_norm=max(grads, default=0.0),
         p99_abs_log_ratio=max(p99, default=0.0),
         entropy_change=(sum(ent[-n:]) / n - sum(ent[:n]) / n) if n else 0.0,
+        clip_frac=sum(clip) / len(clip) if clip else 0.0,
+        response_length=sum(tail) / len(tail) if tail else 0.0,
         wall_seconds=float(run.summary.get("wall_seconds", 0.0)),
     )
 
@@ -147,8 +164,18 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-NUMERIC = ("accuracy_before_rl", "final_accuracy", "best_accuracy", "grad_spikes", "max_grad_norm",
-           "p99_abs_log_ratio", "entropy_change", "wall_seconds")
+NUMERIC = (
+    "accuracy_before_rl",
+    "final_accuracy",
+    "best_accuracy",
+    "grad_spikes",
+    "max_grad_norm",
+    "p99_abs_log_ratio",
+    "entropy_change",
+    "clip_frac",
+    "response_length",
+    "wall_seconds",
+)
 
 
 def aggregate(stats: list[RunStats]) -> dict:
@@ -205,13 +232,20 @@ def summary_lines(table: dict, reference: str) -> list[str]:
             if above:
                 lines.append(f"{name.capitalize()} above {reference} by more than the seed spread: {', '.join(above)}.")
             if within:
-                lines.append(f"{name.capitalize()} within the seed spread of {reference} (no evidence of a difference): {', '.join(within)}.")
+                lines.append(
+                    f"{name.capitalize()} within the seed spread of {reference} (no evidence of a difference): "
+                    f"{', '.join(within)}."
+                )
     collapsed = [f"{label} ({row['collapses']}/{row['n']})" for label, row in table.items() if row["collapses"]]
-    lines.append("Collapses (final accuracy below half the run's best): "
-                 + (", ".join(collapsed) if collapsed else "none") + ".")
+    lines.append(
+        "Collapses (final accuracy below half the run's best): " + (", ".join(collapsed) if collapsed else "none") + "."
+    )
     spiky = max(table, key=lambda k: table[k]["grad_spikes"][0])
     if table[spiky]["grad_spikes"][0] > 0:
-        lines.append(f"Most grad-norm spikes (> {SPIKE_FACTOR:g}x the run's median): {spiky} ({_pm(table[spiky]['grad_spikes'])} per run).")
+        lines.append(
+            f"Most grad-norm spikes (> {SPIKE_FACTOR:g}x the run's median): {spiky} "
+            f"({_pm(table[spiky]['grad_spikes'])} per run)."
+        )
     else:
         lines.append(f"No run had a grad-norm spike (> {SPIKE_FACTOR:g}x its median).")
     return lines
@@ -228,14 +262,45 @@ def _pm(ms: tuple[float, float], pct: bool = False, digits: int = 2) -> str:
 
 
 def table_rows(table: dict, target: float) -> list[list[str]]:
-    header = ["objective", "seeds", "acc. before RL", "final acc.", "best acc.", f"steps to {target:.0%}",
-              "collapses", "grad spikes", "max grad norm", "p99 |log r|", "entropy change"]
+    header = [
+        "objective",
+        "seeds",
+        "acc. before RL",
+        "final acc.",
+        "best acc.",
+        f"steps to {target:.0%}",
+        "collapses",
+        "grad spikes",
+        "max grad norm",
+        "p99 |log r|",
+        "entropy change",
+        "clip frac.",
+        "response length",
+    ]
     rows = [header]
     for label, r in table.items():
-        reach = "not reached" if r["steps_to_target"] is None else f"{r['steps_to_target'][0]:.0f} ({r['reached_target']}/{r['n']})"
-        rows.append([label, str(r["n"]), _pm(r["accuracy_before_rl"], pct=True), _pm(r["final_accuracy"], pct=True),
-                     _pm(r["best_accuracy"], pct=True), reach, f"{r['collapses']}/{r['n']}", _pm(r["grad_spikes"], digits=1),
-                     _pm(r["max_grad_norm"]), _pm(r["p99_abs_log_ratio"], digits=3), _pm(r["entropy_change"], digits=3)])
+        reach = (
+            "not reached"
+            if r["steps_to_target"] is None
+            else f"{r['steps_to_target'][0]:.0f} ({r['reached_target']}/{r['n']})"
+        )
+        rows.append(
+            [
+                label,
+                str(r["n"]),
+                _pm(r["accuracy_before_rl"], pct=True),
+                _pm(r["final_accuracy"], pct=True),
+                _pm(r["best_accuracy"], pct=True),
+                reach,
+                f"{r['collapses']}/{r['n']}",
+                _pm(r["grad_spikes"], digits=1),
+                _pm(r["max_grad_norm"]),
+                _pm(r["p99_abs_log_ratio"], digits=3),
+                _pm(r["entropy_change"], digits=3),
+                _pm(r["clip_frac"], digits=4),
+                _pm(r["response_length"], digits=1),
+            ]
+        )
     return rows
 
 
@@ -267,23 +332,29 @@ def plot_curves(runs: list[Run], out_dir: Path) -> list[Path]:
     colours = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     paths = []
     for source, key, title in CURVES:
-        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        if not any(data[key][label][0] for label in labels):
+            continue  # no run logs it (e.g. the survival weight without an MHPO-family objective)
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        smoothed = False
+        nonneg = all(m >= 0 for label in labels for m in data[key][label][1])  # then so is the band
         for i, label in enumerate(labels):
             steps, mean, sd = data[key][label]
             if not steps:
                 continue
             if source == "metrics" and len(steps) > 20:  # smooth noisy per-step curves for display
-                mean, sd = _smooth(mean), _smooth(sd)
+                mean, sd, smoothed = _smooth(mean), _smooth(sd), True
             c = colours(i)
             ax.plot(steps, mean, color=c, lw=1.6, label=label, marker="o" if source == "evals" else None, ms=3)
-            ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], color=c, alpha=0.15)
+            low = [max(m - s, 0.0) if nonneg else m - s for m, s in zip(mean, sd)]
+            ax.fill_between(steps, low, [m + s for m, s in zip(mean, sd)], color=c, alpha=0.15)
         ax.set_xlabel("RL step")
-        ax.set_title(title + (" (10-step moving average)" if source == "metrics" else "") + ", mean +- 1 std over seeds", fontsize=9)
+        note = " (10-step moving average)" if smoothed else ""
+        ax.set_title(f"{title}{note}, mean +- 1 std over seeds", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         path = out_dir / f"{key.replace('/', '_')}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -315,15 +386,16 @@ def html_page(rows, lines, plots, meta) -> str:
     head = "".join(f"<th>{esc(c)}</th>" for c in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
     imgs = "".join(
-        f'<img alt="{esc(p.stem)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">' for p in plots
+        f'<img alt="{esc(p.stem)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        for p in plots
     )
     items = "".join(f"<li>{esc(line)}</li>" for line in lines)
     defs = "".join(f"<li>{esc(d)}</li>" for d in DEFINITIONS)
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(meta['title'])}</title>
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(meta["title"])}</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 td:first-child,th:first-child{{text-align:left}}img{{max-width:49%;margin:0.5%}}</style></head><body>
-<h1>Stability report: {esc(meta['title'])}</h1><p>{esc(meta['setting'])}</p>
+<h1>Stability report: {esc(meta["title"])}</h1><p>{esc(meta["setting"])}</p>
 <table><tr>{head}</tr>{body}</table><h2>Summary</h2><ul>{items}</ul><h2>Curves</h2>{imgs}
 <h2>Definitions</h2><ul>{defs}</ul></body></html>
 """
@@ -332,17 +404,30 @@ td:first-child,th:first-child{{text-align:left}}img{{max-width:49%;margin:0.5%}}
 DEFINITIONS = [
     "Each cell is mean +- sample std over seeds; accuracies are greedy exact-match on the fixed held-out set.",
     "Best accuracy: the highest over all evaluations of a run, the one before RL included.",
-    "Steps to target: first evaluated RL step at or above the target, averaged over the runs that reached it (count in brackets).",
+    "Steps to target: first evaluated RL step at or above the target, averaged over the runs that reached it (count in "
+    "brackets).",
     "Collapse: a run whose final accuracy is below half of its best (it fell and did not recover).",
-    f"Grad spikes: RL steps whose grad norm before clipping (the largest of the step's optimizer steps) exceeds {SPIKE_FACTOR:g}x that run's median; max grad norm is the largest over all steps.",
+    "Grad spikes: RL steps whose grad norm before clipping (the largest of the step's optimizer steps) exceeds "
+    f"{SPIKE_FACTOR:g}x that run's median; max grad norm is the largest over all steps.",
     "p99 |log r|: the largest, over RL steps, of the per-step 99th percentile of |log pi/pi_old| over update tokens.",
-    f"Entropy change: mean per-token entropy of the last {EDGE_STEPS} RL steps minus that of the first {EDGE_STEPS} (half the steps each for runs shorter than {2 * EDGE_STEPS}).",
+    f"Entropy change: mean per-token entropy of the last {EDGE_STEPS} RL steps minus that of the first {EDGE_STEPS} "
+    f"(half the steps each for runs shorter than {2 * EDGE_STEPS}).",
+    "Clip frac.: mean over RL steps of the share of update tokens whose multiplier M(r) is below 0.1 M(1) (their "
+    "gradient clipped away or nearly so).",
+    "Response length: mean completion length in tokens over the same last steps as the entropy change.",
     "A difference exceeds the seed spread when |mean_a - mean_b| > std_a + std_b; this is a rough screen, not a test.",
 ]
 
 
-def build_report(paths: list[str | Path], out_dir: str | Path, *, target: float = 0.5, reference: str | None = None,
-                 title: str | None = None, order: list[str] | None = None) -> dict:
+def build_report(
+    paths: list[str | Path],
+    out_dir: str | Path,
+    *,
+    target: float = 0.5,
+    reference: str | None = None,
+    title: str | None = None,
+    order: list[str] | None = None,
+) -> dict:
     """Load the runs under ``paths``, write report.md, report.html, report.json and PNGs into ``out_dir``.
 
     Objectives are listed in ``order`` (default: the reference, then as found); the others are
@@ -352,7 +437,9 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, target: float 
     for r in runs[1:]:
         if r.config != base:
             diff = sorted(k for k in set(base) | set(r.config) if base.get(k) != r.config.get(k))
-            raise UsageError(f"runs differ in more than objective and seed ({r.path} vs {runs[0].path}: {', '.join(diff)})")
+            raise UsageError(
+                f"runs differ in more than objective and seed ({r.path} vs {runs[0].path}: {', '.join(diff)})"
+            )
     seen = {}
     for r in runs:
         if (r.label, r.seed) in seen:
@@ -373,23 +460,38 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, target: float 
     lines = summary_lines(table, reference)
     meta = {
         "title": title or f"{base['task']['name']}, {len(table)} objectives x {len({r.seed for r in runs})} seeds",
-        "setting": (f"task {base['task']['name']}, model {base['model']['name_or_path']}, {base['train']['steps']} RL steps, "
-                    f"lr {base['optim']['lr']:g}, {base['rollout']['prompts_per_step']} prompts x group {base['rollout']['group_size']}, "
-                    f"{base['update']['num_minibatches']} minibatches x {base['update']['epochs']} epochs, agg {base['objective']['agg']}; "
-                    f"runs differ only in objective and seed; target accuracy {target:.0%}."),
+        "setting": (
+            f"task {base['task']['name']}, model {base['model']['name_or_path']}, {base['train']['steps']} RL steps, "
+            f"lr {base['optim']['lr']:g}, {base['rollout']['prompts_per_step']} prompts x group "
+            f"{base['rollout']['group_size']}, "
+            f"{base['update']['num_minibatches']} minibatches x {base['update']['epochs']} epochs, agg "
+            f"{base['objective']['agg']}; "
+            f"runs differ only in objective and seed; target accuracy {target:.0%}."
+        ),
     }
     (out_dir / "report.md").write_text(markdown(rows, lines, plots, meta))
     (out_dir / "report.html").write_text(html_page(rows, lines, plots, meta))
-    result = {"target": target, "reference": reference, "objectives": table, "runs": [asdict(s) for s in stats],
-              "summary": lines, "meta": meta}
-    (out_dir / "report.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    result = {
+        "target": target,
+        "reference": reference,
+        "objectives": table,
+        "runs": [asdict(s) for s in stats],
+        "summary": lines,
+        "meta": meta,
+    }
+    (out_dir / "report.json").write_text(json.dumps(_finite(result), indent=1, allow_nan=False))
     return result
 
 
-def _json_default(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    raise TypeError(type(o))
+def _finite(o):
+    """NaN and inf floats (nested anywhere) become None: strict JSON has no NaN."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,14 +502,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="a comparison directory, or run directories")
     parser.add_argument("--out", metavar="DIR", help="where to write the report (default: the first DIR)")
     parser.add_argument("--target", type=float, default=0.5, help="target held-out accuracy (default: %(default)s)")
-    parser.add_argument("--reference", help="objective label the others are compared with (default: mhpo, else the first)")
+    parser.add_argument(
+        "--reference", help="objective label the others are compared with (default: mhpo, else the first)"
+    )
+    parser.add_argument("--title", help="the report's title (default: the task, objectives x seeds)")
 
 
 def run(args) -> int:
     if not 0 < args.target <= 1:
         raise UsageError(f"--target {args.target} must be in (0, 1]")
     out = Path(args.out or args.dirs[0])
-    result = build_report(args.dirs, out, target=args.target, reference=args.reference)
+    result = build_report(args.dirs, out, target=args.target, reference=args.reference, title=args.title)
     print("\n".join(result["summary"]))
     print(f"\nwrote {out / 'report.md'}, {out / 'report.html'}, {out / 'report.json'}")
     return 0

@@ -6,7 +6,7 @@
                     answer is the last <answer>...</answer> span if there is one, else the stripped
                     completion
 
-This file is loaded by path inside the sandbox worker (see :mod:`mhpo.sandbox`), so it imports
+This file is loaded by path inside the timeout worker (see :mod:`mhpo.timeout_worker`), so it imports
 nothing from the ``mhpo`` package and nothing heavy at top level.
 """
 
@@ -16,7 +16,7 @@ import atexit
 import contextlib
 import shutil
 import tempfile
-from functools import lru_cache
+from functools import cache, lru_cache
 
 
 def exact_match(prompts, completions, answer, **_) -> list[float]:
@@ -52,7 +52,7 @@ def _scratch() -> str:
     return path
 
 
-@lru_cache(maxsize=None)
+@cache
 def _rg_scorer(name: str):
     import reasoning_gym
 

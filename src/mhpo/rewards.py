@@ -1,10 +1,10 @@
-"""Reward scoring: resolve ``rewards.functions``, run them in the sandbox, combine the scores.
+"""Reward scoring: resolve ``rewards.functions``, run them in a timeout worker process, combine the scores.
 
 Functions have TRL's signature ``f(prompts, completions, **columns) -> list[float]``: the built-ins
 of :mod:`mhpo.reward_functions` (exact_match, math_verify, reasoning_gym), ``auto`` (the task's
 verifier), or user functions named ``module:function`` / ``path/to/file.py:function``. Every
 function is called once per completion (one-element lists) in a worker process with a hard time
-limit (:mod:`mhpo.sandbox`), so a hang or an exception costs that completion only: it scores 0 and
+limit (:mod:`mhpo.timeout_worker`), so a hang or an exception costs that completion only: it scores 0 and
 is counted (``reward/errors``, ``reward/timeouts``); so does a score that is not a number, NaN or
 inf (None scores 0 and is not counted, as in TRL).
 
@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .cli import UsageError
+from .errors import UsageError
 
 _BUILTIN_FILE = Path(__file__).with_name("reward_functions.py")
 BUILTIN: dict[str, str] = {name: f"{_BUILTIN_FILE}:{name}" for name in ("exact_match", "math_verify", "reasoning_gym")}
@@ -42,7 +43,7 @@ CORRECT_AT = 1.0 - 1e-6
 
 
 def resolve(names: Sequence[str], task_reward: str) -> list[tuple[str, str]]:
-    """(metric name, sandbox spec) per configured function; 'auto' is the task's verifier."""
+    """(metric name, worker spec) per configured function; 'auto' is the task's verifier."""
     out = []
     for name in names:
         if not isinstance(name, str) or not name:
@@ -52,13 +53,13 @@ def resolve(names: Sequence[str], task_reward: str) -> list[tuple[str, str]]:
             out.append((name, BUILTIN[name]))
             continue
         if ":" not in name:
-            from .config import did_you_mean
+            from .errors import did_you_mean
 
             raise ValueError(
                 f"unknown reward function {name!r}{did_you_mean(name, BUILTIN)}; valid: auto, {', '.join(BUILTIN)}, "
                 "module:function, path/to/file.py:function"
             )
-        from .sandbox import split_spec
+        from .timeout_worker import split_spec
 
         target, fn = split_spec(name)
         _check_target(name, target)
@@ -98,9 +99,9 @@ def one_line(text: str, limit: int = 200) -> str:
 class ErrorBudget:
     """Per reward function: stop when it is broken, not when it is flaky.
 
-        stop  if  failures(first batch) == calls(first batch) > 0
-        or        sum failures / sum calls > max_frac   over the last ``window`` batches
-                                                       (checked once ``window`` batches were seen)
+    stop  if  failures(first batch) == calls(first batch) > 0
+    or        sum failures / sum calls > max_frac   over the last ``window`` batches
+                                                   (checked once ``window`` batches were seen)
     """
 
     def __init__(self, max_frac: float = 0.5, window: int = 20):
@@ -119,16 +120,21 @@ class ErrorBudget:
         seen = self._seen.setdefault(name, deque(maxlen=self.window))
         seen.append((failures, calls, first_error))
         if first_batch and failures == calls:
-            return (f"reward function {name!r} failed on all {calls} completion(s) of the first batch it scored "
-                    f"(first error: {one_line(first_error or 'unknown')})")
+            return (
+                f"reward function {name!r} failed on all {calls} completion(s) of the first batch it scored "
+                f"(first error: {one_line(first_error or 'unknown')})"
+            )
         if len(seen) < self.window:
             return None
         fails, total = sum(f for f, _, _ in seen), sum(c for _, c, _ in seen)
         if fails > self.max_frac * total:
             first = next((e for _, _, e in seen if e), "unknown")
-            return (f"reward function {name!r} failed on {fails} of {total} completions ({fails / total:.0%}) over the last "
-                    f"{len(seen)} scoring batches, more than rewards.max_error_frac={self.max_frac:g} "
-                    f"(first error: {one_line(first)})")
+            return (
+                f"reward function {name!r} failed on {fails} of {total} completions ({fails / total:.0%}) over the "
+                "last "
+                f"{len(seen)} scoring batches, more than rewards.max_error_frac={self.max_frac:g} "
+                f"(first error: {one_line(first)})"
+            )
         return None
 
 
@@ -146,10 +152,18 @@ class Scores:
 
 
 class RewardScorer:
-    """Weighted sum of reward functions, each called per completion in the sandbox."""
+    """Weighted sum of reward functions, each called per completion in the timeout worker."""
 
-    def __init__(self, names: Sequence[str], task_reward: str, weights: Sequence[float] | None, timeout_s: float,
-                 *, max_error_frac: float = 0.5, error_window: int = 20):
+    def __init__(
+        self,
+        names: Sequence[str],
+        task_reward: str,
+        weights: Sequence[float] | None,
+        timeout_s: float,
+        *,
+        max_error_frac: float = 0.5,
+        error_window: int = 20,
+    ):
         self.functions = resolve(names, task_reward)
         self.budget = ErrorBudget(max_error_frac, error_window)
         if weights is None:
@@ -161,9 +175,9 @@ class RewardScorer:
                 f"rewards.weights={list(weights)!r} must be {len(self.functions)} finite number(s), one per function"
             )
         self.weights = [float(w) for w in weights]
-        from .sandbox import Sandbox
+        from .timeout_worker import TimeoutWorker
 
-        self.sandbox = Sandbox([spec for _, spec in self.functions], timeout_s)
+        self.worker = TimeoutWorker([spec for _, spec in self.functions], timeout_s)
 
     @property
     def names(self) -> list[str]:
@@ -171,7 +185,7 @@ class RewardScorer:
 
     def check(self) -> None:
         """Wait for the worker to import every function; ValueError naming the first that failed."""
-        errors = self.sandbox.wait_loaded()
+        errors = self.worker.wait_loaded()
         if errors:
             raise ValueError(f"reward function {errors[0]}")
 
@@ -190,7 +204,7 @@ class RewardScorer:
         for k, (name, _) in enumerate(self.functions):
             values, first = [], None
             failures[name] = 0
-            for outcome in self.sandbox.map(k, calls):
+            for outcome in self.worker.map(k, calls):
                 value, problem = as_score(name, outcome, expected=1)
                 if problem is not None:
                     timeouts += outcome.timed_out
@@ -209,7 +223,7 @@ class RewardScorer:
         return Scores(total, per, correct, errors, timeouts, messages, failures)
 
     def close(self) -> None:
-        self.sandbox.close()
+        self.worker.close()
 
 
 def as_score(name: str, outcome, expected: int = 1) -> tuple[float, str | None]:
@@ -224,7 +238,8 @@ def as_score(name: str, outcome, expected: int = 1) -> tuple[float, str | None]:
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
         raise RewardFunctionError(
-            f"reward function {name!r} returned {type(value).__name__} {one_line(repr(value), 40)}, not a list of scores; "
+            f"reward function {name!r} returned {type(value).__name__} {one_line(repr(value), 40)}, not a list of "
+            "scores; "
             f"it must return one score per completion (expected a list of length {expected})"
         )
     if len(value) != expected:

@@ -20,15 +20,15 @@ sliced, repeated and turned into keyword arguments by its ``select_inputs`` / ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .logprobs import prompt_prefix_cache
 from .multimodal import cut_at_placeholders, model_kwargs, placeholder_ids, repeat_inputs, select_inputs
 from .tasks.base import Example
-
 
 # ---------------------------------------------------------------------------------------------
 # Prompts.
@@ -57,9 +57,6 @@ class PromptEncoder:
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def extra_inputs(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        return {}
-
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         texts = [self.render(ex) for ex in examples]
         tok = self.tokenizer
@@ -69,9 +66,7 @@ class PromptEncoder:
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not self.chat)
         finally:
             tok.padding_side = side
-        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        out.update(self.extra_inputs(examples))
-        return out
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 def build_encoder(tokenizer_or_processor, *, chat_template: str, system_prompt: str | None = None):
@@ -131,7 +126,7 @@ class Rollout:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, rows: torch.Tensor | Sequence[int], trim: bool = True) -> "Rollout":
+    def select(self, rows: torch.Tensor | Sequence[int], trim: bool = True) -> Rollout:
         """Rows ``rows`` (index tensor or list); ``trim`` drops all-padding columns at both ends.
 
         Dropping leading columns that are padding in every row leaves position ids unchanged
@@ -155,7 +150,7 @@ class Rollout:
 def completion_mask(tokens: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
     """[N, C] -> [N, C] bool: True up to and including the first EOS of each row.
 
-        mask_t = (number of EOS strictly before t) == 0
+    mask_t = (number of EOS strictly before t) == 0
     """
     is_eos = torch.isin(tokens, torch.as_tensor(list(eos_ids), device=tokens.device))
     before = is_eos.long().cumsum(-1) - is_eos.long()
@@ -231,8 +226,14 @@ def sample(
     cut_ids = placeholder_ids(rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos_ids[0])
     gen_cfg = sampling_config(
-        model, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-        max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+        model,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
     )
     n, P = rows["input_ids"].shape
     step = batch_size or n
@@ -247,7 +248,11 @@ def sample(
         for s in range(0, n, step):
             part = select_inputs(rows, list(range(s, min(s + step, n))), n)
             kwargs = model_kwargs(part, part["input_ids"], part["attention_mask"], device)
-            cache = prefill_prompts(model, prompts, s // group_size, (s + step) // group_size, group_size) if shared else None
+            cache = (
+                prefill_prompts(model, prompts, s // group_size, (s + step) // group_size, group_size)
+                if shared
+                else None
+            )
             if cache is not None:  # the prompts' KV cache, computed once per prompt, repeated per completion
                 kwargs["past_key_values"] = cache
             out = model.generate(**kwargs, generation_config=gen_cfg)  # [b, P + c]
@@ -291,5 +296,9 @@ def pack(prompts: dict[str, Any], completions: Sequence[Sequence[int]], pad_id: 
     P = prompts["input_ids"].shape[1]
     extra = {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask")}
     return Rollout(
-        torch.cat([prompts["input_ids"], tokens], 1), torch.cat([prompts["attention_mask"], cmask.long()], 1), cmask, P, extra
+        torch.cat([prompts["input_ids"], tokens], 1),
+        torch.cat([prompts["attention_mask"], cmask.long()], 1),
+        cmask,
+        P,
+        extra,
     )

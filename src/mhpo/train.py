@@ -4,7 +4,7 @@ The recipe, per RL step:
 
     prompts  = source.next(prompts_per_step)                       (resumable stream)
     rollout  = sample(policy, prompts, G per prompt)               KV cache, top_k=0, top_p=1
-    R        = rewards(rollout)                                    sandboxed, hard time limit
+    R        = rewards(rollout)                                    in a worker process, hard time limit
     A        = group advantages(R)                                 grpo | dr_grpo
     old_logp = logp under the policy now (first minibatch: from its own update forward pass, the
                rest: one no-grad pass); ref_logp only when beta > 0 or log_kl
@@ -29,14 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cli import UsageError
 from .config import Config, ConfigError, load_config, save_config, to_dict
+from .errors import UsageError
 from .seeding import derive_seed
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 # Keys that may differ between a run and its resumption (they do not change the computation).
-RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.tensorboard", "train.plots")
+RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.report_to", "train.plots", "train.threads")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,15 +44,27 @@ RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.tensorboard", "trai
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. objective.name=grpo")
-    parser.add_argument("--config", metavar="FILE", help="YAML config (keys as in the embedded default), or a packaged config's name")
-    parser.add_argument("--preset", metavar="NAME",
-                        help="a packaged config: default, vlm (tiny vision-language demo), smollm2-short-answers (real model)")
-    parser.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<task>-<objective>-s<seed>-<time>)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. objective.name=grpo"
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML config (keys as in the embedded default), or a packaged config's name"
+    )
+    parser.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="a packaged config: default, vlm (tiny vision-language demo), smollm2-short-answers (real model)",
+    )
+    parser.add_argument(
+        "--output-dir", metavar="DIR", help="run directory (default: runs/<task>-<objective>-s<seed>-<time>)"
+    )
     parser.add_argument("--steps", type=int, metavar="N", help="RL steps (train.steps)")
     parser.add_argument("--seed", type=int, metavar="S", help="run seed (seed)")
-    parser.add_argument("--model", metavar="PATH_OR_ID",
-                        help="causal LM: a named model (smollm2-135m-instruct), a .gguf file, a local directory or a hub id")
+    parser.add_argument(
+        "--model",
+        metavar="PATH_OR_ID",
+        help="causal LM: a named model (smollm2-135m-instruct), a .gguf file, a local directory or a hub id",
+    )
     parser.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR (only --steps may change)")
 
 
@@ -69,7 +81,10 @@ def run(args) -> int:
         cfg = config_from_args(args)
         run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(cfg)
         if (run_dir / CONFIG_FILE).exists():
-            raise UsageError(f"{str(run_dir)!r} already holds a run; continue it with --resume {run_dir} or pick another --output-dir")
+            raise UsageError(
+                f"{str(run_dir)!r} already holds a run; continue it with --resume {run_dir} or pick another "
+                "--output-dir"
+            )
         summary = run_training(cfg, run_dir, resume="never")
     print_summary(summary)
     return 0
@@ -141,6 +156,7 @@ def validate(cfg: Config) -> Plan:
     from .objectives import get_objective
     from .rewards import RewardScorer, resolve
     from .tasks import build_task
+    from .trackers import check_report_to
 
     def fail(err: Exception) -> UsageError:
         return UsageError(str(err).splitlines()[0] if str(err) else type(err).__name__)
@@ -150,6 +166,7 @@ def validate(cfg: Config) -> Plan:
         if cfg.objective.agg not in AGG_MODES:
             raise ValueError(f"unknown objective.agg {cfg.objective.agg!r}; valid aggregations: {', '.join(AGG_MODES)}")
         resolve(cfg.rewards.functions, "exact_match")  # names and specs; 'auto' is resolved below
+        check_report_to(cfg.train.report_to)
         check_model_source(cfg.model.name_or_path)
         resolve_device(cfg.model.device)
         if cfg.update.num_minibatches > cfg.rollout.prompts_per_step * cfg.rollout.group_size:
@@ -168,8 +185,14 @@ def validate(cfg: Config) -> Plan:
     except (ValueError, TypeError, ImportError, OSError) as err:
         raise fail(err) from None
     try:
-        scorer = RewardScorer(cfg.rewards.functions, task.reward, cfg.rewards.weights, cfg.rewards.timeout_s,
-                              max_error_frac=cfg.rewards.max_error_frac, error_window=cfg.rewards.error_window)
+        scorer = RewardScorer(
+            cfg.rewards.functions,
+            task.reward,
+            cfg.rewards.weights,
+            cfg.rewards.timeout_s,
+            max_error_frac=cfg.rewards.max_error_frac,
+            error_window=cfg.rewards.error_window,
+        )
     except ValueError as err:
         raise fail(err) from None
     try:
@@ -260,10 +283,14 @@ def run_training(config: Config, output_dir: str | Path, *, resume: str = "auto"
             raise UsageError(f"{str(run_dir)!r} already holds a run")
         changed = config_changes(saved_cfg, config)
         if changed:
-            raise UsageError(f"{str(run_dir)!r} holds a run with a different config (differs at {', '.join(changed[:3])})")
+            raise UsageError(
+                f"{str(run_dir)!r} holds a run with a different config (differs at {', '.join(changed[:3])})"
+            )
         summary = read_summary(run_dir)
         if summary and summary.get("complete") and summary.get("steps") == config.train.steps:
-            console.print(f"[bold]mhpo train[/]: {run_dir} is already complete ({config.train.steps} steps); nothing to do")
+            console.print(
+                f"[bold]mhpo train[/]: {run_dir} is already complete ({config.train.steps} steps); nothing to do"
+            )
             return summary
 
     plan = validate(config)
@@ -321,7 +348,8 @@ def model_loader(cfg: Config, log=None):
     seeded tiny model, anything else is loaded with from_pretrained (a named model, a GGUF file, a
     model dir, a hub id, a warm-up dir or a checkpoint dir; a vision-language model comes with its
     processor). Weights come in the dtype of :func:`run_precision` (float32 under bf16-mixed)."""
-    from .models import load_pretrained, resolve_device
+    from .loading import load_pretrained
+    from .models import resolve_device
 
     device = resolve_device(cfg.model.device)
     dtype = run_precision(cfg).weights
@@ -331,8 +359,14 @@ def model_loader(cfg: Config, log=None):
             if source in BUILDERS:
                 model, tok = BUILDERS[source](cfg)
                 return model.to(device=device, dtype=dtype), tok
-            return load_pretrained(source, dtype=dtype, device=device, trust_remote_code=cfg.model.trust_remote_code,
-                                   attn_implementation=cfg.model.attn_implementation, log=log)
+            return load_pretrained(
+                source,
+                dtype=dtype,
+                device=device,
+                trust_remote_code=cfg.model.trust_remote_code,
+                attn_implementation=cfg.model.attn_implementation,
+                log=log,
+            )
         except (OSError, ValueError) as err:
             raise UsageError(f"model {source!r} could not be loaded: {str(err).splitlines()[0]}") from None
 
@@ -343,7 +377,9 @@ def run_precision(cfg: Config):
     """The run's :class:`mhpo.models.Precision` (model.dtype on model.device)."""
     from .models import BUILT_IN, resolve_device, resolve_precision
 
-    return resolve_precision(cfg.model.dtype, resolve_device(cfg.model.device), built_in=cfg.model.name_or_path in BUILT_IN)
+    return resolve_precision(
+        cfg.model.dtype, resolve_device(cfg.model.device), built_in=cfg.model.name_or_path in BUILT_IN
+    )
 
 
 def warmup_stage(plan: Plan, run_dir: Path, load, console) -> tuple[str, dict]:
@@ -358,9 +394,15 @@ def warmup_stage(plan: Plan, run_dir: Path, load, console) -> tuple[str, dict]:
     show = cfg.train.progress and console.is_terminal
     with _progress(console, show, cfg.warmup.max_steps, 0, label="warm-up") as bar:
         path, info = ensure_warmup(
-            cfg, run_dir, build=lambda: load(cfg.model.name_or_path), task=plan.task, scorer=plan.scorer,
-            heldout_keys=heldout_keys, max_new_tokens=plan.max_new_tokens,
-            log=lambda m: console.print(m, highlight=False), progress=bar.warmup,
+            cfg,
+            run_dir,
+            build=lambda: load(cfg.model.name_or_path),
+            task=plan.task,
+            scorer=plan.scorer,
+            heldout_keys=heldout_keys,
+            max_new_tokens=plan.max_new_tokens,
+            log=lambda m: console.print(m, highlight=False),
+            progress=bar.warmup,
         )
     return str(path), {**{k: v for k, v in info.items() if k != "history"}, "path": str(path)}
 
@@ -385,124 +427,214 @@ def build_policy(cfg: Config, load, source: str, initial: str) -> Policy:
     except ValueError as err:
         raise UsageError(str(err)) from None
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+        model.parameters(),
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim, cfg.train.steps))
-    return Policy(model, tokenizer, encoder, eos_token_ids(model, tokenizer), optimizer, scheduler, reference, processor,
-                  run_precision(cfg))
+    return Policy(
+        model,
+        tokenizer,
+        encoder,
+        eos_token_ids(model, tokenizer),
+        optimizer,
+        scheduler,
+        reference,
+        processor,
+        run_precision(cfg),
+    )
 
 
 def _run(plan: Plan, run_dir: Path, console, *, resuming: bool, t_start: float) -> dict:
     """The stages of one run: warm-up, policy, evaluation before RL, RL, evaluation after RL."""
-    import torch
-
-    from . import checkpoint as ckpt
-    from .evaluation import evaluate
-    from .metrics import RunLogger
-
-    cfg = plan.cfg
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_root = run_dir / "checkpoints"
-    ckpt.clean_partial(ckpt_root)
-    warn = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    resume_from = ckpt.resume_checkpoint(ckpt_root, warn=warn) if resuming else None  # newest intact one
-    if not resuming:
-        save_config(cfg, run_dir / CONFIG_FILE)
-    load = model_loader(cfg, log=lambda m: console.print(f"[bold]mhpo train[/]: {m}", highlight=False))
-
-    # The RL-initial policy is only needed when starting, or as the KL reference.
-    needs_initial = resume_from is None or cfg.objective.beta > 0 or cfg.objective.log_kl
-    initial, warm_info = warmup_stage(plan, run_dir, load, console) if needs_initial else (cfg.model.name_or_path, {})
-    pol = build_policy(cfg, load, str(resume_from) if resume_from else initial, initial)
-    source = plan.task.train_source(derive_seed(cfg.seed, "rl-data"), frozenset(ex.key for ex in plan.heldout))
-    from .benchmarks.training import open_hook
-
+    run = TrainingRun(plan, run_dir, console, resuming=resuming, t_start=t_start)
     try:
-        bench = open_hook(cfg, run_dir, plan.max_new_tokens)  # eval.benchmarks at every evaluation, or None
-    except ValueError as err:
-        raise UsageError(str(err).splitlines()[0]) from None
+        run.start()  # a fresh start evaluates the RL-initial policy; a resume restores the checkpoint
+        run.train()
+        after, final = run.finish()
+    finally:
+        run.close()
+    return run.write_summary(after, final)
 
-    def run_eval(step: int, stage: str) -> dict:
+
+class TrainingRun:
+    """One run directory being trained: its policy, data, logs and checkpoints, and the state a
+    checkpoint carries besides weights and optimizer (evaluation before RL, warm-up, wall time)."""
+
+    def __init__(self, plan: Plan, run_dir: Path, console, *, resuming: bool, t_start: float):
+        from . import checkpoint as ckpt
+        from .benchmarks.training import open_hook
+        from .metrics import RunLogger
+
+        cfg = self.cfg = plan.cfg
+        self.plan, self.run_dir, self.console, self.t_start = plan, run_dir, console, t_start
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_root = run_dir / "checkpoints"
+        ckpt.clean_partial(self.ckpt_root)
+        self.resume_from = ckpt.resume_checkpoint(self.ckpt_root, warn=self.warn) if resuming else None
+        if not resuming:
+            save_config(cfg, run_dir / CONFIG_FILE)
+        load = model_loader(cfg, log=lambda m: console.print(f"[bold]mhpo train[/]: {m}", highlight=False))
+        # The RL-initial policy is only needed when starting, or as the KL reference.
+        needs_initial = self.resume_from is None or cfg.objective.beta > 0 or cfg.objective.log_kl
+        initial, self.warm_info = (
+            warmup_stage(plan, run_dir, load, console) if needs_initial else (cfg.model.name_or_path, {})
+        )
+        self.pol = build_policy(cfg, load, str(self.resume_from) if self.resume_from else initial, initial)
+        heldout_keys = frozenset(ex.key for ex in plan.heldout)
+        self.source = plan.task.train_source(derive_seed(cfg.seed, "rl-data"), heldout_keys)
+        try:
+            self.bench = open_hook(cfg, run_dir, plan.max_new_tokens)  # eval.benchmarks at every evaluation, or None
+        except ValueError as err:
+            raise UsageError(str(err).splitlines()[0]) from None
+        self.start_step = ckpt.read_state(self.resume_from)["step"] if self.resume_from is not None else 0
+        if resuming and self.resume_from is None:  # stopped before its first checkpoint: start over in place
+            for name in ("metrics.jsonl", "evals.jsonl"):
+                (run_dir / name).unlink(missing_ok=True)
+        resume_step = self.start_step if resuming else None
+        self.logger = RunLogger(run_dir, cfg.train.report_to, to_dict(cfg), resume_step=resume_step)
+        self.before: dict = {}
+        self.wall_before = 0.0
+        self.last_eval: tuple[int, dict] | None = None
+
+    def warn(self, line: str) -> None:
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def start(self) -> None:
+        """Restore a checkpoint's training state (every RNG last), or seed RL and evaluate the
+        RL-initial policy."""
+        import torch
+
+        from . import checkpoint as ckpt
+
+        if self.resume_from is not None:
+            pol = self.pol
+            state = ckpt.restore_training_state(self.resume_from, pol.optimizer, pol.scheduler, warn=self.warn)
+            self.source.load_state_dict(state["source"])
+            self.before, self.warm_info, self.wall_before = state["before_rl"], state["warmup"], state["wall_seconds"]
+            self.console.print(
+                f"[bold]mhpo train[/]: resuming {self.run_dir} from step {self.start_step} ({self.resume_from.name})"
+            )
+            return
+        torch.manual_seed(derive_seed(self.cfg.seed, "rl"))
+        self.before = self.evaluate(0, "before")
+        if "greedy/accuracy" in self.before:
+            self.console.print(_accuracy_line("before RL", self.before, self.plan.pass_k), highlight=False)
+
+    def train(self) -> None:
+        """The RL steps after the start step, with periodic evaluations and checkpoints."""
+        from . import checkpoint as ckpt
+
+        cfg, steps = self.cfg, self.cfg.train.steps
+        with _progress(self.console, cfg.train.progress, steps, self.start_step) as bar:
+            for step in range(self.start_step + 1, steps + 1):
+                with self.pol.autocast():
+                    metrics = rl_step(self.plan, self.pol, self.source)
+                self.logger.log_step(step, metrics)
+                ckpt.maybe_fault("step", step)
+                bar(step, metrics)
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < steps:
+                    self.last_eval = (step, self.evaluate(step, "periodic"))
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < steps:
+                    self.save(step)
+
+    def finish(self) -> tuple[dict, Path | None]:
+        """(evaluation after RL, final checkpoint or None; train.final_checkpoint: full | model | none)."""
+        from . import checkpoint as ckpt
+
+        steps, kind = self.cfg.train.steps, self.cfg.train.final_checkpoint
+        done = self.last_eval is not None and self.last_eval[0] == steps
+        after = self.last_eval[1] if done else self.evaluate(steps, "after")
+        final = None
+        if kind != "none" and (self.start_step < steps or ckpt.latest_checkpoint(self.ckpt_root) is None):
+            final = self.save(steps, kind)
+        elif kind != "none" and (self.ckpt_root / ckpt.step_dir_name(steps)).is_dir():
+            final = self.ckpt_root / ckpt.step_dir_name(steps)  # written before the run was stopped
+        self.logger.flush()
+        return after, final
+
+    def close(self) -> None:
+        self.logger.close()
+        if self.bench is not None:
+            self.bench.close()
+
+    def evaluate(self, step: int, stage: str) -> dict:
+        """Held-out evaluation (and eval.benchmarks) of the current policy; logged, samples saved."""
+        from .evaluation import evaluate
+
+        plan, pol, cfg = self.plan, self.pol, self.cfg
         results, records = {}, []
         if plan.heldout:
             with pol.autocast():
                 results, records = evaluate(
-                    pol.model, pol.tokenizer, pol.encoder, plan.scorer, plan.heldout,
-                    max_new_tokens=plan.eval_max_new_tokens, eos_ids=pol.eos_ids, pass_k=plan.pass_k,
-                    temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
+                    pol.model,
+                    pol.tokenizer,
+                    pol.encoder,
+                    plan.scorer,
+                    plan.heldout,
+                    max_new_tokens=plan.eval_max_new_tokens,
+                    eos_ids=pol.eos_ids,
+                    pass_k=plan.pass_k,
+                    temperature=cfg.eval.temperature,
+                    batch_size=cfg.eval.batch_size,
                     seed=derive_seed(cfg.eval.seed, "pass@k"),
                 )
-        if bench is not None:
+        if self.bench is not None:
             with pol.autocast():
-                results.update(bench(pol.model, pol.tokenizer, pol.encoder, pol.eos_ids, step))
+                results.update(self.bench(pol.model, pol.tokenizer, pol.encoder, pol.eos_ids, step))
         if not results:
             return results
-        logger.log_eval(step, stage, results)
+        self.logger.log_eval(step, stage, results)
         if records:
-            (run_dir / "samples").mkdir(exist_ok=True)
-            (run_dir / "samples" / f"step_{step:06d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            samples = self.run_dir / "samples"
+            samples.mkdir(exist_ok=True)
+            (samples / f"step_{step:06d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         return results
 
-    def save(step: int, kind: str = "full"):
-        logger.flush()
-        state = {"source": source.state_dict(), "before_rl": before, "warmup": warm_info, "config_hash": _cfg_hash(cfg),
-                 "wall_seconds": wall_before + time.perf_counter() - t_start}
-        return ckpt.save_checkpoint(ckpt_root, step, model=pol.model, tokenizer=pol.processor, optimizer=pol.optimizer,
-                                    scheduler=pol.scheduler, state=state, keep=cfg.train.keep_checkpoints, kind=kind,
-                                    save_optimizer=cfg.train.save_optimizer)
+    def save(self, step: int, kind: str = "full") -> Path:
+        from . import checkpoint as ckpt
 
-    start_step = ckpt.read_state(resume_from)["step"] if resume_from is not None else 0
-    if resuming and resume_from is None:  # stopped before its first checkpoint: start over in place
-        for name in ("metrics.jsonl", "evals.jsonl"):
-            (run_dir / name).unlink(missing_ok=True)
-    logger = RunLogger(run_dir, tensorboard=cfg.train.tensorboard, resume_step=start_step if resuming else None)
-    try:
-        if resume_from is not None:
-            state = ckpt.restore_training_state(resume_from, pol.optimizer, pol.scheduler, warn=warn)  # sets every RNG: last
-            source.load_state_dict(state["source"])
-            before, warm_info, wall_before = state["before_rl"], state["warmup"], state["wall_seconds"]
-            console.print(f"[bold]mhpo train[/]: resuming {run_dir} from step {start_step} ({resume_from.name})")
-        else:
-            torch.manual_seed(derive_seed(cfg.seed, "rl"))
-            before, wall_before = run_eval(0, "before"), 0.0
-            if "greedy/accuracy" in before:
-                console.print(_accuracy_line("before RL", before, plan.pass_k), highlight=False)
+        self.logger.flush()
+        state = {
+            "source": self.source.state_dict(),
+            "before_rl": self.before,
+            "warmup": self.warm_info,
+            "config_hash": _cfg_hash(self.cfg),
+            "wall_seconds": self.wall_seconds(),
+        }
+        pol = self.pol
+        return ckpt.save_checkpoint(
+            self.ckpt_root,
+            step,
+            model=pol.model,
+            tokenizer=pol.processor,
+            optimizer=pol.optimizer,
+            scheduler=pol.scheduler,
+            state=state,
+            keep=self.cfg.train.keep_checkpoints,
+            kind=kind,
+            save_optimizer=self.cfg.train.save_optimizer,
+        )
 
-        last_eval = None
-        with _progress(console, cfg.train.progress, cfg.train.steps, start_step) as bar:
-            for step in range(start_step + 1, cfg.train.steps + 1):
-                with pol.autocast():
-                    metrics = rl_step(plan, pol, source)
-                logger.log_step(step, metrics)
-                ckpt.maybe_fault("step", step)
-                bar(step, metrics)
-                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-                    last_eval = (step, run_eval(step, "periodic"))
-                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
-                    save(step)
-        steps = cfg.train.steps
-        after = last_eval[1] if last_eval and last_eval[0] == steps else run_eval(steps, "after")
-        final = None  # the final checkpoint (train.final_checkpoint: full | model | none)
-        if cfg.train.final_checkpoint != "none" and (start_step < steps or ckpt.latest_checkpoint(ckpt_root) is None):
-            final = save(steps, cfg.train.final_checkpoint)
-        elif cfg.train.final_checkpoint != "none" and (ckpt_root / ckpt.step_dir_name(steps)).is_dir():
-            final = ckpt_root / ckpt.step_dir_name(steps)  # written before the run was stopped
-        logger.flush()
-    finally:
-        logger.close()
-        if bench is not None:
-            bench.close()
+    def wall_seconds(self) -> float:
+        """Wall time of the whole run, the stretches before a resume included."""
+        return self.wall_before + time.perf_counter() - self.t_start
 
-    plots = []
-    if cfg.train.plots:
-        from .plots import plot_run
+    def write_summary(self, after: dict, final: Path | None) -> dict:
+        from . import checkpoint as ckpt
 
-        plots = [str(p) for p in plot_run(run_dir)]
-    wall = wall_before + time.perf_counter() - t_start
-    summary = make_summary(cfg, run_dir, before, after, warm_info, wall, plots, final)
-    ckpt.atomic_write_json(run_dir / SUMMARY_FILE, summary)
-    return summary
+        plots = []
+        if self.cfg.train.plots:
+            from .plots import plot_run
+
+            plots = [str(p) for p in plot_run(self.run_dir)]
+        summary = make_summary(
+            self.cfg, self.run_dir, self.before, after, self.warm_info, self.wall_seconds(), plots, final
+        )
+        ckpt.atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
+        return summary
 
 
 def _accuracy_line(label: str, results: dict, pass_k: int) -> str:
@@ -565,32 +697,91 @@ def lr_factor(step: int, optim, total: int) -> float:
 
 
 def rl_step(plan: Plan, pol: Policy, source) -> dict[str, float]:
-    """Sample, score, compute advantages and behaviour log-probs, update, step the lr schedule;
-    returns the step's metrics (lr is the rate this step used)."""
+    """One RL step: sample -> score -> advantages -> behaviour log-probs -> update -> metrics.
+    ``lr`` in the metrics is the rate this step used; the schedule steps after the update."""
     import torch
 
-    from .advantages import group_advantages, zero_std_groups
+    from .advantages import group_advantages
+    from .update import policy_update
+
+    cfg, timer = plan.cfg, StepTimer()
+    with timer("rollout"):
+        examples = source.next(cfg.rollout.prompts_per_step)
+        rollout = sample_completions(plan, pol, examples)
+    with timer("reward"):
+        rows = [ex for ex in examples for _ in range(cfg.rollout.group_size)]
+        scores = plan.scorer.score(rows, rollout.completions)
+        rewards = torch.tensor(scores.total, dtype=torch.float32)  # [N]
+        a = cfg.advantage
+        adv, keep = group_advantages(rewards, cfg.rollout.group_size, a.estimator, a.eps, a.drop_zero_std)  # [N]
+    with timer("logprobs"):
+        batch, entropy = behaviour_batch(plan, pol, rollout, adv, keep)
+    with timer("update"):
+        lr = pol.scheduler.get_last_lr()[0]
+        result = policy_update(pol.model, pol.optimizer, batch, cfg.objective, cfg.update)
+        pol.scheduler.step()
+    kept = keep.nonzero().squeeze(-1)
+    if result.first_rows is not None:  # the first minibatch's entropy came from the update's own pass
+        entropy[kept[result.first_rows]] = result.first_entropy
+    return step_metrics(plan, pol, rollout, scores, rewards, adv, kept, entropy, lr, result.stats, timer)
+
+
+class StepTimer:
+    """``with timer("phase"):`` records the phase's wall seconds; ``timer.total`` is their sum."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, phase: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def timed():
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+        return timed()
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+def sample_completions(plan: Plan, pol: Policy, examples):
+    """G sampled completions per prompt from the current policy (a Rollout of N = P * G rows)."""
     from .rollout import sample
-    from .update import UpdateBatch, minibatches, policy_update, rollout_logprobs
+
+    r = plan.cfg.rollout
+    return sample(
+        pol.model,
+        pol.tokenizer,
+        pol.encoder(examples),
+        group_size=r.group_size,
+        max_new_tokens=plan.max_new_tokens,
+        eos_ids=pol.eos_ids,
+        do_sample=True,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        batch_size=r.batch_size,
+    )
+
+
+def behaviour_batch(plan: Plan, pol: Policy, rollout, adv, keep):
+    """(UpdateBatch of the kept rows, entropy [N, C]): behaviour (and reference) log-probs.
+
+    The first minibatch's rows get theirs from their own forward pass in the update (the policy has
+    not moved yet: ``UpdateBatch.first_epoch``); the other rows from one no-grad pass here. Their
+    entropy rows stay zero until the update returns them."""
+    import torch
+
+    from .update import UpdateBatch, minibatches, rollout_logprobs
 
     cfg = plan.cfg
-    model, tokenizer, eos_ids = pol.model, pol.tokenizer, pol.eos_ids
-    r, G = cfg.rollout, cfg.rollout.group_size
-    t0 = time.perf_counter()
-    examples = source.next(r.prompts_per_step)
-    rollout = sample(
-        model, tokenizer, pol.encoder(examples), group_size=G, max_new_tokens=plan.max_new_tokens, eos_ids=eos_ids,
-        do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, batch_size=r.batch_size,
-    )
-    t1 = time.perf_counter()
-    rows = [ex for ex in examples for _ in range(G)]
-    scores = plan.scorer.score(rows, rollout.completions)
-    rewards = torch.tensor(scores.total, dtype=torch.float32)  # [N]
-    adv, keep = group_advantages(rewards, G, cfg.advantage.estimator, cfg.advantage.eps, cfg.advantage.drop_zero_std)
-    t2 = time.perf_counter()
-    # Behaviour log-probs: the first minibatch's rows come from its own forward pass in the update
-    # (the policy has not moved yet), the other rows from one no-grad pass now.
-    kept = keep.nonzero().squeeze(-1)
+    kept = keep.nonzero().squeeze(-1)  # [n]
     first_epoch = minibatches(len(kept), cfg.update.num_minibatches)
     in_first = torch.zeros(len(rollout), dtype=torch.bool)
     if first_epoch:
@@ -598,28 +789,35 @@ def rl_step(plan: Plan, pol: Policy, source) -> dict[str, float]:
     old_logp = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32)  # [N, C]
     entropy = torch.zeros_like(old_logp)
     rest = (~in_first).nonzero().squeeze(-1)
+    temperature, micro = cfg.rollout.temperature, cfg.update.micro_batch_size
     if len(rest):
-        old_logp[rest], entropy[rest] = rollout_logprobs(model, rollout.select(rest, trim=False), temperature=r.temperature,
-                                                         entropy=True, micro_batch_size=cfg.update.micro_batch_size)
+        part = rollout.select(rest, trim=False)
+        old_logp[rest], entropy[rest] = rollout_logprobs(
+            pol.model, part, temperature=temperature, entropy=True, micro_batch_size=micro
+        )
     ref_logp = None
     if pol.reference is not None:
-        ref_logp, _ = rollout_logprobs(pol.reference, rollout, temperature=r.temperature, micro_batch_size=cfg.update.micro_batch_size)
-    t3 = time.perf_counter()
-    batch = UpdateBatch(rollout.select(kept, trim=False), old_logp[kept], adv[kept], ref_logp[kept] if ref_logp is not None else None,
-                        fill_first=True, entropy=entropy[kept])
-    lr = pol.scheduler.get_last_lr()[0]
-    stats = policy_update(
-        model, pol.optimizer, batch, objective=cfg.objective.name, hparams=plan.hparams, agg=cfg.objective.agg,
-        beta=cfg.objective.beta, num_minibatches=cfg.update.num_minibatches, epochs=cfg.update.epochs,
-        micro_batch_size=cfg.update.micro_batch_size, max_grad_norm=cfg.update.max_grad_norm,
-        temperature=r.temperature, norm_length=float(plan.max_new_tokens), first_epoch=first_epoch,
+        ref_logp, _ = rollout_logprobs(pol.reference, rollout, temperature=temperature, micro_batch_size=micro)
+    batch = UpdateBatch(
+        rollout.select(kept, trim=False),
+        old_logp[kept],
+        adv[kept],
+        temperature=temperature,
+        norm_length=float(plan.max_new_tokens),
+        ref_logp=ref_logp[kept] if ref_logp is not None else None,
+        first_epoch=first_epoch,
     )
-    entropy[kept] = batch.entropy
-    pol.scheduler.step()
-    t4 = time.perf_counter()
+    return batch, entropy
+
+
+def step_metrics(plan, pol, rollout, scores, rewards, adv, kept, entropy, lr, update_stats, timer) -> dict[str, float]:
+    """The step's metrics: rewards, lengths, entropy, groups, the update's stats, timings."""
+    from .advantages import zero_std_groups
+
     mask = rollout.completion_mask
     lengths = mask.sum(-1).float()
     n_tok = float(mask.sum())
+    G = plan.cfg.rollout.group_size
     metrics: dict[str, float] = {
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
@@ -629,19 +827,16 @@ def rl_step(plan: Plan, pol: Policy, source) -> dict[str, float]:
         "accuracy": sum(scores.correct) / len(scores.correct),
         "response_length/mean": float(lengths.mean()),
         "response_length/max": float(lengths.max()),
-        "response/truncated_frac": float(1.0 - _ended(rollout, eos_ids).float().mean()),
+        "response/truncated_frac": float(1.0 - _ended(rollout, pol.eos_ids).float().mean()),
         "entropy": float(entropy.sum() / max(n_tok, 1.0)),
         "groups/zero_std_frac": float(zero_std_groups(rewards.view(-1, G)).float().mean()),
         "update/rows": float(len(kept)),
         "advantage/abs_mean": float(adv.abs().mean()),
         "lr": lr,
-        **stats,
-        "throughput/tokens_per_s": n_tok / max(t4 - t0, 1e-9),
-        "time/step": t4 - t0,
-        "time/rollout": t1 - t0,
-        "time/reward": t2 - t1,
-        "time/logprobs": t3 - t2,
-        "time/update": t4 - t3,
+        **update_stats,
+        "throughput/tokens_per_s": n_tok / max(timer.total, 1e-9),
+        "time/step": timer.total,
+        **{f"time/{phase}": seconds for phase, seconds in timer.seconds.items()},
     }
     if scores.messages:
         metrics["reward/first_error"] = scores.messages[0]  # type: ignore[assignment]
@@ -669,24 +864,43 @@ class _progress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             fields = (
-                "probe acc {task.fields[acc]}" if self.label != "RL"
+                "probe acc {task.fields[acc]}"
+                if self.label != "RL"
                 else "reward {task.fields[reward]}  acc {task.fields[acc]}  {task.fields[dt]} s/step"
             )
             self.progress = Progress(
-                TextColumn(f"[bold]{self.label}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn(fields),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=self.label != "RL",
+                TextColumn(f"[bold]{self.label}[/]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(fields),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=self.label != "RL",
             )
             self.progress.__enter__()
-            self.task = self.progress.add_task(self.label, total=self.total, completed=self.start, reward="-", acc="-", dt="-")
+            self.task = self.progress.add_task(
+                self.label, total=self.total, completed=self.start, reward="-", acc="-", dt="-"
+            )
         return self
 
     def __call__(self, step: int, metrics: dict) -> None:
         if self.progress is not None:
             self.progress.update(
-                self.task, completed=step, reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy']:.1%}",
+                self.task,
+                completed=step,
+                reward=f"{metrics['reward/mean']:.3f}",
+                acc=f"{metrics['accuracy']:.1%}",
                 dt=f"{metrics['time/step']:.2f}",
             )
 
@@ -700,8 +914,16 @@ class _progress:
             self.progress.__exit__(*exc)
 
 
-def make_summary(cfg: Config, run_dir: Path, before: dict, after: dict, warm: dict, wall: float, plots: list[str],
-                 final: Path | None = None) -> dict:
+def make_summary(
+    cfg: Config,
+    run_dir: Path,
+    before: dict,
+    after: dict,
+    warm: dict,
+    wall: float,
+    plots: list[str],
+    final: Path | None = None,
+) -> dict:
     """The run's summary.json: "checkpoint" is the final checkpoint (None when train.final_checkpoint
     is none), "checkpoints" the names of every checkpoint left on disk."""
     from .checkpoint import complete_checkpoints
@@ -724,7 +946,8 @@ def make_summary(cfg: Config, run_dir: Path, before: dict, after: dict, warm: di
         "checkpoints": [d.name for _, d in complete_checkpoints(run_dir / "checkpoints")],
         "metrics": str(run_dir / "metrics.jsonl"),
         "evals": str(run_dir / "evals.jsonl") if _nonempty(run_dir / "evals.jsonl") else None,
-        "tensorboard": str(run_dir / "tensorboard") if cfg.train.tensorboard else None,
+        "tensorboard": str(run_dir / "tensorboard") if "tensorboard" in cfg.train.report_to else None,
+        "trackers": list(cfg.train.report_to),
         "plots": plots,
         "config_hash": _cfg_hash(cfg),
     }
@@ -742,14 +965,15 @@ def print_summary(summary: dict, file=None) -> None:
     w = summary.get("warmup") or {}
     if w:
         lines.append(
-            f"  warm-up          {_plural(w.get('steps'), 'supervised step')}, probe accuracy {w.get('probe_accuracy', 0):.1%}"
-            + (" (reused from cache)" if w.get("reused") else "")
+            f"  warm-up          {_plural(w.get('steps'), 'supervised step')}, probe accuracy "
+            f"{w.get('probe_accuracy', 0):.1%}" + (" (reused from cache)" if w.get("reused") else "")
         )
     if summary.get("accuracy_before_rl") is None:
         lines.append(f"  RL               {_plural(summary['steps'], 'step')}, no held-out evaluation (eval.size=0)")
     else:
         lines.append(
-            f"  held-out greedy  {summary['accuracy_before_rl']:.1%} before RL -> {summary['accuracy_after_rl']:.1%} after "
+            f"  held-out greedy  {summary['accuracy_before_rl']:.1%} before RL -> {summary['accuracy_after_rl']:.1%} "
+            "after "
             f"{_plural(summary['steps'], 'RL step')} ({_plural(summary['heldout_size'], 'problem')})"
         )
     for key in summary:
@@ -771,10 +995,18 @@ def _plural(n, word: str) -> str:
 def written_outputs(summary: dict) -> list[str]:
     """The outputs a run wrote, as listed by print_summary: no tensorboard/, plots/ or checkpoints/
     when those were off or empty."""
-    out = ["metrics.jsonl"] + (["evals.jsonl"] if summary.get("evals") else []) + (["samples/"] if summary.get("heldout_size") else [])
+    out = (
+        ["metrics.jsonl"]
+        + (["evals.jsonl"] if summary.get("evals") else [])
+        + (["samples/"] if summary.get("heldout_size") else [])
+    )
     out += ["tensorboard/"] if summary.get("tensorboard") else []
     out += ["plots/"] if summary.get("plots") else []
-    out += ["checkpoints/"] if summary.get("checkpoints", [summary.get("checkpoint")] if summary.get("checkpoint") else []) else []
+    out += (
+        ["checkpoints/"]
+        if summary.get("checkpoints", [summary.get("checkpoint")] if summary.get("checkpoint") else [])
+        else []
+    )
     return out + ["summary.json"]
 
 

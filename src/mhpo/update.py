@@ -13,7 +13,6 @@ full-minibatch gradient exactly:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
 
 import torch
 
@@ -42,7 +41,7 @@ def rollout_logprobs(
         for s in range(0, n, step):
             rows = torch.arange(s, min(s + step, n))
             part = rollout.select(rows)
-            lp, e = _forward(model, part, temperature, entropy)
+            lp, e = completion_logprobs(model, part, temperature, entropy)
             w = lp.shape[1]
             logp[rows, :w] = lp.float().cpu() * part.completion_mask
             if entropy:
@@ -50,12 +49,15 @@ def rollout_logprobs(
     return logp, ent
 
 
-def _forward(model, part: Rollout, temperature: float, entropy: bool):
+def completion_logprobs(model, part: Rollout, temperature: float, entropy: bool):
+    """(log pi(y_t | x, y_<t) / T-tempered, entropy or None) of a rollout's completion tokens,
+    [b, w] each (w: the rollout's completion width), on the model's device, with gradients if enabled."""
     device = next(model.parameters()).device
     ids, attn = part.input_ids.to(device), part.attention_mask.to(device)
     extra = model_kwargs(forward_inputs(part), ids, attn, device)
-    return model_logprobs(model, ids, attn, part.prompt_width, temperature=temperature, entropy=entropy,
-                          share_prompts=True, **extra)
+    return model_logprobs(
+        model, ids, attn, part.prompt_width, temperature=temperature, entropy=entropy, share_prompts=True, **extra
+    )
 
 
 @dataclass
@@ -63,14 +65,26 @@ class UpdateBatch:
     """What the update needs from one RL step (rows already filtered)."""
 
     rollout: Rollout
-    old_logp: torch.Tensor  # [N, C] behaviour log-probs
+    old_logp: torch.Tensor  # [N, C] behaviour log-probs (rows of first_epoch[0] are not read)
     advantages: torch.Tensor  # [N]
+    temperature: float = 1.0  # the sampling temperature: log-probs are those of the tempered policy
+    norm_length: float | None = None  # constant L of seq-mean-token-sum-norm (the completion budget)
     ref_logp: torch.Tensor | None = None  # [N, C] reference log-probs (KL)
-    # With fill_first, the rows of the first minibatch have no old_logp (nor entropy) yet: before the
-    # first optimizer step the policy IS the behaviour policy, so its forward pass gives them
-    # (written into old_logp and entropy in place) and no separate pass is needed for those rows.
-    fill_first: bool = False
-    entropy: torch.Tensor | None = None  # [N, C], filled for the first minibatch's rows with fill_first
+    # The first epoch's minibatches, drawn by the caller (:func:`minibatches`) before the update.
+    # Given, the first minibatch's behaviour log-probs need no pass of their own: before the first
+    # optimizer step the policy IS the behaviour policy, so that step's forward pass gives them
+    # (returned in UpdateResult, with their entropy).
+    first_epoch: list[torch.Tensor] | None = None
+
+
+@dataclass
+class UpdateResult:
+    """The update's stats and, with ``first_epoch``, the first minibatch's behaviour log-probs."""
+
+    stats: dict[str, float]
+    first_rows: torch.Tensor | None = None  # [n1] rows of first_epoch[0]
+    first_logp: torch.Tensor | None = None  # [n1, C] float32, zero off-mask
+    first_entropy: torch.Tensor | None = None  # [n1, C] float32, zero off-mask
 
 
 def minibatches(n: int, num_minibatches: int) -> list[torch.Tensor]:
@@ -81,89 +95,100 @@ def minibatches(n: int, num_minibatches: int) -> list[torch.Tensor]:
     return list(torch.tensor_split(torch.randperm(n), min(num_minibatches, n)))
 
 
-def policy_update(
-    model,
-    optimizer: torch.optim.Optimizer,
-    batch: UpdateBatch,
-    *,
-    objective: str,
-    hparams: Mapping[str, Any],
-    agg: str,
-    beta: float,
-    num_minibatches: int,
-    epochs: int,
-    micro_batch_size: int | None,
-    max_grad_norm: float,
-    temperature: float,
-    norm_length: float,
-    first_epoch: list[torch.Tensor] | None = None,
-) -> dict[str, float]:
+def policy_update(model, optimizer, batch: UpdateBatch, objective_cfg, update_cfg) -> UpdateResult:
     """Run the optimizer steps of one RL step; returns averaged objective stats and grad norms.
 
-    Minibatch order comes from ``torch.randperm`` on the global generator (saved in checkpoints);
-    ``first_epoch`` passes the first epoch's minibatches when the caller drew them already
-    (:func:`minibatches`, e.g. to know which rows ``fill_first`` covers).
+    ``objective_cfg`` has name, hparams, agg and beta (:class:`mhpo.config.ObjectiveConfig`);
+    ``update_cfg`` has num_minibatches, epochs, micro_batch_size and max_grad_norm
+    (:class:`mhpo.config.UpdateConfig`). Minibatch order comes from ``torch.randperm`` on the global
+    generator (saved in checkpoints); ``batch.first_epoch`` gives the first epoch's when the caller
+    drew them already.
     """
     n = len(batch.rollout)
     if n == 0:
-        return {"update/optimizer_steps": 0.0}
+        return UpdateResult({"update/optimizer_steps": 0.0})
     params = [p for p in model.parameters() if p.requires_grad]
-    device = params[0].device
+    from_first_step = batch.first_epoch is not None and len(batch.first_epoch) > 0
+    old_logp = batch.old_logp.clone() if from_first_step else batch.old_logp  # [N, C]; the caller's stays as given
+    first_entropy = torch.zeros_like(old_logp[batch.first_epoch[0]]) if from_first_step else None
     per_step: list[dict[str, float]] = []
     norms: list[float] = []
     model.train()
-    for epoch in range(epochs):
-        splits = first_epoch if epoch == 0 and first_epoch is not None else minibatches(n, num_minibatches)
+    for epoch in range(update_cfg.epochs):
+        splits = batch.first_epoch if epoch == 0 and from_first_step else minibatches(n, update_cfg.num_minibatches)
         for i, mb in enumerate(splits):
-            fill = batch.fill_first and epoch == 0 and i == 0
-            mask_mb = batch.rollout.completion_mask[mb]
-            counts = global_counts(mask_mb)
-            if counts["num_tokens"] == 0:
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            micro_stats, micro_lr = [], []
-            micros = torch.split(mb, micro_batch_size or len(mb))
-            for micro in micros:
-                part = batch.rollout.select(micro)
-                w = part.completion_mask.shape[1]
-                logp, ent = _forward(model, part, temperature, fill and batch.entropy is not None)  # [b, w]
-                mask = part.completion_mask.to(device)
-                if fill:  # the behaviour log-probs of these rows are this very forward pass
-                    batch.old_logp[micro, :w] = logp.detach().float().cpu() * part.completion_mask
-                    if ent is not None:
-                        batch.entropy[micro, :w] = ent.detach().float().cpu() * part.completion_mask
-                ref = batch.ref_logp[micro, :w].to(device) if batch.ref_logp is not None else None
-                old = batch.old_logp[micro, :w].to(device=device, dtype=logp.dtype)
-                if len(micros) > 1:  # the step's percentiles are taken over all its micro-batches' tokens
-                    micro_lr.append(masked_log_ratio(logp, old, mask).cpu())
-                loss, stats = policy_loss(
-                    objective,
-                    logp,
-                    old,
-                    batch.advantages[micro].to(device=device, dtype=logp.dtype),
-                    mask,
-                    agg=agg,
-                    ref_logp=ref.to(logp.dtype) if ref is not None else None,
-                    beta=beta,
-                    num_tokens=counts["num_tokens"],
-                    num_seqs=counts["num_seqs"],
-                    norm_length=norm_length,
-                    **hparams,
-                )
-                loss.backward()
-                micro_stats.append(stats)
-            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            norms.append(float(norm))
-            per_step.append(combine_micro(micro_stats, torch.cat(micro_lr) if micro_lr else None))
+            fill = from_first_step and epoch == 0 and i == 0
+            stats, norm = _optimizer_step(
+                model,
+                optimizer,
+                params,
+                batch,
+                old_logp,
+                mb,
+                objective_cfg,
+                update_cfg,
+                first_entropy if fill else None,
+            )
+            if stats is not None:
+                per_step.append(stats)
+                norms.append(norm)
     optimizer.zero_grad(set_to_none=True)
-    out = mean_stats(per_step)
-    out = {f"policy/{k}": v for k, v in out.items()}
+    out = {f"policy/{k}": v for k, v in mean_stats(per_step).items()}
     if norms:
         out["grad_norm"] = sum(norms) / len(norms)
         out["grad_norm/max"] = max(norms)
     out["update/optimizer_steps"] = float(len(norms))
-    return out
+    if not from_first_step:
+        return UpdateResult(out)
+    rows = batch.first_epoch[0]
+    return UpdateResult(out, rows, old_logp[rows], first_entropy)
+
+
+def _optimizer_step(model, optimizer, params, batch, old_logp, mb, objective_cfg, update_cfg, fill_entropy):
+    """One minibatch ``mb`` [m] of rows: micro-batched forward / backward, clip, step.
+
+    With ``fill_entropy`` ([m, C], the first step's) the behaviour log-probs of these rows are this
+    very forward pass: written into ``old_logp`` (the update's own copy) and their entropy into
+    ``fill_entropy``. Returns (stats, grad norm), or (None, 0) for a minibatch without tokens."""
+    device = params[0].device
+    counts = global_counts(batch.rollout.completion_mask[mb])
+    if counts["num_tokens"] == 0:
+        return None, 0.0
+    optimizer.zero_grad(set_to_none=True)
+    micro_stats, micro_lr = [], []
+    micros = torch.split(torch.arange(len(mb)), update_cfg.micro_batch_size or len(mb))  # positions in mb
+    for pos in micros:
+        rows = mb[pos]
+        part = batch.rollout.select(rows)
+        w = part.completion_mask.shape[1]
+        logp, ent = completion_logprobs(model, part, batch.temperature, fill_entropy is not None)  # [b, w]
+        mask = part.completion_mask.to(device)
+        if fill_entropy is not None:  # the behaviour log-probs of these rows are this very forward pass
+            old_logp[rows, :w] = logp.detach().float().cpu() * part.completion_mask
+            fill_entropy[pos, :w] = ent.detach().float().cpu() * part.completion_mask
+        old = old_logp[rows, :w].to(device=device, dtype=logp.dtype)
+        ref = batch.ref_logp[rows, :w].to(device=device, dtype=logp.dtype) if batch.ref_logp is not None else None
+        if len(micros) > 1:  # the step's percentiles are taken over all its micro-batches' tokens
+            micro_lr.append(masked_log_ratio(logp, old, mask).cpu())
+        loss, stats = policy_loss(
+            objective_cfg.name,
+            logp,
+            old,
+            batch.advantages[rows].to(device=device, dtype=logp.dtype),
+            mask,
+            agg=objective_cfg.agg,
+            ref_logp=ref,
+            beta=objective_cfg.beta,
+            num_tokens=counts["num_tokens"],
+            num_seqs=counts["num_seqs"],
+            norm_length=batch.norm_length,
+            **objective_cfg.hparams,
+        )
+        loss.backward()
+        micro_stats.append(stats)
+    norm = torch.nn.utils.clip_grad_norm_(params, update_cfg.max_grad_norm)
+    optimizer.step()
+    return combine_micro(micro_stats, torch.cat(micro_lr) if micro_lr else None), float(norm)
 
 
 _MAX_KEYS = ("ratio/max", "ratio/p99")

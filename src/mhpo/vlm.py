@@ -27,10 +27,9 @@ import torch
 from transformers import Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from .models import TINY_VLM, seeded_init, tiny_text_config  # noqa: F401  (TINY_VLM re-exported)
-from .multimodal import text_tokenizer
+from .models import align_special_tokens, neutral_generation_config, seeded_init, tiny_text_config
+from .multimodal import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, text_tokenizer
 
-VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 VISION_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 
 # The tiny model's chat template: no role markup (every token costs time on a CPU), an image item
@@ -40,7 +39,10 @@ TINY_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}" + VISION_START + IMAGE_PAD + VISION_END
+    "{%- if item['type'] == 'image' -%}"
+    + VISION_START
+    + IMAGE_PAD
+    + VISION_END
     + "{%- elif item['type'] == 'text' -%}{{ item['text'] }}"
     "{%- endif -%}{%- endfor -%}{%- endif -%}"
     "{%- if not loop.last -%}\n{%- endif -%}"
@@ -63,8 +65,12 @@ class ImageTextProcessor(Qwen2_5_VLProcessor):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PAD
         self.video_token = getattr(tokenizer, "video_token", None) or VIDEO_PAD
-        self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(self.video_token)
+        self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(
+            self.image_token
+        )
+        self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(
+            self.video_token
+        )
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,7 +92,11 @@ def build_image_processor(image_size: int, *, patch_size: int = 14, merge_size: 
         raise ValueError(f"image size {image_size} must be a positive multiple of patch_size * merge_size = {unit}")
     pixels = image_size * image_size
     return Qwen2VLImageProcessorPil(
-        min_pixels=pixels, max_pixels=pixels, patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size
+        min_pixels=pixels,
+        max_pixels=pixels,
+        patch_size=patch_size,
+        merge_size=merge_size,
+        temporal_patch_size=temporal_patch_size,
     )
 
 
@@ -150,23 +160,48 @@ def tiny_qwen2_5_vl(
 
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in zip(("start", "end", "image", "video"), VISION_TOKENS)}
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(tok)
+        for name, tok in zip(("start", "end", "image", "video"), VISION_TOKENS)
+    }
     if tokenizer.unk_token_id in ids.values():
         raise ValueError(f"the tokenizer lacks the vision tokens {', '.join(VISION_TOKENS)}")
     text = tiny_text_config(
-        tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        intermediate_size=intermediate_size, max_positions=max_positions,
+        tokenizer,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_positions=max_positions,
     )
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section(hidden_size // num_heads)}
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": mrope_section(hidden_size // num_heads),
+    }
     special = {k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     vision = dict(
-        depth=vision_depth, hidden_size=vision_hidden_size, intermediate_size=vision_intermediate_size,
-        num_heads=vision_heads, patch_size=patch_size, spatial_merge_size=merge_size, temporal_patch_size=2,
-        out_hidden_size=hidden_size, window_size=112, fullatt_block_indexes=list(range(vision_depth)),
+        depth=vision_depth,
+        hidden_size=vision_hidden_size,
+        intermediate_size=vision_intermediate_size,
+        num_heads=vision_heads,
+        patch_size=patch_size,
+        spatial_merge_size=merge_size,
+        temporal_patch_size=2,
+        out_hidden_size=hidden_size,
+        window_size=112,
+        fullatt_block_indexes=list(range(vision_depth)),
     )
     config = Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids["image"], video_token_id=ids["video"],
-        vision_start_token_id=ids["start"], vision_end_token_id=ids["end"], tie_word_embeddings=True, **special,
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["image"],
+        video_token_id=ids["video"],
+        vision_start_token_id=ids["start"],
+        vision_end_token_id=ids["end"],
+        tie_word_embeddings=True,
+        **special,
     )
     return seeded_init(Qwen2_5_VLForConditionalGeneration, config, seed)
 
@@ -178,16 +213,21 @@ def build_tiny_vlm(tiny_cfg, vision_cfg, seed: int):
     num_kv_heads, intermediate_size, max_positions); ``vision_cfg`` has image_size, patch_size,
     depth, hidden_size, num_heads, intermediate_size.
     """
-    from .models import neutral_generation_config
-
     processor = build_tiny_processor(vision_cfg.image_size, patch_size=vision_cfg.patch_size)
     model = tiny_qwen2_5_vl(
         processor.tokenizer,
-        hidden_size=tiny_cfg.hidden_size, num_layers=tiny_cfg.num_layers, num_heads=tiny_cfg.num_heads,
-        num_kv_heads=tiny_cfg.num_kv_heads, intermediate_size=tiny_cfg.intermediate_size,
-        max_positions=tiny_cfg.max_positions, vision_depth=vision_cfg.depth,
-        vision_hidden_size=vision_cfg.hidden_size, vision_heads=vision_cfg.num_heads,
-        vision_intermediate_size=vision_cfg.intermediate_size, patch_size=vision_cfg.patch_size, seed=seed,
+        hidden_size=tiny_cfg.hidden_size,
+        num_layers=tiny_cfg.num_layers,
+        num_heads=tiny_cfg.num_heads,
+        num_kv_heads=tiny_cfg.num_kv_heads,
+        intermediate_size=tiny_cfg.intermediate_size,
+        max_positions=tiny_cfg.max_positions,
+        vision_depth=vision_cfg.depth,
+        vision_hidden_size=vision_cfg.hidden_size,
+        vision_heads=vision_cfg.num_heads,
+        vision_intermediate_size=vision_cfg.intermediate_size,
+        patch_size=vision_cfg.patch_size,
+        seed=seed,
     )
     neutral_generation_config(model)
     return model, processor
@@ -218,7 +258,9 @@ def load_processor(path: str, *, trust_remote_code: bool = False, **image_kwargs
             raise
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     image_processor = pil_image_processor(path, **image_kwargs)
-    return ImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    return ImageTextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+    )
 
 
 def pil_image_processor(path: str, **image_kwargs):
@@ -243,21 +285,25 @@ def pil_image_processor(path: str, **image_kwargs):
     return cls.from_pretrained(path, **image_kwargs)
 
 
-def load_pretrained_vlm(path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
-                        attn_implementation: str | None = None, **image_kwargs):
-    """(model, processor) of an image-text-to-text model (e.g. a Qwen2.5-VL checkpoint); pad token
-    defaults to EOS."""
+def load_pretrained_vlm(
+    path: str,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    **image_kwargs,
+):
+    """(model, processor) of an image-text-to-text model (e.g. a Qwen2.5-VL checkpoint); the pad
+    token and the end of a completion are aligned as for text models
+    (:func:`mhpo.models.align_special_tokens`)."""
     from transformers import AutoModelForImageTextToText
 
-    from .models import neutral_generation_config
-
     processor = load_processor(path, trust_remote_code=trust_remote_code, **image_kwargs)
-    tok = text_tokenizer(processor)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device)
+    align_special_tokens(model, text_tokenizer(processor))
     neutral_generation_config(model)
     return model, processor

@@ -28,8 +28,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -41,7 +41,7 @@ from .models import BUILT_IN
 from .multimodal import text_tokenizer
 from .rollout import PromptEncoder, build_encoder, eos_token_ids, pack
 from .seeding import derive_seed
-from .update import _forward
+from .update import completion_logprobs
 
 INFO_FILE = "warmup.json"
 
@@ -96,7 +96,7 @@ def sft_loss(model, encoder: PromptEncoder, tokenizer, examples, eos_id: int) ->
     prompts = encoder(examples)
     answers = tokenizer([ex.answer for ex in examples], add_special_tokens=False)["input_ids"]
     batch = pack(prompts, [list(a) + [eos_id] for a in answers], tokenizer.pad_token_id)
-    logp, _ = _forward(model, batch, 1.0, False)  # [B, C]
+    logp, _ = completion_logprobs(model, batch, 1.0, False)  # [B, C]
     mask = batch.completion_mask.to(logp.device)
     return -(logp * mask).sum() / mask.sum()
 
@@ -121,8 +121,17 @@ def ensure_warmup(
             log(f"warm-up: reusing {path} ({info['steps']} steps, probe accuracy {info['probe_accuracy']:.1%})")
             return path, {**info, "reused": True}
         model, tokenizer = build()
-        info = run_warmup(cfg, model, tokenizer, task=task, scorer=scorer, heldout_keys=heldout_keys,
-                          max_new_tokens=max_new_tokens, log=log, progress=progress)
+        info = run_warmup(
+            cfg,
+            model,
+            tokenizer,
+            task=task,
+            scorer=scorer,
+            heldout_keys=heldout_keys,
+            max_new_tokens=max_new_tokens,
+            log=log,
+            progress=progress,
+        )
         tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -133,7 +142,9 @@ def ensure_warmup(
         return path, {**info, "reused": False}
 
 
-def run_warmup(cfg: Config, model, processor, *, task, scorer, heldout_keys, max_new_tokens, log=print, progress=None) -> dict:
+def run_warmup(
+    cfg: Config, model, processor, *, task, scorer, heldout_keys, max_new_tokens, log=print, progress=None
+) -> dict:
     """Train ``model`` in place; returns {steps, probe_accuracy, reached, seconds, history}.
 
     ``processor`` is the model's tokenizer, or its processor for a vision-language model."""
@@ -146,7 +157,9 @@ def run_warmup(cfg: Config, model, processor, *, task, scorer, heldout_keys, max
     source = task.train_source(derive_seed(cfg.seed, "warmup-data"), heldout_keys | {ex.key for ex in probe})
     torch.manual_seed(derive_seed(cfg.seed, "warmup-torch"))
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr, betas=(0.9, w.beta2), weight_decay=w.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / w.lr_warmup_steps) if w.lr_warmup_steps else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / w.lr_warmup_steps) if w.lr_warmup_steps else 1.0
+    )
     history: list[dict] = []
     acc, step = 0.0, 0
     model.train()
@@ -158,8 +171,19 @@ def run_warmup(cfg: Config, model, processor, *, task, scorer, heldout_keys, max
         opt.step()
         sched.step()
         if step % w.eval_every == 0 or step == w.max_steps:
-            results, _ = evaluate(model, tokenizer, encoder, scorer, probe, max_new_tokens=max_new_tokens,
-                                  eos_ids=eos_ids, pass_k=0, temperature=1.0, batch_size=cfg.eval.batch_size, seed=0)
+            results, _ = evaluate(
+                model,
+                tokenizer,
+                encoder,
+                scorer,
+                probe,
+                max_new_tokens=max_new_tokens,
+                eos_ids=eos_ids,
+                pass_k=0,
+                temperature=1.0,
+                batch_size=cfg.eval.batch_size,
+                seed=0,
+            )
             acc = results["greedy/accuracy"]
             history.append({"step": step, "loss": float(loss.detach()), "probe_accuracy": acc})
             if progress is not None:
@@ -171,6 +195,8 @@ def run_warmup(cfg: Config, model, processor, *, task, scorer, heldout_keys, max
     model.eval()
     reached = acc >= w.threshold
     seconds = time.perf_counter() - t0
-    log(f"warm-up: {step} supervised steps in {seconds:.1f} s, probe greedy accuracy {acc:.1%}"
-        + ("" if reached else f" (threshold {w.threshold:.0%} NOT reached by warmup.max_steps={w.max_steps})"))
+    log(
+        f"warm-up: {step} supervised steps in {seconds:.1f} s, probe greedy accuracy {acc:.1%}"
+        + ("" if reached else f" (threshold {w.threshold:.0%} NOT reached by warmup.max_steps={w.max_steps})")
+    )
     return {"steps": step, "probe_accuracy": acc, "reached": reached, "seconds": seconds, "history": history}

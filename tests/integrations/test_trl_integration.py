@@ -10,6 +10,9 @@ import logging
 
 import pytest
 import torch
+
+pytest.importorskip("trl", reason="TRL is not installed: pip install 'mhpo[trl]' (scripts/setup.sh --dev)")
+
 from datasets import Dataset
 from trl import GRPOTrainer
 
@@ -97,8 +100,13 @@ def run(tmp_path_factory):
     n_train = len(trainer.records)
     metrics = trainer.evaluate()
     trainer.model.train()
-    return dict(trainer=trainer, initial=initial, train=trainer.records[:n_train],
-                eval=trainer.records[n_train:], eval_metrics=metrics)
+    return dict(
+        trainer=trainer,
+        initial=initial,
+        train=trainer.records[:n_train],
+        eval=trainer.records[n_train:],
+        eval_metrics=metrics,
+    )
 
 
 def expected_loss(rec, logps=None, **extra):
@@ -108,8 +116,13 @@ def expected_loss(rec, logps=None, **extra):
     logps = rec["logps"] if logps is None else logps
     share = GA / rec["window"] if rec["mode"] == "train" else 1.0
     loss, _ = policy_loss(
-        "mhpo", logps, x["old_per_token_logps"], x["advantages"], x["completion_mask"],
-        num_tokens=float(x["num_items_in_batch"]) / share, **extra,
+        "mhpo",
+        logps,
+        x["old_per_token_logps"],
+        x["advantages"],
+        x["completion_mask"],
+        num_tokens=float(x["num_items_in_batch"]) / share,
+        **extra,
     )
     return loss
 
@@ -356,12 +369,21 @@ def test_warns_when_every_update_is_on_policy(tmp_path, caplog):
     tok = build_char_tokenizer()
     args = make_args(tmp_path, num_iterations=1)  # GA = steps_per_generation, one pass: r = 1
     with caplog.at_level(logging.WARNING, logger="mhpo.integrations.trl"):
-        MHPOTrainer(tiny_qwen2(tok), reward_funcs=pseudo_reward, args=args,
-                    train_dataset=Dataset.from_dict({"prompt": ["1+1="]}), processing_class=tok)
+        MHPOTrainer(
+            tiny_qwen2(tok),
+            reward_funcs=pseudo_reward,
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": ["1+1="]}),
+            processing_class=tok,
+        )
     assert "r = 1 exactly" in caplog.text
     with pytest.raises(TypeError, match="MHPOConfig"):
         from trl import GRPOConfig
 
-        MHPOTrainer(tiny_qwen2(tok), reward_funcs=pseudo_reward, processing_class=tok,
-                    args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
-                    train_dataset=Dataset.from_dict({"prompt": ["1+1="]}))
+        MHPOTrainer(
+            tiny_qwen2(tok),
+            reward_funcs=pseudo_reward,
+            processing_class=tok,
+            args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+            train_dataset=Dataset.from_dict({"prompt": ["1+1="]}),
+        )

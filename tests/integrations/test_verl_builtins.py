@@ -9,10 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import verl  # noqa: F401
+pytest.importorskip("verl", reason="verl is not installed: pip install 'mhpo[verl]' (scripts/setup.sh --dev)")
+
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 from verl.workers.config import ActorConfig
 
+import verl  # noqa: F401
 from mhpo import policy_loss
 
 TIGHT = dict(rtol=1e-12, atol=1e-14)

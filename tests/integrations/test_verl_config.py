@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+
+pytest.importorskip("verl", reason="verl is not installed: pip install 'mhpo[verl]' (scripts/setup.sh --dev)")
+
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, InstantiationException
-
-import verl
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 from verl.utils.config import omega_conf_to_dataclass
 
+import verl
 from mhpo import policy_loss
 from mhpo.integrations.verl import MHPOPolicyLossConfig
 

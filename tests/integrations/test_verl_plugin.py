@@ -10,10 +10,12 @@ import sys
 import pytest
 import torch
 
-import verl  # noqa: F401  (loads the verl.plugins entry points, ours included)
+pytest.importorskip("verl", reason="verl is not installed: pip install 'mhpo[verl]' (scripts/setup.sh --dev)")
+
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, get_policy_loss_fn
 from verl.workers.config import ActorConfig
 
+import verl  # noqa: F401  (loads the verl.plugins entry points, ours included)
 from mhpo import AGG_MODES, OBJECTIVES, policy_loss
 from mhpo.integrations import verl as plugin
 from mhpo.integrations.verl import LOSS_MODES, MHPOPolicyLossConfig
@@ -181,9 +183,7 @@ def test_without_global_batch_info_micro_batches_overcount(batch_factory):
     full, _ = policy_loss("mhpo", logp, old, adv, mask, agg="seq-mean-token-mean")
     cfg = actor_config("mhpo", "seq-mean-token-mean")  # global_batch_info left empty
     fn = get_policy_loss_fn("mhpo")
-    summed = sum(
-        fn(old[s], logp[s], adv[s], mask[s], "seq-mean-token-mean", cfg)[0].detach() for s in _split(8, 4)
-    )
+    summed = sum(fn(old[s], logp[s], adv[s], mask[s], "seq-mean-token-mean", cfg)[0].detach() for s in _split(8, 4))
     torch.testing.assert_close(summed, 4 * full.detach(), rtol=1e-12, atol=1e-14)
 
 

@@ -17,5 +17,17 @@ from .loading import DEFAULT_TEMPLATE, Problem, load_problems
 from .metrics import TIE_RULE, avg_at_k, majority, pass_at_k, report_ks
 from .specs import BENCHMARKS, BenchmarkSpec, benchmark_names, get_spec
 
-__all__ = ["BENCHMARKS", "BenchmarkSpec", "benchmark_names", "get_spec", "DEFAULT_TEMPLATE", "Problem", "load_problems",
-           "TIE_RULE", "avg_at_k", "majority", "pass_at_k", "report_ks"]
+__all__ = [
+    "BENCHMARKS",
+    "BenchmarkSpec",
+    "benchmark_names",
+    "get_spec",
+    "DEFAULT_TEMPLATE",
+    "Problem",
+    "load_problems",
+    "TIE_RULE",
+    "avg_at_k",
+    "majority",
+    "pass_at_k",
+    "report_ks",
+]

@@ -1,6 +1,6 @@
 """Answer extraction and scoring of one completion, run inside the scorer worker process.
 
-This file is loaded by path by :mod:`mhpo.sandbox` (like :mod:`mhpo.reward_functions`, whose gold
+This file is loaded by path by :mod:`mhpo.timeout_worker` (like :mod:`mhpo.reward_functions`, whose gold
 parsing it reuses), so it imports nothing from the ``mhpo`` package and only the standard library
 and math-verify. Calls run on the worker's main thread, where math-verify's signal-based timeouts
 work, and the parent kills the worker if a call still runs past its hard limit.
@@ -39,7 +39,7 @@ def last_boxed(text: str) -> str | None:
     ``\\boxed X`` (up to whitespace or $); None when there is none or its braces never close."""
     matches = list(_BOX.finditer(text))
     for m in reversed(matches):
-        rest = text[m.end():]
+        rest = text[m.end() :]
         stripped = rest.lstrip()
         if stripped.startswith("{"):
             start = len(rest) - len(stripped) + 1
@@ -119,7 +119,11 @@ def score_completion(completion: str, gold: str, mode: str = "boxed", choices=No
         answer = (boxed if boxed else str(pred[-1])) if pred else boxed  # an empty box: what math-verify found
     if not pred:
         return {"answer": answer, "parsed": None, "score": 0.0}
-    return {"answer": answer, "parsed": canonical_key(pred), "score": float(bool(verify(_parsed_gold(str(gold)), pred)))}
+    return {
+        "answer": answer,
+        "parsed": canonical_key(pred),
+        "score": float(bool(verify(_parsed_gold(str(gold)), pred))),
+    }
 
 
 score_completion.__mhpo_preload__ = ("math_verify",)

@@ -11,9 +11,10 @@ usual math instruction (:data:`DEFAULT_TEMPLATE`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..tasks.base import Example
 from .specs import GOLD_PARSERS, PROBLEM_CLEANERS, BenchmarkSpec
@@ -130,15 +131,21 @@ def row_to_problem(spec: BenchmarkSpec, row: dict, index: int, template: str, ro
         columns["choices"] = choices
     if spec.image_column:
         value = row[spec.image_column]
-        images = [check_image(v, root) for v in value] if isinstance(value, (list, tuple)) else [check_image(value, root)]
+        images = (
+            [check_image(v, root) for v in value] if isinstance(value, (list, tuple)) else [check_image(value, root)]
+        )
         if not images:
             raise ValueError(f"column {spec.image_column!r} holds no image")
         columns["image"] = images if len(images) > 1 else images[0]
     pid = row.get(spec.id_column) if spec.id_column else None
-    return Problem(spec.name, str(index if pid is None else pid), Example(apply_template(template, text), gold, columns))
+    return Problem(
+        spec.name, str(index if pid is None else pid), Example(apply_template(template, text), gold, columns)
+    )
 
 
-def load_problems(spec: BenchmarkSpec, *, template: str, data_dir: str | None = None, limit: int | None = None) -> list[Problem]:
+def load_problems(
+    spec: BenchmarkSpec, *, template: str, data_dir: str | None = None, limit: int | None = None
+) -> list[Problem]:
     """The first ``limit`` (default all) problems of a benchmark, ids made unique ('id#2', ...)."""
     apply_template(template, "")  # check the template before loading anything
     data, root = load_dataset_rows(spec, data_dir)

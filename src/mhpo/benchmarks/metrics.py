@@ -16,11 +16,13 @@ the unweighted mean over benchmarks (the paper's "Avg" column).
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 CORRECT_AT = 1.0 - 1e-6
-TIE_RULE = ("majority over parsed answers (no-answer samples do not vote); ties go to the answer "
-            "whose first occurrence comes earliest; no parsable answer scores 0")
+TIE_RULE = (
+    "majority over parsed answers (no-answer samples do not vote); ties go to the answer "
+    "whose first occurrence comes earliest; no parsable answer scores 0"
+)
 
 
 def is_correct(score: float) -> bool:

@@ -32,9 +32,10 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -90,8 +91,18 @@ class Settings:
 
 
 # Settings that change what is sampled or how it is scored: a resumed run must match them.
-RESUME_KEYS = ("samples", "temperature", "top_p", "max_new_tokens", "seed", "system_prompt", "template",
-               "answer_extraction", "greedy", "batch_size")
+RESUME_KEYS = (
+    "samples",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "seed",
+    "system_prompt",
+    "template",
+    "answer_extraction",
+    "greedy",
+    "batch_size",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +127,9 @@ def _ended(rollout, eos_ids) -> torch.Tensor:
     return (torch.isin(ids, torch.as_tensor(list(eos_ids), device=ids.device)) & rollout.completion_mask).any(-1)
 
 
-def sample_rows(gen: Generator, problems: Sequence[Problem], settings: Settings, scorer: AnswerScorer, seed: int) -> list[dict]:
+def sample_rows(
+    gen: Generator, problems: Sequence[Problem], settings: Settings, scorer: AnswerScorer, seed: int
+) -> list[dict]:
     """samples.jsonl rows of ``problems``: K samples each (one generate pass, shared prefill),
     plus the greedy completion when asked, scored in the worker."""
     from ..evaluation import seeded
@@ -131,8 +144,17 @@ def sample_rows(gen: Generator, problems: Sequence[Problem], settings: Settings,
     greedy = None
     with gen.autocast():
         with seeded(seed, device):
-            roll = sample(gen.model, gen.tokenizer, prompts, group_size=K, do_sample=settings.temperature > 0,
-                          temperature=settings.temperature or 1.0, top_p=settings.top_p, top_k=0, **common)
+            roll = sample(
+                gen.model,
+                gen.tokenizer,
+                prompts,
+                group_size=K,
+                do_sample=settings.temperature > 0,
+                temperature=settings.temperature or 1.0,
+                top_p=settings.top_p,
+                top_k=0,
+                **common,
+            )
         if settings.greedy:
             greedy = sample(gen.model, gen.tokenizer, prompts, group_size=1, do_sample=False, **common)
     gen.stats["generate_seconds"] += time.perf_counter() - t0
@@ -142,7 +164,9 @@ def sample_rows(gen: Generator, problems: Sequence[Problem], settings: Settings,
     golds = [p.gold for p in problems for _ in range(K)]
     choices = [p.choices for p in problems for _ in range(K)]
     judged = scorer.score(roll.completions, golds, choices)
-    greedy_judged = scorer.score(greedy.completions, [p.gold for p in problems], [p.choices for p in problems]) if greedy else None
+    greedy_judged = (
+        scorer.score(greedy.completions, [p.gold for p in problems], [p.choices for p in problems]) if greedy else None
+    )
     rows = []
     for i, p in enumerate(problems):
         part = slice(i * K, (i + 1) * K)
@@ -245,8 +269,12 @@ def run_protocol(
     existing = read_rows(samples_path)
     done = {(r["benchmark"], r["id"]) for r in existing}
     _drop_torn_line(samples_path)
-    todo = [(name, start, chunk) for name, probs in problems.items() for start, chunk in batches(probs, settings)
-            if any((name, p.id) not in done for p in chunk)]
+    todo = [
+        (name, start, chunk)
+        for name, probs in problems.items()
+        for start, chunk in batches(probs, settings)
+        if any((name, p.id) not in done for p in chunk)
+    ]
     remaining = sum(sum((name, p.id) not in done for p in chunk) for name, _, chunk in todo)
     skipped = sum(len(v) for v in problems.values()) - remaining
     if skipped:
@@ -265,9 +293,19 @@ def run_protocol(
     wall = time.perf_counter() - t0
     wanted = {name: {p.id for p in probs} for name, probs in problems.items()}
     by_bench = {name: [r for r in existing if r["benchmark"] == name and r["id"] in wanted[name]] for name in problems}
-    summary = summarize(by_bench, specs, settings, model_info,
-                        run={"seconds_this_run": wall, **gen.stats, "scorer_errors": scorer.errors,
-                             "scorer_timeouts": scorer.timeouts, "resumed_problems": skipped})
+    summary = summarize(
+        by_bench,
+        specs,
+        settings,
+        model_info,
+        run={
+            "seconds_this_run": wall,
+            **gen.stats,
+            "scorer_errors": scorer.errors,
+            "scorer_timeouts": scorer.timeouts,
+            "resumed_problems": skipped,
+        },
+    )
     atomic_write_json(out / SUMMARY_JSON, summary)
     atomic_write_text(out / SUMMARY_MD, render_markdown(summary))
     return summary
@@ -294,12 +332,24 @@ class _Progress:
     def __enter__(self):
         if self.enabled:
             from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[speed]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
             )
             self._progress.__enter__()
             self._task = self._progress.add_task("eval", total=self.total, speed="")

@@ -14,7 +14,8 @@ All metrics are fractions in [0, 1] (summary.md shows percentages).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .metrics import TIE_RULE, benchmark_metrics, macro_average
 from .specs import PAPER_ORDER
@@ -23,12 +24,17 @@ RENAME = {"length": "mean_length", "truncated": "truncation_rate", "no_answer": 
 EXTRACTION_RULES = {
     "boxed": "the content of the last \\boxed{} of the completion, parsed by math-verify; no box = no answer",
     "math-verify": "math-verify's extraction over the whole completion: last \\boxed{}, else the last LaTeX "
-                   "expression, else the last plain number/expression; nothing found = no answer",
+    "expression, else the last plain number/expression; nothing found = no answer",
 }
 
 
-def summarize(rows: Mapping[str, Sequence[Mapping]], specs: Mapping[str, Any], settings, model_info: Mapping,
-              run: Mapping | None = None) -> dict:
+def summarize(
+    rows: Mapping[str, Sequence[Mapping]],
+    specs: Mapping[str, Any],
+    settings,
+    model_info: Mapping,
+    run: Mapping | None = None,
+) -> dict:
     """The summary of the rows of each benchmark (see the module docstring)."""
     K, ks = settings.samples, settings.ks
     record = settings.record()
@@ -79,10 +85,16 @@ def render_markdown(summary: Mapping) -> str:
         f"Avg@{K} (%): {K} samples per problem, temperature {s['temperature']}, top-p {s['top_p']}, "
         f"max new tokens {s['max_new_tokens']}, seed {s['seed']}; Avg = unweighted mean over benchmarks."
     )
-    lines += ["", "| model | " + " | ".join(benches[n]["label"] for n in names) + " | Avg |",
-              "|---|" + "---|" * (len(names) + 1)]
-    lines.append(f"| {model} | " + " | ".join(_pct(benches[n][f"avg@{K}"]) for n in names)
-                 + f" | {_pct(summary['macro'].get(f'avg@{K}'))} |")
+    lines += [
+        "",
+        "| model | " + " | ".join(benches[n]["label"] for n in names) + " | Avg |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    lines.append(
+        f"| {model} | "
+        + " | ".join(_pct(benches[n][f"avg@{K}"]) for n in names)
+        + f" | {_pct(summary['macro'].get(f'avg@{K}'))} |"
+    )
     ks = s["pass_k"]
     cols = [f"avg@{K}", *(f"pass@{k}" for k in ks), f"maj@{K}"]
     if s.get("greedy"):
@@ -93,22 +105,34 @@ def render_markdown(summary: Mapping) -> str:
         b = summary["macro"] if n == "macro" else benches[n]
         label = "**macro**" if n == "macro" else b["label"]
         problems = sum(benches[m]["n_problems"] for m in names) if n == "macro" else b["n_problems"]
-        cells = [label, str(problems), *(_pct(b.get(c)) for c in cols),
-                 "-" if b.get("mean_length") is None else f"{b['mean_length']:.1f}",
-                 _pct(b.get("truncation_rate")), _pct(b.get("no_answer_rate"))]
+        cells = [
+            label,
+            str(problems),
+            *(_pct(b.get(c)) for c in cols),
+            "-" if b.get("mean_length") is None else f"{b['mean_length']:.1f}",
+            _pct(b.get("truncation_rate")),
+            _pct(b.get("no_answer_rate")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Settings", ""]
     lines.append(f"- model: `{model}`" + "".join(f", {k} `{v}`" for k, v in summary["model"].items() if k != "model"))
     for n in names:
         lines.append(f"- {benches[n]['label']}: {benches[n]['source']}, {benches[n]['n_problems']} problems")
-    lines.append(f"- sampling: temperature {s['temperature']}" + (" (greedy)" if not s["do_sample"] else "")
-                 + f", top-p {s['top_p']}, top-k off, max new tokens {s['max_new_tokens']}, seed {s['seed']}, "
-                 f"{s['batch_size']} completions per generate call")
-    lines.append(f"- prompt template: `{s['template']!r}`; system prompt: "
-                 + (f"`{s['system_prompt']!r}`" if s["system_prompt"] else "none"))
+    lines.append(
+        f"- sampling: temperature {s['temperature']}"
+        + (" (greedy)" if not s["do_sample"] else "")
+        + f", top-p {s['top_p']}, top-k off, max new tokens {s['max_new_tokens']}, seed {s['seed']}, "
+        f"{s['batch_size']} completions per generate call"
+    )
+    lines.append(
+        f"- prompt template: `{s['template']!r}`; system prompt: "
+        + (f"`{s['system_prompt']!r}`" if s["system_prompt"] else "none")
+    )
     lines.append(f"- answer extraction (`{s['answer_extraction']}`): {summary['answer_extraction_rule']}")
-    lines.append("- scoring: math-verify `verify(parse(gold), parse(answer))` in a hard-killed worker process; "
-                 "multiple choice: the option letter")
+    lines.append(
+        "- scoring: math-verify `verify(parse(gold), parse(answer))` in a hard-killed worker process; "
+        "multiple choice: the option letter"
+    )
     lines.append(f"- maj@{K}: {summary['maj_tie_rule']}")
     lines.append("- pass@k: unbiased estimator 1 - C(n-c, k) / C(n, k) per problem, averaged")
     return "\n".join(lines) + "\n"

@@ -3,14 +3,14 @@
     summary = evaluate_benchmarks("runs/a", ["math500", "aime24"], Settings(samples=32), "out/")
 
 ``model`` is a run directory (its latest checkpoint, or ``checkpoint=``), a checkpoint directory,
-or anything :func:`mhpo.models.load_pretrained` takes (a model directory, a hub id, a ``.gguf``
+or anything :func:`mhpo.loading.load_pretrained` takes (a model directory, a hub id, a ``.gguf``
 file, a named model), loaded with :func:`mhpo.models.resolve_device` / ``resolve_precision``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .loading import Problem, load_problems
 from .protocol import Generator, Settings, check_resume, run_protocol
@@ -31,7 +31,9 @@ def resolve_model_source(source: str, checkpoint: str | None = None) -> tuple[st
         run_dir = p
         ckpt = (p / "checkpoints" / checkpoint) if checkpoint else latest_checkpoint(p / "checkpoints")
         if ckpt is None or not (ckpt / STATE_FILE).is_file():
-            raise ValueError(f"run directory {source!r} has no complete checkpoint{f' {checkpoint!r}' if checkpoint else ''}")
+            raise ValueError(
+                f"run directory {source!r} has no complete checkpoint{f' {checkpoint!r}' if checkpoint else ''}"
+            )
     else:
         return source, {}
     extra = {}
@@ -43,16 +45,25 @@ def resolve_model_source(source: str, checkpoint: str | None = None) -> tuple[st
     return str(ckpt), extra
 
 
-def load_eval_model(source: str, *, dtype: str = "auto", device: str = "auto", chat_template: str | None = None,
-                    trust_remote_code: bool = False, checkpoint: str | None = None, system_prompt: str | None = None,
-                    log: Callable[[str], None] | None = None):
+def load_eval_model(
+    source: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    chat_template: str | None = None,
+    trust_remote_code: bool = False,
+    checkpoint: str | None = None,
+    system_prompt: str | None = None,
+    log: Callable[[str], None] | None = None,
+):
     """(Generator, model info) for ``source``; ValueError (one line) when it cannot be loaded.
     ``dtype`` is model.dtype's (auto | float32 | bfloat16 | float16 | bf16-mixed)."""
-    from ..models import load_pretrained, resolve_device, resolve_precision
+    from transformers.utils import logging as hf_logging
+
+    from ..loading import load_pretrained
+    from ..models import resolve_device, resolve_precision
     from ..multimodal import text_tokenizer
     from ..rollout import build_encoder, eos_token_ids
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no per-file loading bars next to ours
     path, run_cfg = resolve_model_source(source, checkpoint)
@@ -62,19 +73,35 @@ def load_eval_model(source: str, *, dtype: str = "auto", device: str = "auto", c
     try:
         model, processor = load_pretrained(path, dtype=precision.weights, device=dev, trust_remote_code=trust, log=log)
     except (OSError, ValueError, ImportError) as err:
-        raise ValueError(f"model {source!r} could not be loaded: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
+        raise ValueError(
+            f"model {source!r} could not be loaded: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+        ) from None
     model.eval()
     mode = chat_template or run_cfg.get("chat_template", "auto")
     encoder = build_encoder(processor, chat_template=mode, system_prompt=system_prompt)
     tokenizer = text_tokenizer(processor)
-    info = {"model": source, "path": path, "dtype": precision.name, "device": str(dev),
-            "chat_template": bool(encoder.chat), "vision": getattr(processor, "image_processor", None) is not None}
+    info = {
+        "model": source,
+        "path": path,
+        "dtype": precision.name,
+        "device": str(dev),
+        "chat_template": bool(encoder.chat),
+        "vision": getattr(processor, "image_processor", None) is not None,
+    }
     gen = Generator(model, tokenizer, encoder, eos_token_ids(model, tokenizer), autocast=lambda: precision.context(dev))
     return gen, info
 
 
-def load_benchmarks(names: Sequence[str], *, template: str, data_dir: str | None = None, limit: int | None = None,
-                    columns: dict | None = None, split: str | None = None) -> tuple[dict[str, BenchmarkSpec], dict[str, list[Problem]]]:
+def load_benchmarks(
+    names: Sequence[str],
+    *,
+    template: str,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    columns: dict | None = None,
+    split: str | None = None,
+) -> tuple[dict[str, BenchmarkSpec], dict[str, list[Problem]]]:
     """(specs, problems) per benchmark name or local path (names checked first, then loaded)."""
     specs = {}
     for name in names:
@@ -93,26 +120,51 @@ def check_modality(specs: dict[str, BenchmarkSpec], problems: dict[str, list[Pro
             raise ValueError(f"benchmark {name!r} has images but the model is text-only (use a vision-language model)")
 
 
-def evaluate_benchmarks(model: str, benchmarks: Sequence[str], settings: Settings, output_dir: str | Path, *,
-                        data_dir: str | None = None, limit: int | None = None, columns: dict | None = None,
-                        split: str | None = None, dtype: str = "auto", device: str = "auto",
-                        chat_template: str | None = None, trust_remote_code: bool = False,
-                        checkpoint: str | None = None, score_timeout_s: float = 10.0, progress: bool = True,
-                        log: Callable[[str], None] = lambda _m: None) -> dict:
+def evaluate_benchmarks(
+    model: str,
+    benchmarks: Sequence[str],
+    settings: Settings,
+    output_dir: str | Path,
+    *,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    columns: dict | None = None,
+    split: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    chat_template: str | None = None,
+    trust_remote_code: bool = False,
+    checkpoint: str | None = None,
+    score_timeout_s: float = 10.0,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda _m: None,
+) -> dict:
     """Everything of ``mhpo eval --model M --benchmarks ...``: returns the summary dict."""
-    specs, problems = load_benchmarks(benchmarks, template=settings.template, data_dir=data_dir, limit=limit,
-                                      columns=columns, split=split)
+    specs, problems = load_benchmarks(
+        benchmarks, template=settings.template, data_dir=data_dir, limit=limit, columns=columns, split=split
+    )
     check_resume(Path(output_dir), {"settings": settings.record()}, write=False)  # before loading the model
     scorer = AnswerScorer(settings.answer_extraction, score_timeout_s)
     try:
-        gen, info = load_eval_model(model, dtype=dtype, device=device, chat_template=chat_template,
-                                    trust_remote_code=trust_remote_code, checkpoint=checkpoint,
-                                    system_prompt=settings.system_prompt, log=log)
+        gen, info = load_eval_model(
+            model,
+            dtype=dtype,
+            device=device,
+            chat_template=chat_template,
+            trust_remote_code=trust_remote_code,
+            checkpoint=checkpoint,
+            system_prompt=settings.system_prompt,
+            log=log,
+        )
         check_modality(specs, problems, info["vision"])
         scorer.check()
-        log(f"mhpo eval: {model} ({info['dtype']}, {info['device']}) on "
-            + ", ".join(f"{n} ({len(p)})" for n, p in problems.items()) + f", {settings.samples} samples each")
-        return run_protocol(gen, problems, settings, output_dir, scorer=scorer, specs=specs, model_info=info,
-                            progress=progress, log=log)
+        log(
+            f"mhpo eval: {model} ({info['dtype']}, {info['device']}) on "
+            + ", ".join(f"{n} ({len(p)})" for n, p in problems.items())
+            + f", {settings.samples} samples each"
+        )
+        return run_protocol(
+            gen, problems, settings, output_dir, scorer=scorer, specs=specs, model_info=info, progress=progress, log=log
+        )
     finally:
         scorer.close()

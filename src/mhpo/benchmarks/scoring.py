@@ -1,5 +1,5 @@
 """The parent side of answer scoring: completions go to :func:`answers.score_completion` in the
-project's hard-killed worker process (:class:`mhpo.sandbox.Sandbox`).
+project's hard-killed worker process (:class:`mhpo.timeout_worker.TimeoutWorker`).
 
 A call that raises, hangs past ``timeout_s`` or kills the worker scores 0 with no answer and is
 counted in ``errors`` / ``timeouts``; it never stops the evaluation.
@@ -7,9 +7,9 @@ counted in ``errors`` / ``timeouts``; it never stops the evaluation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from .answers import MODES
 
@@ -31,21 +31,25 @@ class AnswerScorer:
     def __init__(self, mode: str = "boxed", timeout_s: float = 10.0):
         if mode not in MODES:
             raise ValueError(f"unknown answer extraction {mode!r}; valid: {', '.join(MODES)}")
-        from ..sandbox import Sandbox
+        from ..timeout_worker import TimeoutWorker
 
         self.mode = mode
-        self.sandbox = Sandbox([f"{ANSWERS_FILE}:score_completion"], timeout_s)
+        self.worker = TimeoutWorker([f"{ANSWERS_FILE}:score_completion"], timeout_s)
         self.errors = self.timeouts = 0
 
     def check(self) -> None:
-        errors = self.sandbox.wait_loaded()
+        errors = self.worker.wait_loaded()
         if errors:
             raise ValueError(f"answer scorer: {errors[0]}")
 
-    def score(self, completions: Sequence[str], golds: Sequence[str], choices: Sequence[Sequence[str]]) -> list[Judgement]:
-        calls = [((c, g), {"mode": self.mode, "choices": list(ch) or None}) for c, g, ch in zip(completions, golds, choices)]
+    def score(
+        self, completions: Sequence[str], golds: Sequence[str], choices: Sequence[Sequence[str]]
+    ) -> list[Judgement]:
+        calls = [
+            ((c, g), {"mode": self.mode, "choices": list(ch) or None}) for c, g, ch in zip(completions, golds, choices)
+        ]
         out = []
-        for outcome in self.sandbox.map(0, calls):
+        for outcome in self.worker.map(0, calls):
             value = outcome.value if outcome.ok else None
             if not isinstance(value, dict):
                 self.timeouts += outcome.timed_out
@@ -57,7 +61,7 @@ class AnswerScorer:
         return out
 
     def close(self) -> None:
-        self.sandbox.close()
+        self.worker.close()
 
     def __enter__(self):
         return self

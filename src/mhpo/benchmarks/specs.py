@@ -16,9 +16,9 @@ A local JSONL / Parquet file or a saved dataset directory is a benchmark too (:f
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 # ---------------------------------------------------------------------------------------------
 # Gold answers and problem texts: small named transforms, chosen per benchmark.
@@ -114,12 +114,29 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         BenchmarkSpec("aime25", "AIME25", "train", "MathArena/aime_2025", id_column="problem_idx"),
         BenchmarkSpec("amc23", "AMC23", "test", "math-ai/amc23", problem_column="question", id_column="id"),
         BenchmarkSpec("hmmt25", "HMMT25", "train", "MathArena/hmmt_feb_2025", id_column="problem_idx"),
-        BenchmarkSpec("gsm8k", "GSM8K", "test", "openai/gsm8k", config="main", problem_column="question",
-                      gold="after_hashes"),
-        BenchmarkSpec("geometry3k", "Geometry3K", "test", "hiyouga/geometry3k", image_column="images",
-                      clean="strip_image_tags", vision=True),
-        BenchmarkSpec("mathvista", "MathVista", "testmini", "AI4Math/MathVista", problem_column="question",
-                      id_column="pid", image_column="decoded_image", choices_column="choices", vision=True),
+        BenchmarkSpec(
+            "gsm8k", "GSM8K", "test", "openai/gsm8k", config="main", problem_column="question", gold="after_hashes"
+        ),
+        BenchmarkSpec(
+            "geometry3k",
+            "Geometry3K",
+            "test",
+            "hiyouga/geometry3k",
+            image_column="images",
+            clean="strip_image_tags",
+            vision=True,
+        ),
+        BenchmarkSpec(
+            "mathvista",
+            "MathVista",
+            "testmini",
+            "AI4Math/MathVista",
+            problem_column="question",
+            id_column="pid",
+            image_column="decoded_image",
+            choices_column="choices",
+            vision=True,
+        ),
     )
 }
 # The paper's table order (MHPO paper, Avg@32); other benchmarks follow in the order given.
@@ -162,7 +179,7 @@ def get_spec(name: str, *, columns: dict | None = None, split: str | None = None
             raise ValueError(f"benchmark file {name!r} does not exist")
         spec = local_spec(name)
     else:
-        from ..config import did_you_mean
+        from ..errors import did_you_mean
 
         raise ValueError(
             f"unknown benchmark {name!r}{did_you_mean(name, BENCHMARKS)}; named benchmarks: "

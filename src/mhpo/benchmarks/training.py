@@ -44,11 +44,21 @@ class BenchmarkHook:
     def __init__(self, eval_cfg, run_dir: str | Path, *, max_new_tokens: int, timeout_s: float = 10.0):
         from .runner import load_benchmarks
 
-        self.settings = Settings(samples=eval_cfg.benchmark_samples, temperature=eval_cfg.temperature, top_p=1.0,
-                                 max_new_tokens=eval_cfg.benchmark_max_new_tokens or max_new_tokens, seed=eval_cfg.seed,
-                                 template=DEFAULT_TEMPLATE, batch_size=eval_cfg.batch_size)
-        self.specs, self.problems = load_benchmarks([str(b) for b in eval_cfg.benchmarks], template=DEFAULT_TEMPLATE,
-                                                    data_dir=eval_cfg.benchmark_data_dir, limit=eval_cfg.benchmark_limit)
+        self.settings = Settings(
+            samples=eval_cfg.benchmark_samples,
+            temperature=eval_cfg.temperature,
+            top_p=1.0,
+            max_new_tokens=eval_cfg.benchmark_max_new_tokens or max_new_tokens,
+            seed=eval_cfg.seed,
+            template=DEFAULT_TEMPLATE,
+            batch_size=eval_cfg.batch_size,
+        )
+        self.specs, self.problems = load_benchmarks(
+            [str(b) for b in eval_cfg.benchmarks],
+            template=DEFAULT_TEMPLATE,
+            data_dir=eval_cfg.benchmark_data_dir,
+            limit=eval_cfg.benchmark_limit,
+        )
         self.run_dir = Path(run_dir)
         self.scorer = AnswerScorer(self.settings.answer_extraction, timeout_s)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from ..loss import policy_loss
-from ..cli import UsageError
 from ..objectives import OBJECTIVES, get_objective
 
 

@@ -11,7 +11,7 @@ This module holds the hparam plumbing they share; no objective math.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from ..objectives import get_objective
 

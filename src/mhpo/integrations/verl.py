@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -43,9 +43,10 @@ from ..objectives import OBJECTIVES
 from . import MHPO_FIELDS, merge_hparams, resolve_hparams
 
 try:
-    import verl
     from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, agg_loss, register_policy_loss
     from verl.workers.config import PolicyLossConfig
+
+    import verl
 except ImportError as err:  # pragma: no cover - exercised only without verl
     raise ImportError("mhpo.integrations.verl needs verl 0.9: pip install 'mhpo[verl]'") from err
 
@@ -76,11 +77,11 @@ class MHPOPolicyLossConfig(PolicyLossConfig):
     objective's, e.g. ``{"eps_high": 0.28}`` for ``loss_mode=mhpo.dapo``. Validated on construction.
     """
 
-    mhpo_c: Optional[float] = _mhpo_field()
-    mhpo_k_pos: Optional[float] = _mhpo_field()
-    mhpo_lambda_pos: Optional[float] = _mhpo_field()
-    mhpo_k_neg: Optional[float] = _mhpo_field()
-    mhpo_lambda_neg: Optional[float] = _mhpo_field()
+    mhpo_c: float | None = _mhpo_field()
+    mhpo_k_pos: float | None = _mhpo_field()
+    mhpo_lambda_pos: float | None = _mhpo_field()
+    mhpo_k_neg: float | None = _mhpo_field()
+    mhpo_lambda_neg: float | None = _mhpo_field()
     mhpo_hparams: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -119,8 +120,8 @@ def _make_loss(objective: str):
         advantages: torch.Tensor,  # [B, T]
         response_mask: torch.Tensor,  # [B, T]
         loss_agg_mode: str = "token-mean",
-        config: Optional[Any] = None,  # verl ActorConfig (or DictConfig); None = local normalisation
-        rollout_is_weights: Optional[torch.Tensor] = None,  # [B, T] rollout-correction weights
+        config: Any | None = None,  # verl ActorConfig (or DictConfig); None = local normalisation
+        rollout_is_weights: torch.Tensor | None = None,  # [B, T] rollout-correction weights
     ) -> tuple[torch.Tensor, dict[str, float]]:
         hp = objective_hparams(config.get("policy_loss", None) if config is not None else None, objective)
         parts = token_losses(objective, log_prob, old_log_prob, advantages, response_mask, stats=True, **hp)

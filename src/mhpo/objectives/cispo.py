@@ -11,9 +11,17 @@ from __future__ import annotations
 
 import math
 
-from .registry import HParam, Objective, Terms, Tensor, register
+from .registry import HParam, Tensor, Terms, objective
 
 
+@objective(
+    "cispo",
+    formula="sg(clip(r, floor, cap)) A logp",
+    hparams={
+        "cap": HParam(5.0, "positive", "absolute upper bound on the IS weight (TRL: 5.0; verl: 1.2)"),
+        "floor": HParam(0.0, "nonneg", "lower bound on the IS weight (verl: 0.8); 0 = none"),
+    },
+)
 def cispo(logp: Tensor, log_r: Tensor, adv: Tensor, mask: Tensor, *, cap: float, floor: float) -> Terms:
     """CISPO: j = sg(clip(r, floor, cap)) A logp;  M = clip(r, floor, cap)."""
     if floor >= cap:
@@ -21,17 +29,3 @@ def cispo(logp: Tensor, log_r: Tensor, adv: Tensor, mask: Tensor, *, cap: float,
     # exp of the log-ratio capped at log(cap): never overflows, no gradient through the weight
     w = log_r.detach().clamp(max=math.log(cap)).exp().clamp(min=floor)  # [B, T]
     return Terms(w * adv * logp, w)
-
-
-register(
-    Objective(
-        "cispo",
-        cispo,
-        {
-            "cap": HParam(5.0, "positive", "absolute upper bound on the IS weight (TRL: 5.0; verl: 1.2)"),
-            "floor": HParam(0.0, "nonneg", "lower bound on the IS weight (verl: 0.8); 0 = none"),
-        },
-        "sg(clip(r, floor, cap)) A logp",
-        "token",
-    )
-)

@@ -16,9 +16,17 @@ from __future__ import annotations
 
 import torch
 
-from .registry import HParam, Objective, Terms, Tensor, register, sat_exp, seq_mean
+from .registry import HParam, Tensor, Terms, objective, sat_exp, seq_mean
 
 
+@objective(
+    "gmpo",
+    formula="A exp(mean_t clip(log r, -eps_low, eps_high)) per sequence (clip by sign of A)",
+    hparams={
+        "eps_low": HParam(0.4, "positive", "lower clip on log r (A < 0): log r >= -eps_low"),
+        "eps_high": HParam(0.4, "positive", "upper clip on log r (A >= 0): log r <= eps_high"),
+    },
+)
 def gmpo(logp: Tensor, log_r: Tensor, adv: Tensor, mask: Tensor, *, eps_low: float, eps_high: float) -> Terms:
     """GMPO: rho_i = exp(mean_t clip(log r_it)) (by sign of A_i);  j = A_i rho_i;  M = rho_i unless clipped."""
     a_seq = seq_mean(adv, mask).unsqueeze(-1)  # [B, 1]
@@ -29,17 +37,3 @@ def gmpo(logp: Tensor, log_r: Tensor, adv: Tensor, mask: Tensor, *, eps_low: flo
     value = (rho * a_seq).expand_as(log_r)
     mult = torch.where(clipped, torch.zeros_like(log_r), rho.detach().expand_as(log_r))
     return Terms(value, mult, {"seq_ratio": rho.detach().expand_as(log_r)})
-
-
-register(
-    Objective(
-        "gmpo",
-        gmpo,
-        {
-            "eps_low": HParam(0.4, "positive", "lower clip on log r (A < 0): log r >= -eps_low"),
-            "eps_high": HParam(0.4, "positive", "upper clip on log r (A >= 0): log r <= eps_high"),
-        },
-        "A exp(mean_t clip(log r, -eps_low, eps_high)) per sequence (clip by sign of A)",
-        "sequence",
-    )
-)

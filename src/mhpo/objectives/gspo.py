@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import HParam, Objective, Terms, Tensor, register, sat_exp, seq_mean
+from .registry import HParam, Tensor, Terms, objective, sat_exp, seq_mean
 
 
 def _clipped_seq_objective(s: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> Terms:
@@ -25,21 +25,6 @@ def _clipped_seq_objective(s: Tensor, adv: Tensor, eps_low: float, eps_high: flo
     return Terms(value, mult, {"seq_ratio": s.detach()})
 
 
-def gspo(logp: Tensor, log_r: Tensor, adv: Tensor, mask: Tensor, *, eps_low: float, eps_high: float) -> Terms:
-    """GSPO: s_i = exp(mean_t log r_it);  j = min(s_i A, clip(s_i) A);  M = s_i unless clipped."""
-    s = sat_exp(seq_mean(log_r, mask))  # [B]
-    return _clipped_seq_objective(s.unsqueeze(-1).expand_as(log_r), adv, eps_low, eps_high)
-
-
-def gspo_token(
-    logp: Tensor, log_r: Tensor, adv: Tensor, mask: Tensor, *, eps_low: float, eps_high: float
-) -> Terms:
-    """GSPO-token: s_it = sg(s_i) exp(log r_it - sg log r_it);  then as gspo per token."""
-    log_s = seq_mean(log_r.detach(), mask).unsqueeze(-1)  # [B, 1], no gradient
-    s = sat_exp(log_s + (log_r - log_r.detach()))  # [B, T], value s_i, d/dlogp_it = s_i
-    return _clipped_seq_objective(s, adv, eps_low, eps_high)
-
-
 def _hparams():
     return {
         "eps_low": HParam(3e-4, "unit", "lower clip on the sequence ratio: s >= 1 - eps_low"),
@@ -47,13 +32,16 @@ def _hparams():
     }
 
 
-register(
-    Objective(
-        "gspo", gspo, _hparams(), "min(s A, clip(s, 1-eps_low, 1+eps_high) A),  s = exp(mean_t log r)", "sequence"
-    )
-)
-register(
-    Objective(
-        "gspo-token", gspo_token, _hparams(), "as gspo with s_t = sg(s) exp(logp - sg logp)", "sequence"
-    )
-)
+@objective("gspo", hparams=_hparams(), formula="min(s A, clip(s, 1-eps_low, 1+eps_high) A),  s = exp(mean_t log r)")
+def gspo(logp: Tensor, log_r: Tensor, adv: Tensor, mask: Tensor, *, eps_low: float, eps_high: float) -> Terms:
+    """GSPO: s_i = exp(mean_t log r_it);  j = min(s_i A, clip(s_i) A);  M = s_i unless clipped."""
+    s = sat_exp(seq_mean(log_r, mask))  # [B]
+    return _clipped_seq_objective(s.unsqueeze(-1).expand_as(log_r), adv, eps_low, eps_high)
+
+
+@objective("gspo-token", hparams=_hparams(), formula="as gspo with s_t = sg(s) exp(logp - sg logp)")
+def gspo_token(logp: Tensor, log_r: Tensor, adv: Tensor, mask: Tensor, *, eps_low: float, eps_high: float) -> Terms:
+    """GSPO-token: s_it = sg(s_i) exp(log r_it - sg log r_it);  then as gspo per token."""
+    log_s = seq_mean(log_r.detach(), mask).unsqueeze(-1)  # [B, 1], no gradient
+    s = sat_exp(log_s + (log_r - log_r.detach()))  # [B, T], value s_i, d/dlogp_it = s_i
+    return _clipped_seq_objective(s, adv, eps_low, eps_high)

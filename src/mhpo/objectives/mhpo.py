@@ -12,41 +12,11 @@ so zeta(1) = (ln2/1)^1.5 + (ln2/0.8)^2 = 1.328. That is the formula as written a
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
+from .mhpo_formula import dhp, lfm, on_policy_weight
 from .mhpo_fused import mhpo_fused_loss
-from .registry import MAX_LOG_RATIO, HParam, Objective, Terms, Tensor, register, sat_exp
-
-PAPER_DEFAULTS = dict(c=1.5, k_pos=1.5, lambda_pos=1.0, k_neg=2.0, lambda_neg=0.8)
-
-
-def lfm(log_r: Tensor, c: float) -> Tensor:
-    """Log-Fidelity Modulator psi = c * tanh(log r / c): ~log r near r = 1, bounded in (-c, c)."""
-    return c * torch.tanh(log_r / c)
-
-
-def weibull_hazard(x: Tensor, k: float, lam: float) -> Tensor:
-    """Weibull cumulative hazard H(x) = (x / lambda)^k for x >= 0."""
-    return (x / lam).pow(k)
-
-
-def dhp(psi: Tensor, k_pos: float, lambda_pos: float, k_neg: float, lambda_neg: float) -> Tensor:
-    """Decoupled Hazard Penalty zeta = H_pos(softplus(psi)) + H_neg(softplus(-psi)); no gradient.
-
-    softplus(-x) = softplus(x) - x, so one softplus serves both directions.
-    """
-    psi = psi.detach()
-    sp = F.softplus(psi)  # s(psi)
-    return weibull_hazard(sp, k_pos, lambda_pos) + weibull_hazard(sp - psi, k_neg, lambda_neg)
-
-
-def on_policy_weight(k_pos: float, lambda_pos: float, k_neg: float, lambda_neg: float) -> float:
-    """exp(-zeta(r = 1)) = exp(-(ln2/lambda_pos)^k_pos - (ln2/lambda_neg)^k_neg); 0.265 at defaults."""
-    ln2 = math.log(2.0)
-    return math.exp(-((ln2 / lambda_pos) ** k_pos) - (ln2 / lambda_neg) ** k_neg)
+from .registry import MAX_LOG_RATIO, HParam, Tensor, Terms, objective, sat_exp
 
 
 def mhpo_terms(
@@ -103,11 +73,9 @@ def _mhpo_hparams(c=1.5, k_pos=1.5, lambda_pos=1.0, k_neg=2.0, lambda_neg=0.8, s
     return hp
 
 
-def _mhpo(logp, log_r, adv, mask, *, lfm=True, dhp=True, **hp) -> Terms:
-    return mhpo_terms(logp, log_r, adv, mask, lfm_on=lfm, dhp_on=dhp, **hp)
-
-
-def _mhpo_fast(logp, old_logp, coef, *, want_stats, compiled=False, per_token=False, lfm=True, dhp=True, rescale=False, **hp):
+def _mhpo_fast(
+    logp, old_logp, coef, *, want_stats, compiled=False, per_token=False, lfm=True, dhp=True, rescale=False, **hp
+):
     """The fused path (see mhpo_fused) for LFM and DHP both on; None otherwise."""
     if not (lfm and dhp) or hp["c"] > MAX_LOG_RATIO:
         return None
@@ -123,49 +91,39 @@ def _mhpo_fast(logp, old_logp, coef, *, want_stats, compiled=False, per_token=Fa
     return loss, parts
 
 
-_mhpo.__doc__ = mhpo_terms.__doc__
-
 _FORMULA = "exp(psi - sg zeta) A;  psi = c tanh(log r / c),  zeta = (s(psi)/lp)^kp + (s(-psi)/ln)^kn"
 
-register(Objective("mhpo", _mhpo, _mhpo_hparams(), _FORMULA, "token", fused=_mhpo_fast))
-register(
-    Objective(
-        "mhpo-lfm-only",
-        _mhpo,
-        {**_mhpo_hparams(), "dhp": HParam(False, "bool", "Decoupled Hazard Penalty on")},
-        "exp(psi) A  (ablation: DHP off, zeta = 0)",
-        "token",
-        fused=_mhpo_fast,
-    )
+
+# The paper's objective and its ablations: one function, other defaults or switches. The decorator
+# nearest the function registers first (mhpo, then its ablations, in the order listed upward).
+@objective(
+    "mhpo-rescaled",
+    hparams=_mhpo_hparams(switches=False),
+    fixed={"rescale": True},
+    fused=_mhpo_fast,
+    formula="exp(psi - sg zeta) A / exp(-zeta(1))  (NOT the paper: on-policy weight 1 instead of 0.265)",
 )
-register(
-    Objective(
-        "mhpo-dhp-only",
-        _mhpo,
-        {**_mhpo_hparams(), "lfm": HParam(False, "bool", "Log-Fidelity Modulator on")},
-        "exp(log r - sg zeta) A  (ablation: LFM off, psi = log r)",
-        "token",
-        fused=_mhpo_fast,
-    )
+@objective(
+    "mhpo-symmetric",
+    hparams=_mhpo_hparams(k_neg=1.5, lambda_neg=1.0),
+    fused=_mhpo_fast,
+    formula="mhpo with k_neg = k_pos, lambda_neg = lambda_pos  (ablation: symmetric DHP)",
 )
-register(
-    Objective(
-        "mhpo-symmetric",
-        _mhpo,
-        _mhpo_hparams(k_neg=1.5, lambda_neg=1.0),
-        "mhpo with k_neg = k_pos, lambda_neg = lambda_pos  (ablation: symmetric DHP)",
-        "token",
-        fused=_mhpo_fast,
-    )
+@objective(
+    "mhpo-dhp-only",
+    hparams={**_mhpo_hparams(), "lfm": HParam(False, "bool", "Log-Fidelity Modulator on")},
+    fused=_mhpo_fast,
+    formula="exp(log r - sg zeta) A  (ablation: LFM off, psi = log r)",
 )
-register(
-    Objective(
-        "mhpo-rescaled",
-        _mhpo,
-        _mhpo_hparams(switches=False),
-        "exp(psi - sg zeta) A / exp(-zeta(1))  (NOT the paper: on-policy weight 1 instead of 0.265)",
-        "token",
-        fixed={"rescale": True},
-        fused=_mhpo_fast,
-    )
+@objective(
+    "mhpo-lfm-only",
+    hparams={**_mhpo_hparams(), "dhp": HParam(False, "bool", "Decoupled Hazard Penalty on")},
+    fused=_mhpo_fast,
+    formula="exp(psi) A  (ablation: DHP off, zeta = 0)",
 )
+@objective("mhpo", hparams=_mhpo_hparams(), fused=_mhpo_fast, formula=_FORMULA)
+def _mhpo(logp, log_r, adv, mask, *, lfm=True, dhp=True, **hp) -> Terms:
+    return mhpo_terms(logp, log_r, adv, mask, lfm_on=lfm, dhp_on=dhp, **hp)
+
+
+_mhpo.__doc__ = mhpo_terms.__doc__

@@ -7,7 +7,7 @@ part of the loss and its gradient are
     dloss/dlogp = -coef_it * M_it,     M = exp(psi - zeta) * (1 - tanh^2(log r / c))
 
 so forward computes M on the way and saves the single tensor -coef*M; backward is one multiply.
-The work runs over chunks of CHUNK tokens so that the dozen temporaries per token stay in cache
+The work runs over chunks of CHUNK tokens so that the dozen temporaries of a chunk stay in cache
 instead of streaming 16-byte-per-token intermediates through memory. Per token this costs one
 tanh, one softplus (exp + log1p) and one exp: the transcendental floor of the formula.
 """
@@ -17,31 +17,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK = 1 << 18  # tokens per chunk: ~10 float32 temporaries of 256 KiB fit a 2 MiB L2
+from .mhpo_formula import dhp, lfm, power
+
+CHUNK = 1 << 18  # tokens per chunk: a float32 temporary is 1 MiB, so a dozen fit a 32 MiB L3 (not a 2 MiB L2)
 
 
-def power(s: torch.Tensor, k: float) -> torch.Tensor:
-    """s^k with the common shapes spelled out: pow costs an exp and a log per token."""
-    if k == 1.0:
-        return s.clone()
-    if k == 2.0:
-        return s * s
-    if k == 1.5:
-        return s.sqrt().mul_(s)
-    if k == 0.5:
-        return s.sqrt()
-    return s.pow(k)
-
-
-def hazard(s: torch.Tensor, k: float, lam: float) -> torch.Tensor:
-    """Weibull cumulative hazard (s / lam)^k = lam^-k * s^k."""
-    return power(s, k).mul_(lam ** (-k))
-
-
-def _chunk(x, coef, c, k_pos, lambda_pos, k_neg, lambda_neg, out, stats, values, sink=None):
-    """One chunk: x [n] = log r (overwritten), coef [n] = w*A; writes out [n] = coef * M and
-    returns sum coef * exp(psi - zeta) (or writes -coef * exp(psi - zeta) to ``values``). zeta = a s^k_pos + b d^k_neg, a = lambda_pos^-k_pos,
-    b = lambda_neg^-k_neg, s = softplus(psi), d = softplus(-psi) = s - psi."""
+def _chunk(x, coef, *, c, k_pos, lambda_pos, k_neg, lambda_neg, out, stats, values, sink=None):
+    """One chunk of :mod:`mhpo.objectives.mhpo_formula`, in place: x [n] = log r (overwritten, and
+    its buffer reused for tanh, then tanh^2), coef [n] = w*A; writes out [n] = coef * M and returns
+    sum coef * exp(psi - zeta) (or writes -coef * exp(psi - zeta) to ``values``).
+    zeta = a s^k_pos + b d^k_neg, a = lambda_pos^-k_pos, b = lambda_neg^-k_neg, s = softplus(psi),
+    d = softplus(-psi) = s - psi."""
     a, b = lambda_pos ** (-k_pos), lambda_neg ** (-k_neg)
     t = x.mul_(1.0 / c).tanh_()  # tanh(log r / c)
     psi = t * c  # LFM
@@ -69,15 +55,15 @@ def _chunk(x, coef, c, k_pos, lambda_pos, k_neg, lambda_neg, out, stats, values,
     return part
 
 
-def whole_kernel(logp, old_logp, coef, c, k_pos, lambda_pos, k_neg, lambda_neg, want_stats, per_token):
-    """`_chunk` as one pure whole-tensor expression, for torch.compile to fuse into a single loop.
+def whole_kernel(logp, old_logp, coef, *, c, k_pos, lambda_pos, k_neg, lambda_neg, want_stats, per_token):
+    """The formula of :mod:`mhpo.objectives.mhpo_formula` as one whole-tensor expression, for
+    torch.compile to fuse into a single loop.
 
     Returns (sum coef*w or the [N] vector -coef*w, coef*M) and, with want_stats, (psi, zeta, M).
     """
-    t = torch.tanh((logp - old_logp) / c)
-    psi = t * c
-    sp = F.softplus(psi)
-    zeta = hazard(sp, k_pos, lambda_pos) + hazard(sp - psi, k_neg, lambda_neg)
+    psi = lfm(logp - old_logp, c)
+    t = psi / c  # tanh(log r / c)
+    zeta = dhp(psi, k_pos, lambda_pos, k_neg, lambda_neg)
     w = torch.exp(psi - zeta)
     m = w * (1.0 - t * t)
     cw = coef * w
@@ -104,7 +90,9 @@ class MHPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, coef, hp, want_stats, compiled, per_token):  # [N] contiguous
         if compiled:
-            value, grad, *stats = compiled_kernel()(logp, old_logp, coef, *hp, want_stats, per_token)
+            value, grad, *stats = compiled_kernel()(
+                logp, old_logp, coef, **hp, want_stats=want_stats, per_token=per_token
+            )
         else:
             value, grad, stats = _chunked(logp, old_logp, coef, hp, want_stats, per_token)
         ctx.save_for_backward(grad)
@@ -113,7 +101,7 @@ class MHPOLoss(torch.autograd.Function):
         return outs if want_stats is True else outs[0]
 
     @staticmethod
-    def backward(ctx, g, *unused):
+    def backward(ctx, g, *_stats_grads):
         (grad,) = ctx.saved_tensors
         return grad * -g, None, None, None, None, None, None
 
@@ -144,12 +132,23 @@ def _chunked(logp, old_logp, coef, hp, want_stats, per_token):
         if sink is not None:
             sink.tokens(s, e, x.dtype)
             sink.log_ratio(x)  # before _chunk overwrites x
-        total += _chunk(x, coef[s:e], *hp, grad[s:e], chunk_stats, values[s:e] if per_token else None, sink)
+        values_chunk = values[s:e] if per_token else None
+        total += _chunk(x, coef[s:e], **hp, out=grad[s:e], stats=chunk_stats, values=values_chunk, sink=sink)
     return (values if per_token else total), grad, stats
 
 
 def mhpo_fused_loss(
-    logp, old_logp, coef, *, c, k_pos, lambda_pos, k_neg, lambda_neg, want_stats=False, compiled=False,
+    logp,
+    old_logp,
+    coef,
+    *,
+    c,
+    k_pos,
+    lambda_pos,
+    k_neg,
+    lambda_neg,
+    want_stats=False,
+    compiled=False,
     per_token=False,
 ):
     """Fused MHPO on [B, T] tensors: the loss -sum coef*w (per_token: the [B, T] matrix -coef*w),
@@ -157,7 +156,7 @@ def mhpo_fused_loss(
     sink (mhpo.diagnostics.ChunkStats) fed chunk by chunk (eager kernel only), parts then None."""
     shape = logp.shape
     flat = [t.contiguous().view(-1) for t in (logp, old_logp.to(logp.dtype), coef.to(logp.dtype))]
-    hp = (c, k_pos, lambda_pos, k_neg, lambda_neg)
+    hp = {"c": c, "k_pos": k_pos, "lambda_pos": lambda_pos, "k_neg": k_neg, "lambda_neg": lambda_neg}
     if compiled and want_stats and want_stats is not True:
         raise ValueError("mhpo_fused_loss: a stats sink needs the eager kernel (compiled=False)")
     out = MHPOLoss.apply(flat[0], flat[1], flat[2].detach(), hp, want_stats, compiled, per_token)

@@ -12,9 +12,23 @@ from __future__ import annotations
 
 import torch
 
-from .registry import HParam, Objective, Terms, Tensor, register, sat_exp
+from .registry import HParam, Tensor, Terms, objective, sat_exp
 
 
+def _hparams(eps_low: float, eps_high: float):
+    return {
+        "eps_low": HParam(eps_low, "unit", "lower clip: r >= 1 - eps_low"),
+        "eps_high": HParam(eps_high, "nonneg", "upper clip: r <= 1 + eps_high"),
+        "dual_clip": HParam(None, "above_one", "dual-clip bound for A < 0 (verl clip_ratio_c); off"),
+    }
+
+
+@objective(
+    "dapo",
+    hparams=_hparams(0.2, 0.28),
+    formula="min(r A, clip(r, 1-eps_low, 1+eps_high) A), clip-higher; use agg token-mean",
+)
+@objective("grpo", hparams=_hparams(0.2, 0.2), formula="min(r A, clip(r, 1-eps, 1+eps) A)")
 def ppo_clip(
     logp: Tensor,
     log_r: Tensor,  # [B, T]
@@ -36,23 +50,3 @@ def ppo_clip(
     value = torch.where(clipped, bound * adv, r * adv)
     mult = torch.where(clipped, torch.zeros_like(bound), r.detach())
     return Terms(value, mult)
-
-
-def _hparams(eps_low: float, eps_high: float):
-    return {
-        "eps_low": HParam(eps_low, "unit", "lower clip: r >= 1 - eps_low"),
-        "eps_high": HParam(eps_high, "nonneg", "upper clip: r <= 1 + eps_high"),
-        "dual_clip": HParam(None, "above_one", "dual-clip bound for A < 0 (verl clip_ratio_c); off"),
-    }
-
-
-register(Objective("grpo", ppo_clip, _hparams(0.2, 0.2), "min(r A, clip(r, 1-eps, 1+eps) A)", "token"))
-register(
-    Objective(
-        "dapo",
-        ppo_clip,
-        _hparams(0.2, 0.28),
-        "min(r A, clip(r, 1-eps_low, 1+eps_high) A), clip-higher; use agg token-mean",
-        "token",
-    )
-)

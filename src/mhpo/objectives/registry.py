@@ -12,12 +12,13 @@ and the multiplier plot use. Aggregation, KL and statistics live in :mod:`mhpo.l
 
 from __future__ import annotations
 
-import difflib
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import torch
+
+from ..errors import did_you_mean
 
 Tensor = torch.Tensor
 
@@ -57,7 +58,6 @@ class Objective:
     fn: Callable[..., Terms]
     hparams: Mapping[str, HParam]
     formula: str
-    level: str  # "token" or "sequence": where the ratio that is controlled lives
     fixed: Mapping[str, object] = field(default_factory=dict)  # passed to fn, not user-settable
     # Optional fast path: fused(logp, old_logp, coef, *, want_stats, compiled, per_token, **hparams)
     # -> (loss, parts) or None where it does not apply. coef = w * A; the loss is -sum coef * j/A
@@ -78,7 +78,7 @@ class Objective:
         if unknown:
             valid = ", ".join(self.hparams) or "(none)"
             raise ValueError(
-                f"objective {self.name!r}: unknown hparam {unknown[0]!r}{_did_you_mean(unknown[0], self.hparams)}; "
+                f"objective {self.name!r}: unknown hparam {unknown[0]!r}{did_you_mean(unknown[0], self.hparams)}; "
                 f"valid hparams: {valid}"
             )
         out = self.defaults
@@ -89,7 +89,9 @@ class Objective:
     def __call__(self, logp: Tensor, log_r: Tensor, adv: Tensor, mask: Tensor, **hp) -> Terms:
         return self.fn(logp, log_r, adv, mask, **hp, **self.fixed)
 
-    def fast(self, logp: Tensor, old_logp: Tensor, coef: Tensor, want_stats: bool, compiled=False, per_token=False, **hp):
+    def fast(
+        self, logp: Tensor, old_logp: Tensor, coef: Tensor, want_stats: bool, compiled=False, per_token=False, **hp
+    ):
         if self.fused is None:
             return None
         return self.fused(
@@ -114,26 +116,47 @@ def _check_value(objective: str, key: str, value: object, spec: HParam):
     return value
 
 
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 OBJECTIVES: dict[str, Objective] = {}
 
 
 def register(objective: Objective) -> Objective:
+    """Add ``objective`` to OBJECTIVES (a name registers once); returns it."""
     if objective.name in OBJECTIVES:
         raise ValueError(f"objective {objective.name!r} is already registered")
     OBJECTIVES[objective.name] = objective
     return objective
 
 
+def objective(
+    name: str,
+    *,
+    formula: str,
+    hparams: Mapping[str, HParam] | None = None,
+    fixed: Mapping[str, object] | None = None,
+    fused: Callable | None = None,
+):
+    """Decorator: register the function below as objective ``name`` and return it unchanged.
+
+        @objective("grpo", formula="min(r A, clip(r, 1-eps, 1+eps) A)", hparams=PPO_HPARAMS)
+        def ppo_clip(logp, log_r, adv, mask, *, eps_low, eps_high): ...
+
+    Stacked decorators register one function under several names (with other defaults or
+    ``fixed`` arguments); the one nearest the function registers first, which sets the order
+    ``mhpo objectives`` lists them in.
+    """
+
+    def register_fn(fn: Callable[..., Terms]) -> Callable[..., Terms]:
+        register(Objective(name, fn, dict(hparams or {}), formula, fixed=dict(fixed or {}), fused=fused))
+        return fn
+
+    return register_fn
+
+
 def get_objective(name: str) -> Objective:
     """The registered objective called ``name``; ValueError listing the valid names otherwise."""
     if not isinstance(name, str) or name not in OBJECTIVES:
         raise ValueError(
-            f"unknown objective {name!r}{_did_you_mean(str(name), OBJECTIVES)}; "
+            f"unknown objective {name!r}{did_you_mean(str(name), OBJECTIVES)}; "
             f"valid objectives: {', '.join(OBJECTIVES)}"
         )
     return OBJECTIVES[name]

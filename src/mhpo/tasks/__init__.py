@@ -14,7 +14,7 @@ the vision prompt encoder (:class:`mhpo.multimodal.VisionPromptEncoder`) turns i
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .base import Example, GeneratorSource, IndexSource, PromptSource, Task
 from .datasets import build_dataset_task
@@ -28,7 +28,9 @@ PROCEDURAL.update(VISUAL)  # visual tasks are procedural tasks whose examples ca
 
 # Non-procedural kinds: name -> builder(task_config) -> Task.
 KINDS: dict[str, Callable] = {
-    "dataset": lambda cfg: build_dataset_task(cfg.path, cfg.prompt_column, cfg.answer_column, cfg.split, cfg.eval_split),
+    "dataset": lambda cfg: build_dataset_task(
+        cfg.path, cfg.prompt_column, cfg.answer_column, cfg.split, cfg.eval_split
+    ),
     "image_dataset": build_image_dataset_task,
 }
 # Kinds that take task.args (the others reject them).
@@ -48,13 +50,24 @@ def build_task(cfg) -> Task:
         return build_reasoning_gym(name[len(RG_PREFIX) :], cfg.args, cfg.train_size)
     if name in KINDS:
         if not cfg.path:
-            raise ValueError(f"task {name!r} needs task.path (a .jsonl / .parquet file, a saved dataset dir or a hub id)")
+            raise ValueError(
+                f"task {name!r} needs task.path (a .jsonl / .parquet file, a saved dataset dir or a hub id)"
+            )
         if cfg.args and name not in KINDS_WITH_ARGS:
             raise ValueError(f"task {name!r} takes no task.args (got {', '.join(cfg.args)})")
         return KINDS[name](cfg)
-    from ..config import did_you_mean
+    from ..errors import did_you_mean
 
     raise ValueError(f"unknown task {name!r}{did_you_mean(name, task_names())}; valid tasks: {', '.join(task_names())}")
 
 
-__all__ = ["Example", "Task", "PromptSource", "GeneratorSource", "IndexSource", "build_task", "task_names", "PROCEDURAL"]
+__all__ = [
+    "Example",
+    "Task",
+    "PromptSource",
+    "GeneratorSource",
+    "IndexSource",
+    "build_task",
+    "task_names",
+    "PROCEDURAL",
+]

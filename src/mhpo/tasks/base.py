@@ -8,8 +8,9 @@ run sees exactly the prompts the uninterrupted run would have seen). The held-ou
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -143,7 +144,9 @@ class Task:
     description: str = ""
 
 
-def unique_examples(draw: Callable[[], Example], n: int, exclude: frozenset[str] = frozenset(), max_tries: int | None = None) -> list[Example]:
+def unique_examples(
+    draw: Callable[[], Example], n: int, exclude: frozenset[str] = frozenset(), max_tries: int | None = None
+) -> list[Example]:
     """n examples with distinct prompts from repeated ``draw()``, skipping ``exclude``."""
     seen: set[str] = set()
     out: list[Example] = []
@@ -159,7 +162,3 @@ def unique_examples(draw: Callable[[], Example], n: int, exclude: frozenset[str]
         seen.add(ex.key)
         out.append(ex)
     return out
-
-
-def take(rows: Sequence[Example], n: int) -> list[Example]:
-    return list(rows[:n])

@@ -16,8 +16,9 @@ ValueError naming where it is (``data.jsonl:7`` or ``data.parquet [train] row 6`
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -135,7 +136,9 @@ def load_split(path: str, split: str):
             try:
                 return JsonRows(read_json_rows(p))
             except OSError as err:
-                raise ValueError(f"task.path {path!r} could not be read ({type(err).__name__}: {err.strerror or err})") from None
+                raise ValueError(
+                    f"task.path {path!r} could not be read ({type(err).__name__}: {err.strerror or err})"
+                ) from None
     import datasets
 
     datasets.utils.logging.disable_progress_bar()
@@ -186,7 +189,11 @@ def prompt_problem(value: Any) -> str | None:
         return None if value.strip() else "is empty"
     if isinstance(value, list) and value:
         for k, m in enumerate(value):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), (str, list)):
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), (str, list))
+            ):
                 return f"message {k} must be a mapping with 'role' and 'content', got {m!r:.60}"
         return None
     return f"must hold a string or a list of chat messages, got {type(value).__name__} {value!r:.40}"
@@ -210,7 +217,9 @@ def check_columns(data, path: str, prompt_column: str, answer_column: str, split
         for i in range(len(data)):
             row = data.raw(i)
             if answer_column not in row:
-                raise ValueError(f"{where(i)}: column {answer_column!r} is missing (columns: {', '.join(map(str, row))})")
+                raise ValueError(
+                    f"{where(i)}: column {answer_column!r} is missing (columns: {', '.join(map(str, row))})"
+                )
 
 
 def row_to_example(row: dict[str, Any], prompt_column: str, answer_column: str) -> Example:
@@ -221,9 +230,7 @@ def row_to_example(row: dict[str, Any], prompt_column: str, answer_column: str) 
     return Example(row[prompt_column], answer, columns)
 
 
-def build_dataset_task(
-    path: str, prompt_column: str, answer_column: str, split: str, eval_split: str | None
-) -> Task:
+def build_dataset_task(path: str, prompt_column: str, answer_column: str, split: str, eval_split: str | None) -> Task:
     train = load_split(path, split)
     check_columns(train, path, prompt_column, answer_column, split)
     held = train
@@ -246,7 +253,9 @@ def build_dataset_task(
                     break
         spare = 0 if eval_split else 1  # without an eval split, rows must stay for training
         if len(out) < n or (not eval_split and len(held) - n < spare):
-            raise ValueError(f"eval.size={n} is too large for {path!r} ({len(held)} rows, {len(out)} distinct prompts available)")
+            raise ValueError(
+                f"eval.size={n} is too large for {path!r} ({len(held)} rows, {len(out)} distinct prompts available)"
+            )
         return out
 
     def train_source(seed: int, exclude: frozenset[str]) -> IndexSource:

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import base64
 import string
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -85,7 +86,9 @@ def canonical_answer(answer: Any, choices: Sequence[str]) -> str:
     for i, c in enumerate(choices):
         if text == str(c).strip():
             return LETTERS[i]
-    raise ValueError(f"answer {text!r} is neither a letter {valid[0]}-{valid[-1]} nor one of the choices {list(choices)}")
+    raise ValueError(
+        f"answer {text!r} is neither a letter {valid[0]}-{valid[-1]} nor one of the choices {list(choices)}"
+    )
 
 
 def check_image(value: Any, root: Path | None) -> Any:
@@ -168,10 +171,14 @@ def load_rows(path: str, split: str) -> tuple[list[tuple[str, dict]], Path | Non
         get = data.raw if isinstance(data, JsonRows) else data.__getitem__
         return [(where(i), dict(get(i))) for i in range(len(data))], root
     except Exception as err:  # a damaged Arrow / Parquet file can fail only when its rows are read
-        raise ValueError(f"task.path {path!r} could not be read ({type(err).__name__}: {str(err).strip()[:200]})") from None
+        raise ValueError(
+            f"task.path {path!r} could not be read ({type(err).__name__}: {str(err).strip()[:200]})"
+        ) from None
 
 
-def examples_from_rows(rows: Sequence[tuple[str, dict]], root: Path | None, *, cols: Mapping[str, str], answer_column: str) -> list[Example]:
+def examples_from_rows(
+    rows: Sequence[tuple[str, dict]], root: Path | None, *, cols: Mapping[str, str], answer_column: str
+) -> list[Example]:
     """Every row as an Example; ValueError '<where>: <problem>' at the first bad row."""
     out = []
     for where, row in rows:
@@ -203,11 +210,15 @@ def build_image_dataset_task(cfg) -> Task:
                 if len(out) == n:
                     break
         if len(out) < n or (cfg.eval_split is None and len(held) - n < 1):
-            raise ValueError(f"eval.size={n} is too large for {cfg.path!r} ({len(held)} rows, {len(out)} distinct problems available)")
+            raise ValueError(
+                f"eval.size={n} is too large for {cfg.path!r} ({len(held)} rows, {len(out)} distinct problems "
+                "available)"
+            )
         return out
 
     def train_source(seed: int, exclude: frozenset[str]) -> IndexSource:
         return IndexSource(lambda i: train[i], len(train), seed, exclude)
 
-    return Task("image_dataset", "exact_match", DEFAULT_MAX_NEW_TOKENS, train_source, heldout, f"visual questions of {cfg.path}")
-
+    return Task(
+        "image_dataset", "exact_match", DEFAULT_MAX_NEW_TOKENS, train_source, heldout, f"visual questions of {cfg.path}"
+    )

@@ -9,16 +9,17 @@
               for pretrained chat models: no padding, math-verify instead of exact match
 
 Each entry is a pure ``make(rng, **args) -> Example`` plus its argument schema and its verifier
-(exact match on the stripped completion unless it names another). ``heldout`` fixes arguments for the held-out set (addition's
-held-out problems are always full-width uniform, whatever the training mix).
+(exact match on the stripped completion unless it names another). ``heldout`` fixes arguments for
+the held-out set (addition's held-out problems are always full-width uniform, whatever the
+training mix).
 """
 
 from __future__ import annotations
 
 import string
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Mapping
 
 import numpy as np
 
@@ -101,7 +102,10 @@ PROCEDURAL: dict[str, Procedural] = {
         reward="math_verify",
     ),
     "reverse": Procedural(
-        make_reverse, {"length": Arg(5, 1, 64, "string length")}, lambda length, **_: length + 1, "reverse a lowercase string"
+        make_reverse,
+        {"length": Arg(5, 1, 64, "string length")},
+        lambda length, **_: length + 1,
+        "reverse a lowercase string",
     ),
     "sort": Procedural(
         make_sort, {"length": Arg(5, 1, 64, "string length")}, lambda length, **_: length + 1, "sort a string of digits"

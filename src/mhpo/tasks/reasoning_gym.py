@@ -13,8 +13,8 @@ import contextlib
 import dataclasses
 import shutil
 import tempfile
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Mapping
 
 from .base import Example, IndexSource, Task, unique_examples
 
@@ -34,18 +34,12 @@ def in_scratch():
     return contextlib.chdir(scratch_dir())
 
 
-def dataset_names() -> list[str]:
-    with in_scratch():
-        from reasoning_gym.factory import DATASETS
-    return sorted(DATASETS)
-
-
 def check_args(name: str, args: Mapping) -> None:
     """ValueError when ``name`` is not a reasoning-gym dataset or ``args`` are not its config fields."""
     from reasoning_gym.factory import DATASETS
 
     if name not in DATASETS:
-        from ..config import did_you_mean
+        from ..errors import did_you_mean
 
         raise ValueError(
             f"unknown reasoning-gym dataset {name!r}{did_you_mean(name, DATASETS)}; "

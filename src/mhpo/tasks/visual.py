@@ -15,7 +15,7 @@ separate blob of one exact colour. The verifier is exact match on the stripped c
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -141,7 +141,7 @@ def make_compare(rng: np.random.Generator, *, max_count: int, colours: int, size
 def draw_bars(size: int, values: Sequence[int], max_value: int):
     """Bars of height value * unit pixels over a baseline, in equal slots from left to right.
 
-        unit = (size - 4) // max_value,   slot = size // len(values),   bar width = slot - 4
+    unit = (size - 4) // max_value,   slot = size // len(values),   bar width = slot - 4
     """
     image, draw = _canvas(size)
     unit = (size - 4) // max_value
@@ -166,7 +166,18 @@ def make_bars(rng: np.random.Generator, *, bars: int, max_value: int, size: int)
 
 # Seven-segment digits: segments a (top), b (top right), c (bottom right), d (bottom), e (bottom
 # left), f (top left), g (middle) lit for each digit.
-SEGMENTS: dict[int, str] = {0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd", 6: "afgedc", 7: "abc", 8: "abcdefg", 9: "abcdfg"}
+SEGMENTS: dict[int, str] = {
+    0: "abcdef",
+    1: "bc",
+    2: "abged",
+    3: "abgcd",
+    4: "fgbc",
+    5: "afgcd",
+    6: "afgedc",
+    7: "abc",
+    8: "abcdefg",
+    9: "abcdfg",
+}
 
 
 def segment_boxes(x: int, y: int, w: int, h: int, t: int) -> dict[str, tuple[int, int, int, int]]:
@@ -209,13 +220,21 @@ SIZE = Arg(56, 28, 448, "image side in pixels (count/compare: a multiple of 14)"
 VISUAL: dict[str, Procedural] = {
     "count_shapes": Procedural(
         make_count,
-        {"max_count": Arg(5, 1, 9, "largest count asked"), "colours": Arg(3, 1, len(COLOURS), "colours in the image"), "size": SIZE},
+        {
+            "max_count": Arg(5, 1, 9, "largest count asked"),
+            "colours": Arg(3, 1, len(COLOURS), "colours in the image"),
+            "size": SIZE,
+        },
         lambda **_: 2,
         "count the shapes of one colour in an image, e.g. 'How many red shapes?' -> 3",
     ),
     "compare_counts": Procedural(
         make_compare,
-        {"max_count": Arg(5, 2, 9, "largest count"), "colours": Arg(3, 2, len(COLOURS), "colours in the image"), "size": SIZE},
+        {
+            "max_count": Arg(5, 2, 9, "largest count"),
+            "colours": Arg(3, 2, len(COLOURS), "colours in the image"),
+            "size": SIZE,
+        },
         lambda colours, **_: max(len(c) for c in _palette(colours)) + 1,
         "which of two colours has more shapes, e.g. 'More red or blue?' -> blue",
     ),

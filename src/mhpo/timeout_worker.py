@@ -1,6 +1,9 @@
-"""Call untrusted functions in a worker process under a hard time limit per call.
+"""Call user functions (rewards, answer scorers) in a worker process under a hard time limit per call.
 
-    with Sandbox(["pkg.mod:fn", "path/to/file.py:fn"], timeout_s=5) as box:
+Not a security boundary: the worker runs the code with the user's own permissions, files and
+network. What it contains is hangs and crashes: a call that runs too long is killed, not waited for.
+
+    with TimeoutWorker(["pkg.mod:fn", "path/to/file.py:fn"], timeout_s=5) as box:
         outcomes = box.map(0, [(args, kwargs), ...])      # one Outcome per call, in order
 
 The worker is a fresh Python process running this file as a script (standard library only, so it
@@ -23,10 +26,11 @@ import os
 import subprocess
 import sys
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 LOAD_TIMEOUT_S = 120.0
 
@@ -105,7 +109,7 @@ def serve(conn: Connection) -> None:
                 conn.send(("err", i, f"{type(err).__name__}: {err}"))
 
 
-class Sandbox:
+class TimeoutWorker:
     """One worker process serving the functions in ``specs`` (indexed 0..n-1). POSIX only."""
 
     def __init__(self, specs: list[str], timeout_s: float, *, load_timeout_s: float = LOAD_TIMEOUT_S):
@@ -132,7 +136,7 @@ class Sandbox:
         self._proc, self._conn, self._loaded = proc, parent, None
         if self._finalizer is not None:
             self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, Sandbox._stop, proc, parent)
+        self._finalizer = weakref.finalize(self, TimeoutWorker._stop, proc, parent)
 
     @staticmethod
     def _stop(proc: subprocess.Popen, conn: Connection) -> None:

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Re-run the studies behind docs/evidence.md (resumable: rerun the same line to continue).
+#   scripts/evidence.sh real-default | real-moderate | real-stress | toy-default | toy-stress | reports | all
+# Run directories go to runs/evidence/<study>/ (not committed); `reports` renders each report (md,
+# json, png) into docs/evidence/<name>/. Wall times on 2 CPU cores are in docs/evidence.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mhpo=(.venv/bin/mhpo)
+# The real-model setting: the smollm2-short-answers preset, shrunk to fit 18 runs in ~100 min.
+REAL=(--config smollm2-short-answers --seeds 3 --target 0.9 rollout.prompts_per_step=8 train.steps=12)
+# The toy ablations: the ablation and c-sweep presets in one comparison (mhpo = mhpo[c=1.5], run once).
+TOY=(--objectives "mhpo,mhpo-lfm-only,mhpo-dhp-only,mhpo-symmetric,mhpo[c=0.5],mhpo[c=1.0],mhpo[c=2.0]" --seeds 3)
+
+study() {  # NAME COMPARE-ARGS...: run (or resume) the comparison into runs/evidence/NAME
+  local name=$1; shift
+  "${mhpo[@]}" compare --output-dir "runs/evidence/$name" "$@"
+}
+
+report() {  # NAME TITLE TARGET RUN-DIR...: the committed report in docs/evidence/NAME (md, json, png)
+  local name=$1 title=$2 target=$3; shift 3
+  rm -rf "docs/evidence/$name"
+  "${mhpo[@]}" report "$@" --out "docs/evidence/$name" --target "$target" --title "$title" >/dev/null
+  rm "docs/evidence/$name/report.html"  # the PNGs again, base64-inlined
+}
+
+reports() {
+  local r=runs/evidence t
+  report real-default "SmolLM2-135M-Instruct, default setting (lr 1e-5, 2 minibatches)" 0.9 $r/real-default/runs
+  report real-moderate "SmolLM2-135M-Instruct, stress A (lr 1e-4, 4 minibatches)" 0.9 $r/real-moderate/runs
+  report real-stress "SmolLM2-135M-Instruct, stress B (lr 3e-4, 8 minibatches)" 0.9 $r/real-stress/runs
+  for s in default stress; do
+    t=$r/toy-$s/runs
+    report "ablation-$s" "tiny model, ablation preset, $s setting" 0.5 \
+      $t/mhpo $t/mhpo-lfm-only $t/mhpo-dhp-only $t/mhpo-symmetric
+    report "c-sweep-$s" "tiny model, c-sweep preset, $s setting (mhpo = mhpo[c=1.5])" 0.5 \
+      "$t/mhpo_c=0.5" "$t/mhpo_c=1.0" $t/mhpo "$t/mhpo_c=2.0"
+  done
+}
+
+case "${1:-all}" in
+  real-default)  study real-default "${REAL[@]}" --objectives mhpo,grpo,dapo,sapo ;;
+  real-moderate) study real-moderate "${REAL[@]}" --objectives mhpo,grpo,dapo,sapo optim.lr=1e-4 update.num_minibatches=4 ;;
+  real-stress)   study real-stress "${REAL[@]}" --objectives mhpo,grpo,dapo optim.lr=3e-4 update.num_minibatches=8 ;;
+  toy-default)  study toy-default "${TOY[@]}" ;;
+  toy-stress)   study toy-stress --preset stress "${TOY[@]}" ;;
+  reports)      reports ;;
+  all) for s in real-moderate real-stress real-default toy-stress toy-default reports; do "$0" "$s"; done ;;
+  *)
+    echo "unknown study ${1}; valid: real-default real-moderate real-stress toy-default toy-stress reports all" >&2
+    exit 2
+    ;;
+esac
