@@ -3,12 +3,12 @@
     .venv/bin/python benchmarks/eval_vs_generate.py                      # smollm2-135m-instruct, 8 problems x K=8
     .venv/bin/python benchmarks/eval_vs_generate.py --model DIR --samples 16 --max-new-tokens 128 --rounds 5
 
-The job: the same model (loaded once, ``mhpo.loading.load_pretrained``), the same problems rendered
+The job: the same model (loaded once, ``mhpo.models.loading.load_pretrained``), the same problems rendered
 by the same prompt encoder (chat template + the boxed-answer instruction), K completions each,
 temperature 0.6, top-p 0.95, top-k off, the same ``max_new_tokens``, EOS ids and torch threads.
 Engines:
 
-    mhpo               what ``mhpo eval`` runs: :func:`mhpo.rollout.sample` with ``group_size=K``
+    mhpo               what ``mhpo eval`` runs: :func:`mhpo.trainer.rollout.sample` with ``group_size=K``
                        on batches of ``batch_size // K`` problems (each prompt prefilled once, its
                        KV cache repeated K times)
     generate           the plain loop: per problem, ``model.generate(prompt,
@@ -56,13 +56,13 @@ def problems(n: int) -> list[str]:
 
 
 def _tokens(tokens: torch.Tensor, eos_ids) -> int:
-    from mhpo.rollout import completion_mask
+    from mhpo.trainer.rollout import completion_mask
 
     return int(completion_mask(tokens, eos_ids).sum())
 
 
 def run_mhpo(ctx, seed: int) -> int:
-    from mhpo.rollout import sample
+    from mhpo.trainer.rollout import sample
 
     total = 0
     for chunk in ctx["batches"]:
@@ -107,10 +107,10 @@ ENGINES = {"mhpo": run_mhpo, "generate": run_generate, "generate-batched": run_g
 
 def setup(args) -> dict:
     from mhpo.benchmarks.loading import DEFAULT_TEMPLATE, apply_template
-    from mhpo.loading import load_pretrained
     from mhpo.models import resolve_device, resolve_precision
-    from mhpo.rollout import build_encoder, eos_token_ids, sampling_config
+    from mhpo.models.loading import load_pretrained
     from mhpo.tasks.base import Example
+    from mhpo.trainer.rollout import build_encoder, eos_token_ids, sampling_config
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.dtype, device)

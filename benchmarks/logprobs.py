@@ -81,7 +81,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.chunk_sizes is None:
-        from mhpo.logprobs import default_chunk_size
+        from mhpo.models.logprobs import default_chunk_size
 
         args.chunk_sizes = [default_chunk_size(args.vocab)]
     if args.tokens % args.seq_len:
@@ -126,7 +126,7 @@ def _worker(args: argparse.Namespace) -> dict:
     import torch
 
     from mhpo import policy_loss
-    from mhpo.logprobs import token_logprobs, token_logprobs_reference
+    from mhpo.models.logprobs import token_logprobs, token_logprobs_reference
 
     variant = args.worker
     if variant == "naive":
@@ -191,7 +191,7 @@ def _rss_kb() -> int:
 
 def _print_table(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
     base = {k: statistics.median(results["naive"][k]) for k in _KEYS}
-    from mhpo.logprobs import default_chunk_size
+    from mhpo.models.logprobs import default_chunk_size
 
     print(
         f"\nV={args.vocab} tokens={args.tokens} H={args.hidden} {args.dtype} entropy={args.entropy} "

@@ -148,8 +148,8 @@ def _setup(args, objective: str):
     """Our config, validated plan and policy (no warm-up: both engines start from the same weights)."""
     import torch
 
-    from mhpo.config import load_config
-    from mhpo.train import build_policy, default_threads, model_loader, validate
+    from mhpo.trainer.config import load_config
+    from mhpo.trainer.train import build_policy, default_threads, model_loader, validate
 
     prompts, group, max_new, lr, threads = JOBS[args.model]
     overrides = [
@@ -173,7 +173,7 @@ def _setup(args, objective: str):
 
 def worker_mhpo(args) -> dict:
     from mhpo.seeding import derive_seed
-    from mhpo.train import rl_step
+    from mhpo.trainer.train import rl_step
 
     cfg, plan, pol = _setup(args, args.objective)
     source = plan.task.train_source(derive_seed(cfg.seed, "rl-data"), frozenset())

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mhpo.config import load_config
+from mhpo.trainer.config import load_config
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mhpo.advantages import group_advantages
+from mhpo.trainer.advantages import group_advantages
 
 
 def test_grpo_is_std_normalised_and_dr_grpo_mean_centred():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mhpo import checkpoint as ckpt
+from mhpo.trainer import checkpoint as ckpt
 
 
 def _opt():

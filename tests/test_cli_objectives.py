@@ -12,7 +12,7 @@ import torch
 import reference_math as ref
 from mhpo import OBJECTIVES
 from mhpo.cli import main
-from mhpo.commands.plot_multipliers import multiplier_curve
+from mhpo.cli.plot_multipliers import multiplier_curve
 
 
 def test_objectives_table_lists_every_objective_with_defaults(capsys):

@@ -54,7 +54,7 @@ def read(path: Path) -> list[dict]:
 
 
 def recompute(run_dir: Path) -> dict:
-    """The report's per-run numbers, from the raw logs, written without mhpo.report."""
+    """The report's per-run numbers, from the raw logs, written without mhpo.compare.report."""
     evals = [e for e in read(run_dir / "evals.jsonl")]
     metrics = read(run_dir / "metrics.jsonl")
     acc = [e["greedy/accuracy"] for e in evals]
@@ -204,7 +204,7 @@ def test_objective_specs_parse_with_hparams():
 
 def test_parallel_runs_share_the_cores_unless_threads_are_set():
     from mhpo.compare import parse_objectives, plan_jobs
-    from mhpo.config import load_config
+    from mhpo.trainer.config import load_config
 
     specs = parse_objectives("mhpo,grpo")
     auto = plan_jobs(load_config(None, []), specs, [0], Path("out"), threads=1)
@@ -214,7 +214,7 @@ def test_parallel_runs_share_the_cores_unless_threads_are_set():
 
 
 def test_curves_without_mhpo_leave_out_the_survival_plot(tmp_path):
-    from mhpo.report import Run, plot_curves
+    from mhpo.compare.report import Run, plot_curves
 
     def run(seed):
         metrics = [

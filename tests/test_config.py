@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mhpo.cli import main
-from mhpo.config import Config, ConfigError, from_dict, load_config, parse_override, to_dict, to_yaml
+from mhpo.trainer.config import Config, ConfigError, from_dict, load_config, parse_override, to_dict, to_yaml
 
 
 def test_default_config_is_the_embedded_yaml_and_matches_the_dataclass_defaults():
@@ -69,8 +69,8 @@ def test_malformed_override_and_missing_file():
 
 def _cli_error(capsys, argv, monkeypatch) -> str:
     """Run `mhpo train ...` in-process; any model loading is an error (validation must come first)."""
-    import mhpo.loading as loading
     import mhpo.models as models
+    import mhpo.models.loading as loading
 
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before validation failed")

@@ -56,7 +56,7 @@ def test_named_benchmark_loads_from_its_local_copy(name, data_dir):
 
 
 def test_image_of_a_vision_benchmark_decodes(data_dir):
-    from mhpo.multimodal import load_image
+    from mhpo.models.multimodal import load_image
 
     for name, color in (("geometry3k", (255, 0, 0)), ("mathvista", (255, 0, 0))):
         image = load_problems(get_spec(name), template=DEFAULT_TEMPLATE, data_dir=str(data_dir))[0].example.columns[

@@ -22,8 +22,8 @@ PAIRS = [(1, 2), (3, 4), (5, 6), (7, 8), (2, 2)]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from mhpo.config import TinyModelConfig
     from mhpo.models import build_tiny
+    from mhpo.trainer.config import TinyModelConfig
 
     root = tmp_path_factory.mktemp("eval")
     model, tok = build_tiny(TinyModelConfig(), seed=0)
@@ -183,9 +183,9 @@ def test_bad_input_exits_2_with_one_line(env, tmp_path, capsys):
 
 
 def test_a_run_directory_is_a_model(env, tmp_path):
-    from mhpo.checkpoint import save_checkpoint
-    from mhpo.config import load_config, save_config
-    from mhpo.loading import load_pretrained
+    from mhpo.models.loading import load_pretrained
+    from mhpo.trainer.checkpoint import save_checkpoint
+    from mhpo.trainer.config import load_config, save_config
 
     model, tok = load_pretrained(env["model"], dtype=torch.float32, device=torch.device("cpu"))
     run = tmp_path / "run"
@@ -227,8 +227,8 @@ def test_a_run_directory_is_a_model(env, tmp_path):
 
 
 def test_vision_benchmark_end_to_end_on_the_tiny_vlm(env, tmp_path, capsys):
-    from mhpo.config import load_config
-    from mhpo.vlm import build_tiny_vlm
+    from mhpo.models.vlm import build_tiny_vlm
+    from mhpo.trainer.config import load_config
 
     cfg = load_config("vlm")
     model, processor = build_tiny_vlm(cfg.model.tiny, cfg.model.vision, seed=0)
@@ -267,9 +267,9 @@ def test_vision_benchmark_end_to_end_on_the_tiny_vlm(env, tmp_path, capsys):
 
 def test_training_hook_reports_benchmarks_and_leaves_the_rng_alone(env, tmp_path):
     from mhpo.benchmarks.training import BenchmarkHook
-    from mhpo.config import load_config
-    from mhpo.loading import load_pretrained
-    from mhpo.rollout import build_encoder, eos_token_ids
+    from mhpo.models.loading import load_pretrained
+    from mhpo.trainer.config import load_config
+    from mhpo.trainer.rollout import build_encoder, eos_token_ids
 
     cfg = load_config(
         None,

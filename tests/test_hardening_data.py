@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mhpo.config import ConfigError, load_config
 from mhpo.tasks import build_task
+from mhpo.trainer.config import ConfigError, load_config
 
 
 def _task(path, *overrides):

@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mhpo import diagnostics as D
 from mhpo import policy_loss
+from mhpo.objectives import diagnostics as D
 from mhpo.objectives import mhpo_fused
 
 
@@ -94,7 +94,7 @@ def test_tail_thresholds_select_few_tokens():
 
 
 def test_micro_batch_percentiles_are_the_step_percentiles():
-    from mhpo.update import combine_micro
+    from mhpo.trainer.update import combine_micro
 
     logp, old, adv, mask = _inputs(3, 16, 512, 0.4, 0.8, 0.0)
     _, whole = policy_loss("mhpo", logp, old, adv, mask)

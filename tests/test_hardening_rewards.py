@@ -114,7 +114,7 @@ def test_error_budget_window_rule():
 
 
 def test_budget_config_keys_have_documented_defaults():
-    from mhpo.config import ConfigError, default_yaml, load_config
+    from mhpo.trainer.config import ConfigError, default_yaml, load_config
 
     cfg = load_config(None, [])
     assert (cfg.rewards.max_error_frac, cfg.rewards.error_window) == (0.5, 20)

@@ -9,15 +9,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mhpo.logprobs import (
+from mhpo.models import tiny_qwen2
+from mhpo.models.logprobs import (
     default_chunk_size,
     logits_postprocessed,
     model_logprobs,
     token_logprobs,
     token_logprobs_reference,
 )
-from mhpo.models import tiny_qwen2
-from mhpo.tokenizer import build_char_tokenizer
+from mhpo.models.tokenizer import build_char_tokenizer
 
 
 def _inputs(lead=(2, 5), vocab=37, width=8, dtype=torch.float64, bias=True, seed=0):

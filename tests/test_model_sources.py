@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mhpo import model_sources
 from mhpo.cli import main
-from mhpo.model_sources import NamedModel, cache_root, check_gguf, source_digest
+from mhpo.models import sources as model_sources
+from mhpo.models.sources import NamedModel, cache_root, check_gguf, source_digest
 
 
 def _write_gguf(path: Path, arch: str) -> Path:

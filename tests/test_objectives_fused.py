@@ -100,7 +100,7 @@ def test_compiled_kernel_equals_reference():
 
 
 def test_auto_compiles_the_fused_kernel_on_cuda_only(monkeypatch):
-    import mhpo.loss as loss
+    import mhpo.objectives.loss as loss
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(loss, "_has_triton", lambda: True)

@@ -46,10 +46,10 @@ def test_explicit_precisions_and_bad_name():
 
 
 def _tiny_rollout():
-    from mhpo.config import load_config
     from mhpo.models import build_tiny
-    from mhpo.rollout import PromptEncoder, eos_token_ids, sample
     from mhpo.tasks.procedural import build_procedural
+    from mhpo.trainer.config import load_config
+    from mhpo.trainer.rollout import PromptEncoder, eos_token_ids, sample
 
     cfg = load_config(None, [])
     model, tok = build_tiny(cfg.model.tiny, seed=3)
@@ -67,7 +67,7 @@ def _tiny_rollout():
 
 
 def test_bf16_mixed_logprobs_agree_with_float32():
-    from mhpo.update import rollout_logprobs
+    from mhpo.trainer.update import rollout_logprobs
 
     model, rollout = _tiny_rollout()
     ref, _ = rollout_logprobs(model, rollout, temperature=1.0)
@@ -82,8 +82,8 @@ def test_bf16_mixed_logprobs_agree_with_float32():
 
 
 def test_a_bf16_mixed_run_trains_with_finite_metrics(tmp_path):
-    from mhpo.config import load_config
-    from mhpo.train import run_training
+    from mhpo.trainer.config import load_config
+    from mhpo.trainer.train import run_training
 
     reward = tmp_path / "length.py"  # a dense reward, so that the untrained model gets advantages
     reward.write_text("def length(prompts, completions, **_):\n    return [len(c) / 5 for c in completions]\n")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mhpo.model_sources import NAMED_MODELS, SOURCE_FILE, ensure_named_model, named_model_file
+from mhpo.models.sources import NAMED_MODELS, SOURCE_FILE, ensure_named_model, named_model_file
 
 NAME = "smollm2-135m-instruct"
 pytestmark = pytest.mark.slow
@@ -50,14 +50,14 @@ def model_dir(cache) -> Path:
 
 @pytest.fixture(scope="module")
 def policy(model_dir):
-    from mhpo.loading import load_pretrained
+    from mhpo.models.loading import load_pretrained
 
     model, tok = load_pretrained(str(model_dir), dtype=torch.float32, device=torch.device("cpu"))
     return model, tok
 
 
 def _encoder(tok):
-    from mhpo.rollout import build_encoder
+    from mhpo.trainer.rollout import build_encoder
 
     return build_encoder(tok, chat_template="auto")
 
@@ -98,7 +98,7 @@ def test_parameters_and_chat_template(policy):
 
 @needs_model
 def test_generation_ends_at_end_of_turn(policy):
-    from mhpo.rollout import eos_token_ids, sample
+    from mhpo.trainer.rollout import eos_token_ids, sample
 
     model, tok = policy
     eot = tok.convert_tokens_to_ids("<|im_end|>")
@@ -121,8 +121,8 @@ def test_generation_ends_at_end_of_turn(policy):
 def test_recomputed_logprobs_equal_the_samplers(policy):
     """The update's log-probs (shared prompt prefix, chunked lm_head) equal those of the logits
     generate sampled from, token by token."""
-    from mhpo.rollout import eos_token_ids, pack
-    from mhpo.update import rollout_logprobs
+    from mhpo.trainer.rollout import eos_token_ids, pack
+    from mhpo.trainer.update import rollout_logprobs
 
     model, tok = policy
     prompts = _encoder(tok)(_examples(3))
@@ -163,7 +163,7 @@ def test_math_verify_scores_real_completions(policy):
     from math_verify import parse, verify
 
     from mhpo.rewards import RewardScorer
-    from mhpo.rollout import eos_token_ids, sample
+    from mhpo.trainer.rollout import eos_token_ids, sample
 
     model, tok = policy
     examples = _examples(6)
@@ -191,8 +191,8 @@ def test_math_verify_scores_real_completions(policy):
 @pytest.fixture(scope="module")
 def runs(model_dir, tmp_path_factory):
     """Two RL steps each of mhpo and grpo on chat_addition, from the converted model."""
-    from mhpo.config import load_config
-    from mhpo.train import run_training
+    from mhpo.trainer.config import load_config
+    from mhpo.trainer.train import run_training
 
     root = tmp_path_factory.mktemp("real-runs")
     out = {}

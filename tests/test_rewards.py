@@ -8,8 +8,8 @@ import time
 import pytest
 
 from mhpo.rewards import RewardScorer, resolve
+from mhpo.rewards.timeout_worker import TimeoutWorker
 from mhpo.tasks import Example
-from mhpo.timeout_worker import TimeoutWorker
 
 USER = """
 import os, time

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mhpo.config import TinyModelConfig
 from mhpo.models import build_tiny
-from mhpo.rollout import PromptEncoder, completion_mask, eos_token_ids, pack, sample, sampling_config
 from mhpo.tasks import Example
-from mhpo.update import rollout_logprobs
+from mhpo.trainer.config import TinyModelConfig
+from mhpo.trainer.rollout import PromptEncoder, completion_mask, eos_token_ids, pack, sample, sampling_config
+from mhpo.trainer.update import rollout_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -60,7 +60,7 @@ def test_rollout_layout_groups_and_logprobs_match_generate_scores(tiny):
 
     # the same sampling again, this time asking generate for its logits
     torch.manual_seed(1)
-    from mhpo.rollout import repeat_rows
+    from mhpo.trainer.rollout import repeat_rows
 
     rows = repeat_rows(prompts, 4)
     cfg = sampling_config(

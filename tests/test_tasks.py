@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from mhpo.config import TaskConfig
 from mhpo.tasks import build_task
+from mhpo.trainer.config import TaskConfig
 
 
 def _task(**kw):

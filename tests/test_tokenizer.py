@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from mhpo.tokenizer import build_char_tokenizer
+from mhpo.models.tokenizer import build_char_tokenizer
 
 TEXTS = ["042+317=", "0359", "Hello, world!\n", "a b\tc~"]
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from _train_helpers import SMALL, jsonl, mhpo_cli
-from mhpo.trackers import TRACKERS, check_report_to, finite_scalars
+from mhpo.trainer.trackers import TRACKERS, check_report_to, finite_scalars
 
 RUN = [*SMALL, "train.steps=2", "train.checkpoint_every=0", "eval.every=0", "train.final_checkpoint=none"]
 
@@ -102,7 +102,7 @@ def test_every_tracker_gets_the_logged_numbers(tracked_run):
 def test_run_configs_written_before_report_to_still_load(tmp_path):
     import yaml
 
-    from mhpo.config import from_dict, load_config, to_dict
+    from mhpo.trainer.config import from_dict, load_config, to_dict
 
     for old, new in ((True, ["tensorboard"]), (False, [])):
         tree = to_dict(load_config(None, []))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 from _train_helpers import jsonl
-from mhpo.config import load_config
-from mhpo.train import run_training
+from mhpo.trainer.config import load_config
+from mhpo.trainer.train import run_training
 
 
 def test_shortened_default_pipeline_learns(tmp_path):

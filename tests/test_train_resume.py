@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from _train_helpers import ENV, SMALL, jsonl, mhpo_cli
-from mhpo.metrics import strip_timing
+from mhpo.trainer.metrics import strip_timing
 
 STEPS = 16
 ARGS = [*SMALL, "train.checkpoint_every=4", "train.report_to=[tensorboard]", "objective.name=mhpo"]

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from mhpo.config import ObjectiveConfig, TinyModelConfig, UpdateConfig
 from mhpo.models import build_tiny
-from mhpo.rollout import PromptEncoder, eos_token_ids, sample
 from mhpo.tasks import Example
-from mhpo.update import UpdateBatch, policy_update, rollout_logprobs
+from mhpo.trainer.config import ObjectiveConfig, TinyModelConfig, UpdateConfig
+from mhpo.trainer.rollout import PromptEncoder, eos_token_ids, sample
+from mhpo.trainer.update import UpdateBatch, policy_update, rollout_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mhpo.config import load_config
-from mhpo.multimodal import load_image
+from mhpo.models.multimodal import load_image
 from mhpo.tasks import build_task
 from mhpo.tasks.image_datasets import ARGS, canonical_answer, choice_prompt, examples_from_rows
+from mhpo.trainer.config import load_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "visual_qa"
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mhpo.config import load_config
-from mhpo.reward_functions import exact_match
+from mhpo.rewards.functions import exact_match
 from mhpo.tasks import build_task, task_names
 from mhpo.tasks.visual import COLOURS, INK, VISUAL, make_bars, make_compare, make_count
+from mhpo.trainer.config import load_config
 
 
 def pixels(example) -> np.ndarray:
@@ -125,7 +125,7 @@ def test_registry_names_and_argument_errors():
 
 def test_text_model_with_an_image_task_is_refused_before_loading():
     from mhpo.errors import UsageError
-    from mhpo.train import validate
+    from mhpo.trainer.train import validate
 
     cfg = load_config(None, ["task.name=count_shapes", "eval.size=4"])
     with pytest.raises(UsageError, match="model 'tiny' is text-only; use model.name_or_path=tiny-vlm"):

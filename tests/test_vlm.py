@@ -8,9 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mhpo.config import ObjectiveConfig, UpdateConfig, load_config
-from mhpo.logprobs import model_logprobs
-from mhpo.multimodal import (
+from mhpo.models.logprobs import model_logprobs
+from mhpo.models.multimodal import (
     MODEL_POSITIONS,
     Ragged,
     TokenTypes,
@@ -20,10 +19,11 @@ from mhpo.multimodal import (
     select_inputs,
     text_tokenizer,
 )
-from mhpo.rollout import Rollout, build_encoder, eos_token_ids, sample, sampling_config
+from mhpo.models.vlm import build_tiny_vlm
 from mhpo.tasks import build_task
-from mhpo.update import UpdateBatch, policy_update, rollout_logprobs
-from mhpo.vlm import build_tiny_vlm
+from mhpo.trainer.config import ObjectiveConfig, UpdateConfig, load_config
+from mhpo.trainer.rollout import Rollout, build_encoder, eos_token_ids, sample, sampling_config
+from mhpo.trainer.update import UpdateBatch, policy_update, rollout_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 
-from mhpo.config import ConfigError, load_config, packaged_configs
+from mhpo.cli.train import add_arguments, config_from_args
 from mhpo.errors import UsageError
-from mhpo.train import add_arguments, config_from_args, run_training
+from mhpo.trainer.config import ConfigError, load_config, packaged_configs
+from mhpo.trainer.train import run_training
 
 
 def _args(*argv):
@@ -68,8 +69,8 @@ def test_shortened_preset_warms_up_then_rl_raises_accuracy(short_run):
     assert mean(last) >= mean(first) + 0.10  # the sampled policy's training reward rises too
 
     # The final checkpoint reloads as a vision-language model with a torchvision-free processor.
-    from mhpo.loading import load_pretrained
-    from mhpo.vlm import ImageTextProcessor
+    from mhpo.models.loading import load_pretrained
+    from mhpo.models.vlm import ImageTextProcessor
 
     model, processor = load_pretrained(summary["checkpoint"], dtype=torch.float32, device=torch.device("cpu"))
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"

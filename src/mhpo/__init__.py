@@ -4,9 +4,9 @@ from mhpo import policy_loss, OBJECTIVES
 loss, stats = policy_loss("mhpo", logp, old_logp, advantages, mask)
 """
 
-from .aggregation import AGG_MODES, global_counts, token_weights
-from .loss import TokenLosses, policy_loss, token_losses
-from .objectives import OBJECTIVES, Objective, get_objective
+from mhpo.objectives import OBJECTIVES, Objective, get_objective
+from mhpo.objectives.aggregation import AGG_MODES, global_counts, token_weights
+from mhpo.objectives.loss import TokenLosses, policy_loss, token_losses
 
 __version__ = "0.1.0"
 __all__ = [

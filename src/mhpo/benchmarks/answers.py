@@ -1,6 +1,6 @@
 """Answer extraction and scoring of one completion, run inside the scorer worker process.
 
-This file is loaded by path by :mod:`mhpo.timeout_worker` (like :mod:`mhpo.reward_functions`, whose gold
+This file is loaded by path by :mod:`mhpo.rewards.timeout_worker` (like :mod:`mhpo.rewards.functions`, whose gold
 parsing it reuses), so it imports nothing from the ``mhpo`` package and only the standard library
 and math-verify. Calls run on the worker's main thread, where math-verify's signal-based timeouts
 work, and the parent kills the worker if a call still runs past its hard limit.
@@ -59,8 +59,8 @@ def last_boxed(text: str) -> str | None:
 
 @lru_cache(maxsize=1)
 def _reward_functions():
-    """mhpo/reward_functions.py loaded by path (no package import: it pulls in torch)."""
-    path = Path(__file__).resolve().parent.parent / "reward_functions.py"
+    """mhpo/rewards/functions.py loaded by path (no package import: it pulls in torch)."""
+    path = Path(__file__).resolve().parent.parent / "rewards" / "functions.py"
     spec = importlib.util.spec_from_file_location("_mhpo_reward_functions_for_eval", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..tasks.base import Example
-from .specs import GOLD_PARSERS, PROBLEM_CLEANERS, BenchmarkSpec
+from mhpo.benchmarks.specs import GOLD_PARSERS, PROBLEM_CLEANERS, BenchmarkSpec
+from mhpo.tasks.base import Example
 
 DEFAULT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
 PLACEHOLDER = "{problem}"
@@ -68,7 +68,7 @@ def load_dataset_rows(spec: BenchmarkSpec, data_dir: str | None = None):
     """(datasets.Dataset, root for relative image paths or None); ValueError with one line."""
     path = spec.path or local_copy(spec, data_dir)
     if path is not None:
-        from ..tasks.datasets import load_split
+        from mhpo.tasks.datasets import load_split
 
         p = Path(path).expanduser()
         try:
@@ -113,7 +113,7 @@ def resolve_columns(spec: BenchmarkSpec, columns: Sequence[str]) -> BenchmarkSpe
 
 def row_to_problem(spec: BenchmarkSpec, row: dict, index: int, template: str, root: Path | None) -> Problem:
     """One row -> Problem (ValueError on an empty problem / gold or an unusable image)."""
-    from ..tasks.image_datasets import canonical_answer, check_image, choice_prompt
+    from mhpo.tasks.image_datasets import canonical_answer, check_image, choice_prompt
 
     text = row[spec.problem_column]
     if not isinstance(text, str) or not text.strip():

@@ -3,7 +3,7 @@
     settings = Settings(samples=32, temperature=0.6, top_p=0.95, max_new_tokens=2048, seed=0)
     summary = run_protocol(model, processor, {"math500": problems}, settings, "out/", scorer=scorer)
 
-Sampling is :func:`mhpo.rollout.sample` with ``group_size=K``: each prompt is prefilled once and
+Sampling is :func:`mhpo.trainer.rollout.sample` with ``group_size=K``: each prompt is prefilled once and
 its KV cache repeated for its K completions, and one generate call takes
 ``max(1, batch_size // K)`` problems of a benchmark (batches span problems). Temperature
 sampling with ``top_p`` and no top-k (``top_k=0``), no other logits processors; temperature 0
@@ -39,10 +39,10 @@ from typing import Any
 
 import torch
 
-from .answers import MODES
-from .loading import DEFAULT_TEMPLATE, Problem
-from .metrics import report_ks
-from .scoring import AnswerScorer
+from mhpo.benchmarks.answers import MODES
+from mhpo.benchmarks.loading import DEFAULT_TEMPLATE, Problem
+from mhpo.benchmarks.metrics import report_ks
+from mhpo.benchmarks.scoring import AnswerScorer
 
 SAMPLES_FILE, SETTINGS_FILE, SUMMARY_JSON, SUMMARY_MD = "samples.jsonl", "settings.json", "summary.json", "summary.md"
 
@@ -132,8 +132,8 @@ def sample_rows(
 ) -> list[dict]:
     """samples.jsonl rows of ``problems``: K samples each (one generate pass, shared prefill),
     plus the greedy completion when asked, scored in the worker."""
-    from ..evaluation import seeded
-    from ..rollout import sample
+    from mhpo.trainer.evaluation import seeded
+    from mhpo.trainer.rollout import sample
 
     K = settings.samples
     device = next(gen.model.parameters()).device
@@ -202,7 +202,7 @@ def batches(problems: Sequence[Problem], settings: Settings) -> list[tuple[int, 
 
 
 def batch_seed(settings: Settings, benchmark: str, start: int) -> int:
-    from ..seeding import derive_seed
+    from mhpo.seeding import derive_seed
 
     return derive_seed(settings.seed, f"{benchmark}/{start}")
 
@@ -213,7 +213,7 @@ def batch_seed(settings: Settings, benchmark: str, start: int) -> int:
 
 def read_rows(path: Path) -> list[dict]:
     """Complete rows of samples.jsonl (a torn last line is skipped); [] when absent."""
-    from ..metrics import read_jsonl
+    from mhpo.trainer.metrics import read_jsonl
 
     return read_jsonl(path)
 
@@ -222,7 +222,7 @@ def check_resume(out_dir: Path, record: dict, *, write: bool = True) -> None:
     """Write settings.json on the first run; on a rerun, ValueError naming every setting that
     differs from the recorded one (the samples already written were drawn with those). Sections
     missing from ``record`` (e.g. "model" before it is loaded) are not compared."""
-    from ..checkpoint import atomic_write_json
+    from mhpo.trainer.checkpoint import atomic_write_json
 
     path = Path(out_dir) / SETTINGS_FILE
     if not path.is_file():
@@ -259,8 +259,8 @@ def run_protocol(
     log: Callable[[str], None] = lambda _m: None,
 ) -> dict:
     """Sample, score and write every problem not yet in samples.jsonl, then write the summaries."""
-    from ..checkpoint import atomic_write_json, atomic_write_text
-    from .report import render_markdown, summarize
+    from mhpo.benchmarks.report import render_markdown, summarize
+    from mhpo.trainer.checkpoint import atomic_write_json, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
     summary = evaluate_benchmarks("runs/a", ["math500", "aime24"], Settings(samples=32), "out/")
 
 ``model`` is a run directory (its latest checkpoint, or ``checkpoint=``), a checkpoint directory,
-or anything :func:`mhpo.loading.load_pretrained` takes (a model directory, a hub id, a ``.gguf``
+or anything :func:`mhpo.models.loading.load_pretrained` takes (a model directory, a hub id, a ``.gguf``
 file, a named model), loaded with :func:`mhpo.models.resolve_device` / ``resolve_precision``.
 """
 
@@ -12,16 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .loading import Problem, load_problems
-from .protocol import Generator, Settings, check_resume, run_protocol
-from .scoring import AnswerScorer
-from .specs import BenchmarkSpec, get_spec
+from mhpo.benchmarks.loading import Problem, load_problems
+from mhpo.benchmarks.protocol import Generator, Settings, check_resume, run_protocol
+from mhpo.benchmarks.scoring import AnswerScorer
+from mhpo.benchmarks.specs import BenchmarkSpec, get_spec
 
 
 def resolve_model_source(source: str, checkpoint: str | None = None) -> tuple[str, dict]:
     """(path to load, run-config model settings): a run dir -> its latest (or named) checkpoint
     and its config's chat_template / trust_remote_code; anything else as given."""
-    from ..checkpoint import STATE_FILE, latest_checkpoint
+    from mhpo.trainer.checkpoint import STATE_FILE, latest_checkpoint
 
     p = Path(source).expanduser()
     run_dir = None
@@ -38,7 +38,7 @@ def resolve_model_source(source: str, checkpoint: str | None = None) -> tuple[st
         return source, {}
     extra = {}
     if (run_dir / "config.yaml").is_file():
-        from ..config import load_config
+        from mhpo.trainer.config import load_config
 
         cfg = load_config(run_dir / "config.yaml")
         extra = {"chat_template": cfg.model.chat_template, "trust_remote_code": cfg.model.trust_remote_code}
@@ -60,10 +60,10 @@ def load_eval_model(
     ``dtype`` is model.dtype's (auto | float32 | bfloat16 | float16 | bf16-mixed)."""
     from transformers.utils import logging as hf_logging
 
-    from ..loading import load_pretrained
-    from ..models import resolve_device, resolve_precision
-    from ..multimodal import text_tokenizer
-    from ..rollout import build_encoder, eos_token_ids
+    from mhpo.models import resolve_device, resolve_precision
+    from mhpo.models.loading import load_pretrained
+    from mhpo.models.multimodal import text_tokenizer
+    from mhpo.trainer.rollout import build_encoder, eos_token_ids
 
     hf_logging.disable_progress_bar()  # no per-file loading bars next to ours
     path, run_cfg = resolve_model_source(source, checkpoint)

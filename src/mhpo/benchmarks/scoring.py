@@ -1,5 +1,5 @@
 """The parent side of answer scoring: completions go to :func:`answers.score_completion` in the
-project's hard-killed worker process (:class:`mhpo.timeout_worker.TimeoutWorker`).
+project's hard-killed worker process (:class:`mhpo.rewards.timeout_worker.TimeoutWorker`).
 
 A call that raises, hangs past ``timeout_s`` or kills the worker scores 0 with no answer and is
 counted in ``errors`` / ``timeouts``; it never stops the evaluation.
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .answers import MODES
+from mhpo.benchmarks.answers import MODES
 
 ANSWERS_FILE = Path(__file__).with_name("answers.py")
 
@@ -31,7 +31,7 @@ class AnswerScorer:
     def __init__(self, mode: str = "boxed", timeout_s: float = 10.0):
         if mode not in MODES:
             raise ValueError(f"unknown answer extraction {mode!r}; valid: {', '.join(MODES)}")
-        from ..timeout_worker import TimeoutWorker
+        from mhpo.rewards.timeout_worker import TimeoutWorker
 
         self.mode = mode
         self.worker = TimeoutWorker([f"{ANSWERS_FILE}:score_completion"], timeout_s)

@@ -179,7 +179,7 @@ def get_spec(name: str, *, columns: dict | None = None, split: str | None = None
             raise ValueError(f"benchmark file {name!r} does not exist")
         spec = local_spec(name)
     else:
-        from ..errors import did_you_mean
+        from mhpo.errors import did_you_mean
 
         raise ValueError(
             f"unknown benchmark {name!r}{did_you_mean(name, BENCHMARKS)}; named benchmarks: "

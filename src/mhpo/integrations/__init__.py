@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..objectives import get_objective
+from mhpo.objectives import get_objective
 
 __all__ = ["resolve_hparams", "merge_hparams", "MHPO_FIELDS"]
 

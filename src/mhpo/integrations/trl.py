@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..aggregation import AGG_MODES, check_agg, token_weights
-from ..loss import token_losses
-from . import MHPO_FIELDS, merge_hparams, resolve_hparams
+from mhpo.integrations import MHPO_FIELDS, merge_hparams, resolve_hparams
+from mhpo.objectives.aggregation import AGG_MODES, check_agg, token_weights
+from mhpo.objectives.loss import token_losses
 
 try:
     import trl

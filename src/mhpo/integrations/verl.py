@@ -38,9 +38,9 @@ from typing import Any
 
 import torch
 
-from ..loss import TokenLosses, token_losses
-from ..objectives import OBJECTIVES
-from . import MHPO_FIELDS, merge_hparams, resolve_hparams
+from mhpo.integrations import MHPO_FIELDS, merge_hparams, resolve_hparams
+from mhpo.objectives import OBJECTIVES
+from mhpo.objectives.loss import TokenLosses, token_losses
 
 try:
     from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, agg_loss, register_policy_loss

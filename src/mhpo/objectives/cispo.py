@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import math
 
-from .registry import HParam, Tensor, Terms, objective
+from mhpo.objectives.registry import HParam, Tensor, Terms, objective
 
 
 @objective(
     "cispo",
     formula="sg(clip(r, floor, cap)) A logp",
     hparams={
-        "cap": HParam(5.0, "positive", "absolute upper bound on the IS weight (TRL: 5.0; verl: 1.2)"),
-        "floor": HParam(0.0, "nonneg", "lower bound on the IS weight (verl: 0.8); 0 = none"),
+        "cap": HParam(5.0, ">0", "absolute upper bound on the IS weight (TRL: 5.0; verl: 1.2)"),
+        "floor": HParam(0.0, ">=0", "lower bound on the IS weight (verl: 0.8); 0 = none"),
     },
 )
 def cispo(logp: Tensor, log_r: Tensor, adv: Tensor, mask: Tensor, *, cap: float, floor: float) -> Terms:

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from .registry import HParam, Tensor, Terms, objective, sat_exp, seq_mean
+from mhpo.objectives.registry import HParam, Tensor, Terms, objective, sat_exp, seq_mean
 
 
 @objective(
     "gmpo",
     formula="A exp(mean_t clip(log r, -eps_low, eps_high)) per sequence (clip by sign of A)",
     hparams={
-        "eps_low": HParam(0.4, "positive", "lower clip on log r (A < 0): log r >= -eps_low"),
-        "eps_high": HParam(0.4, "positive", "upper clip on log r (A >= 0): log r <= eps_high"),
+        "eps_low": HParam(0.4, ">0", "lower clip on log r (A < 0): log r >= -eps_low"),
+        "eps_high": HParam(0.4, ">0", "upper clip on log r (A >= 0): log r <= eps_high"),
     },
 )
 def gmpo(logp: Tensor, log_r: Tensor, adv: Tensor, mask: Tensor, *, eps_low: float, eps_high: float) -> Terms:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import HParam, Tensor, Terms, objective, sat_exp, seq_mean
+from mhpo.objectives.registry import HParam, Tensor, Terms, objective, sat_exp, seq_mean
 
 
 def _clipped_seq_objective(s: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> Terms:
@@ -27,8 +27,8 @@ def _clipped_seq_objective(s: Tensor, adv: Tensor, eps_low: float, eps_high: flo
 
 def _hparams():
     return {
-        "eps_low": HParam(3e-4, "unit", "lower clip on the sequence ratio: s >= 1 - eps_low"),
-        "eps_high": HParam(4e-4, "nonneg", "upper clip on the sequence ratio: s <= 1 + eps_high"),
+        "eps_low": HParam(3e-4, "[0,1)", "lower clip on the sequence ratio: s >= 1 - eps_low"),
+        "eps_high": HParam(4e-4, ">=0", "upper clip on the sequence ratio: s <= 1 + eps_high"),
     }
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from .mhpo_formula import dhp, lfm, on_policy_weight
-from .mhpo_fused import mhpo_fused_loss
-from .registry import MAX_LOG_RATIO, HParam, Tensor, Terms, objective, sat_exp
+from mhpo.objectives.mhpo_formula import dhp, lfm, on_policy_weight
+from mhpo.objectives.mhpo_fused import mhpo_fused_loss
+from mhpo.objectives.registry import MAX_LOG_RATIO, HParam, Tensor, Terms, objective, sat_exp
 
 
 def mhpo_terms(
@@ -61,11 +61,11 @@ def mhpo_terms(
 
 def _mhpo_hparams(c=1.5, k_pos=1.5, lambda_pos=1.0, k_neg=2.0, lambda_neg=0.8, switches=True):
     hp = {
-        "c": HParam(c, "positive", "LFM bound: psi in (-c, c)"),
-        "k_pos": HParam(k_pos, "positive", "Weibull shape, upward shift (r > 1)"),
-        "lambda_pos": HParam(lambda_pos, "positive", "Weibull scale, upward shift"),
-        "k_neg": HParam(k_neg, "positive", "Weibull shape, downward shift (r < 1)"),
-        "lambda_neg": HParam(lambda_neg, "positive", "Weibull scale, downward shift"),
+        "c": HParam(c, ">0", "LFM bound: psi in (-c, c)"),
+        "k_pos": HParam(k_pos, ">0", "Weibull shape, upward shift (r > 1)"),
+        "lambda_pos": HParam(lambda_pos, ">0", "Weibull scale, upward shift"),
+        "k_neg": HParam(k_neg, ">0", "Weibull shape, downward shift (r < 1)"),
+        "lambda_neg": HParam(lambda_neg, ">0", "Weibull scale, downward shift"),
     }
     if switches:
         hp["lfm"] = HParam(True, "bool", "Log-Fidelity Modulator on (off: raw log r)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .mhpo_formula import dhp, lfm, power
+from mhpo.objectives.mhpo_formula import dhp, lfm, power
 
 CHUNK = 1 << 18  # tokens per chunk: a float32 temporary is 1 MiB, so a dozen fit a 32 MiB L3 (not a 2 MiB L2)
 
@@ -36,7 +36,9 @@ def _chunk(x, coef, *, c, k_pos, lambda_pos, k_neg, lambda_neg, out, stats, valu
     if stats is not None:
         stats[0].copy_(psi)
         torch.mul(u, a, out=stats[1])
-    if sink is not None:  # diagnostics reduced here, while the chunk is in cache (mhpo.diagnostics.ChunkStats)
+    if (
+        sink is not None
+    ):  # diagnostics reduced here, while the chunk is in cache (mhpo.objectives.diagnostics.ChunkStats)
         sink.mean("mhpo/psi_mean", psi)
         sink.zeta(u, a)
     w = psi.sub_(u, alpha=a).exp_()  # exp(psi - zeta)
@@ -115,7 +117,7 @@ def chunk_size(device: torch.device, n: int) -> int:
 def _chunked(logp, old_logp, coef, hp, want_stats, per_token):
     """The chunk loop: (sum coef*w or [N] -coef*w, coef*M [N], [psi, zeta, M] or []).
 
-    want_stats: True for the [N] tensors psi, zeta, M; or a sink (mhpo.diagnostics.ChunkStats)
+    want_stats: True for the [N] tensors psi, zeta, M; or a sink (mhpo.objectives.diagnostics.ChunkStats)
     that reduces them chunk by chunk, with no [N] outputs; or False."""
     n = logp.numel()
     chunk = chunk_size(logp.device, n)
@@ -153,7 +155,7 @@ def mhpo_fused_loss(
 ):
     """Fused MHPO on [B, T] tensors: the loss -sum coef*w (per_token: the [B, T] matrix -coef*w),
     and with want_stats=True also (psi, zeta, M) as [B, T] tensors; want_stats may instead be a
-    sink (mhpo.diagnostics.ChunkStats) fed chunk by chunk (eager kernel only), parts then None."""
+    sink (mhpo.objectives.diagnostics.ChunkStats) fed chunk by chunk (eager kernel only), parts then None."""
     shape = logp.shape
     flat = [t.contiguous().view(-1) for t in (logp, old_logp.to(logp.dtype), coef.to(logp.dtype))]
     hp = {"c": c, "k_pos": k_pos, "lambda_pos": lambda_pos, "k_neg": k_neg, "lambda_neg": lambda_neg}

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from .registry import HParam, Tensor, Terms, objective, sat_exp
+from mhpo.objectives.registry import HParam, Tensor, Terms, objective, sat_exp
 
 
 def _hparams(eps_low: float, eps_high: float):
     return {
-        "eps_low": HParam(eps_low, "unit", "lower clip: r >= 1 - eps_low"),
-        "eps_high": HParam(eps_high, "nonneg", "upper clip: r <= 1 + eps_high"),
-        "dual_clip": HParam(None, "above_one", "dual-clip bound for A < 0 (verl clip_ratio_c); off"),
+        "eps_low": HParam(eps_low, "[0,1)", "lower clip: r >= 1 - eps_low"),
+        "eps_high": HParam(eps_high, ">=0", "upper clip: r <= 1 + eps_high"),
+        "dual_clip": HParam(None, ">1", "dual-clip bound for A < 0 (verl clip_ratio_c); off"),
     }
 
 

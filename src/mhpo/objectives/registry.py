@@ -7,7 +7,7 @@ Every objective is a pure function
 over per-token tensors of shape [B, T] (``adv`` already broadcast to [B, T], ``log_r`` already zero
 on masked-out tokens). It returns the per-token objective ``value`` (to be maximised, carrying the
 gradient) and the detached per-token gradient multiplier M = (dJ/dlogp) / A, which the diagnostics
-and the multiplier plot use. Aggregation, KL and statistics live in :mod:`mhpo.loss`.
+and the multiplier plot use. Aggregation, KL and statistics live in :mod:`mhpo.objectives.loss`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import did_you_mean
+from mhpo.errors import did_you_mean
+from mhpo.rules import RULES
 
 Tensor = torch.Tensor
 
@@ -32,18 +33,9 @@ class Terms:
     extras: Mapping[str, Tensor] = field(default_factory=dict)  # detached per-token diagnostics
 
 
-# Range checks for hparams: name -> (predicate, human-readable rule).
-CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
-    "positive": (lambda v: v > 0, "> 0"),
-    "nonneg": (lambda v: v >= 0, ">= 0"),
-    "unit": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "above_one": (lambda v: v > 1, "> 1"),
-}
-
-
 @dataclass(frozen=True)
 class HParam:
-    """One hyper-parameter: its default, its range rule (a CHECKS key or 'bool'), and a gloss."""
+    """One hyper-parameter: its default, its range rule (a :data:`mhpo.rules.RULES` key, or 'bool'), and a gloss."""
 
     default: float | bool | None
     check: str
@@ -110,7 +102,7 @@ def _check_value(objective: str, key: str, value: object, spec: HParam):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{where} must be a number")
     value = float(value)
-    ok, rule = CHECKS[spec.check]
+    ok, rule = RULES[spec.check]
     if not math.isfinite(value) or not ok(value):
         raise ValueError(f"{where} is out of range; it must be {rule}")
     return value

@@ -7,7 +7,7 @@ MHPO with LFM and DHP both off reduces to exactly this.
 
 from __future__ import annotations
 
-from .registry import Tensor, Terms, objective, sat_exp
+from mhpo.objectives.registry import Tensor, Terms, objective, sat_exp
 
 
 @objective("reinforce", formula="r A")

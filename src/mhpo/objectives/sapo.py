@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from .registry import HParam, Tensor, Terms, objective, sat_exp
+from mhpo.objectives.registry import HParam, Tensor, Terms, objective, sat_exp
 
 
 @objective(
     "sapo",
     formula="sigmoid(tau (r - 1)) 4/tau A,  tau = tau_pos if A > 0 else tau_neg",
     hparams={
-        "tau_pos": HParam(1.0, "positive", "gate temperature for A > 0"),
-        "tau_neg": HParam(1.05, "positive", "gate temperature for A <= 0"),
+        "tau_pos": HParam(1.0, ">0", "gate temperature for A > 0"),
+        "tau_neg": HParam(1.05, ">0", "gate temperature for A <= 0"),
     },
 )
 def sapo(logp: Tensor, log_r: Tensor, adv: Tensor, mask: Tensor, *, tau_pos: float, tau_neg: float) -> Terms:

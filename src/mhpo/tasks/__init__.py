@@ -9,20 +9,20 @@
                                   (see :mod:`mhpo.tasks.image_datasets`)
 
 An example with an image carries it in ``Example.columns['image']`` (a path, bytes or a PIL image);
-the vision prompt encoder (:class:`mhpo.multimodal.VisionPromptEncoder`) turns it into pixel inputs.
+the vision prompt encoder (:class:`mhpo.models.multimodal.VisionPromptEncoder`) turns it into pixel inputs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import Example, GeneratorSource, IndexSource, PromptSource, Task
-from .datasets import build_dataset_task
-from .image_datasets import build_image_dataset_task
-from .procedural import PROCEDURAL, build_procedural
-from .reasoning_gym import PREFIX as RG_PREFIX
-from .reasoning_gym import build_reasoning_gym
-from .visual import VISUAL
+from mhpo.tasks.base import Example, GeneratorSource, IndexSource, PromptSource, Task
+from mhpo.tasks.datasets import build_dataset_task
+from mhpo.tasks.image_datasets import build_image_dataset_task
+from mhpo.tasks.procedural import PROCEDURAL, build_procedural
+from mhpo.tasks.reasoning_gym import PREFIX as RG_PREFIX
+from mhpo.tasks.reasoning_gym import build_reasoning_gym
+from mhpo.tasks.visual import VISUAL
 
 PROCEDURAL.update(VISUAL)  # visual tasks are procedural tasks whose examples carry an image
 
@@ -56,7 +56,7 @@ def build_task(cfg) -> Task:
         if cfg.args and name not in KINDS_WITH_ARGS:
             raise ValueError(f"task {name!r} takes no task.args (got {', '.join(cfg.args)})")
         return KINDS[name](cfg)
-    from ..errors import did_you_mean
+    from mhpo.errors import did_you_mean
 
     raise ValueError(f"unknown task {name!r}{did_you_mean(name, task_names())}; valid tasks: {', '.join(task_names())}")
 

@@ -20,7 +20,7 @@ class Example:
     """One problem. ``prompt`` is a string or a list of chat messages ({"role", "content"}).
 
     ``columns`` holds everything else a reward function may ask for by name (TRL's ``**columns``),
-    and, for vision-language tasks, raw model inputs such as ``image``; see :mod:`mhpo.rollout`.
+    and, for vision-language tasks, raw model inputs such as ``image``; see :mod:`mhpo.trainer.rollout`.
     """
 
     prompt: Any
@@ -34,7 +34,7 @@ class Example:
         image = self.columns.get("image") if self.columns else None
         if image is None:
             return prompt_key(self.prompt)
-        from ..multimodal import image_key
+        from mhpo.models.multimodal import image_key
 
         return f"{prompt_key(self.prompt)}\x1d{image_key(image)}"
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Example, IndexSource, Task
+from mhpo.tasks.base import Example, IndexSource, Task
 
 DEFAULT_MAX_NEW_TOKENS = 256
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import Example, IndexSource, Task
-from .datasets import DEFAULT_MAX_NEW_TOKENS, JsonRows, load_split, where_of
+from mhpo.tasks.base import Example, IndexSource, Task
+from mhpo.tasks.datasets import DEFAULT_MAX_NEW_TOKENS, JsonRows, load_split, where_of
 
 ARGS: dict[str, str] = {  # task.args of image_dataset: name -> default
     "question_column": "question",

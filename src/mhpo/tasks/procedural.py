@@ -23,7 +23,7 @@ from functools import partial
 
 import numpy as np
 
-from .base import Example, GeneratorSource, Task, unique_examples
+from mhpo.tasks.base import Example, GeneratorSource, Task, unique_examples
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Mapping
 from functools import lru_cache
 
-from .base import Example, IndexSource, Task, unique_examples
+from mhpo.tasks.base import Example, IndexSource, Task, unique_examples
 
 PREFIX = "rg:"
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -39,7 +39,7 @@ def check_args(name: str, args: Mapping) -> None:
     from reasoning_gym.factory import DATASETS
 
     if name not in DATASETS:
-        from ..errors import did_you_mean
+        from mhpo.errors import did_you_mean
 
         raise ValueError(
             f"unknown reasoning-gym dataset {name!r}{did_you_mean(name, DATASETS)}; "

@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .base import Example
-from .procedural import Arg, Procedural
+from mhpo.tasks.base import Example
+from mhpo.tasks.procedural import Arg, Procedural
 
 CELL = 14  # pixels per grid cell: one 14 x 14 vision patch
 MARGIN = 2  # free pixels around a shape inside its cell

@@ -1,5 +1,5 @@
 """Run logs: ``metrics.jsonl`` (one line per RL step) and ``evals.jsonl`` (one line per evaluation),
-the source of truth, and the trackers of ``train.report_to`` (:mod:`mhpo.trackers`).
+the source of truth, and the trackers of ``train.report_to`` (:mod:`mhpo.trainer.trackers`).
 
 Lines are flushed as they are written, so a killed run leaves complete lines (at most one torn last
 line, which readers skip). On resume, both files are cut back to the checkpoint's step and
@@ -38,7 +38,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def truncate_jsonl(path: str | Path, max_step: int) -> None:
     """Keep only the records with ``step <= max_step`` (rewritten atomically)."""
-    from .checkpoint import atomic_write_text
+    from mhpo.trainer.checkpoint import atomic_write_text
 
     path = Path(path)
     if path.exists():
@@ -62,7 +62,7 @@ class RunLogger:
     def __init__(
         self, run_dir: str | Path, report_to=(), config: dict | None = None, *, resume_step: int | None = None
     ):
-        from .trackers import open_trackers
+        from mhpo.trainer.trackers import open_trackers
 
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -85,7 +85,7 @@ class RunLogger:
         self._track(step, "eval", results)
 
     def _track(self, step: int, prefix: str, values: dict) -> None:
-        from .trackers import finite_scalars
+        from mhpo.trainer.trackers import finite_scalars
 
         scalars = {f"{prefix}/{k}": v for k, v in finite_scalars(values).items()}
         for tracker in self.trackers:

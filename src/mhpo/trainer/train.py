@@ -1,4 +1,4 @@
-"""`mhpo train`: RL with verifiable rewards on a causal LM, GRPO-family objectives.
+"""The training loop behind `mhpo train`: RL with verifiable rewards on a causal LM, GRPO-family objectives.
 
 The recipe, per RL step:
 
@@ -20,7 +20,6 @@ shared ``warmup.cache_dir``; a finished run is skipped, a stopped one resumed).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -29,89 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_config, save_config, to_dict
-from .errors import UsageError
-from .seeding import derive_seed
+from mhpo.errors import UsageError
+from mhpo.seeding import derive_seed
+from mhpo.trainer.config import Config, ConfigError, load_config, save_config, to_dict
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 # Keys that may differ between a run and its resumption (they do not change the computation).
 RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.report_to", "train.plots", "train.threads")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. objective.name=grpo"
-    )
-    parser.add_argument(
-        "--config", metavar="FILE", help="YAML config (keys as in the embedded default), or a packaged config's name"
-    )
-    parser.add_argument(
-        "--preset",
-        metavar="NAME",
-        help="a packaged config: default, vlm (tiny vision-language demo), smollm2-short-answers (real model)",
-    )
-    parser.add_argument(
-        "--output-dir", metavar="DIR", help="run directory (default: runs/<task>-<objective>-s<seed>-<time>)"
-    )
-    parser.add_argument("--steps", type=int, metavar="N", help="RL steps (train.steps)")
-    parser.add_argument("--seed", type=int, metavar="S", help="run seed (seed)")
-    parser.add_argument(
-        "--model",
-        metavar="PATH_OR_ID",
-        help="causal LM: a named model (smollm2-135m-instruct), a .gguf file, a local directory or a hub id",
-    )
-    parser.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR (only --steps may change)")
-
-
-def run(args) -> int:
-    if args.resume:
-        if args.config or args.preset or args.overrides or args.seed is not None or args.model or args.output_dir:
-            raise UsageError("--resume DIR continues a run with its saved config; only --steps may be given with it")
-        run_dir = Path(args.resume)
-        cfg = load_run_config(run_dir)
-        if args.steps is not None:
-            cfg = _with_steps(cfg, args.steps)
-        summary = run_training(cfg, run_dir, resume="require")
-    else:
-        cfg = config_from_args(args)
-        run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(cfg)
-        if (run_dir / CONFIG_FILE).exists():
-            raise UsageError(
-                f"{str(run_dir)!r} already holds a run; continue it with --resume {run_dir} or pick another "
-                "--output-dir"
-            )
-        summary = run_training(cfg, run_dir, resume="never")
-    print_summary(summary)
-    return 0
-
-
-def config_from_args(args) -> Config:
-    overrides = list(args.overrides or [])
-    for flag, key in (("steps", "train.steps"), ("seed", "seed"), ("model", "model.name_or_path")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
-    if args.preset and args.config:
-        raise UsageError("give either --preset NAME or --config FILE, not both (add KEY=VALUE overrides instead)")
-    try:
-        if args.preset:
-            from .config import packaged_configs
-
-            if args.preset not in packaged_configs():
-                raise UsageError(f"unknown preset {args.preset!r}; valid presets: {', '.join(packaged_configs())}")
-        return load_config(args.preset or args.config, overrides)
-    except ConfigError as err:
-        raise UsageError(str(err)) from None
-
-
-def default_run_dir(cfg: Config) -> Path:
-    task = cfg.task.name.replace(":", "-").replace("/", "-")
-    return Path("runs") / f"{task}-{cfg.objective.name}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -122,12 +46,6 @@ def load_run_config(run_dir: Path) -> Config:
         return load_config(path)
     except ConfigError as err:
         raise UsageError(f"{path}: {err}") from None
-
-
-def _with_steps(cfg: Config, steps: int) -> Config:
-    if steps < 0:
-        raise UsageError(f"--steps {steps} must be >= 0")
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,12 +69,12 @@ class Plan:
 def validate(cfg: Config) -> Plan:
     """Check the config against the registries, build the task and the held-out set, start the
     reward worker and import the reward functions. Raises UsageError (one line) on any problem."""
-    from .aggregation import AGG_MODES
-    from .models import check_model_source, resolve_device
-    from .objectives import get_objective
-    from .rewards import RewardScorer, resolve
-    from .tasks import build_task
-    from .trackers import check_report_to
+    from mhpo.models import check_model_source, resolve_device
+    from mhpo.objectives import get_objective
+    from mhpo.objectives.aggregation import AGG_MODES
+    from mhpo.rewards import RewardScorer, resolve
+    from mhpo.tasks import build_task
+    from mhpo.trainer.trackers import check_report_to
 
     def fail(err: Exception) -> UsageError:
         return UsageError(str(err).splitlines()[0] if str(err) else type(err).__name__)
@@ -179,7 +97,7 @@ def validate(cfg: Config) -> Plan:
         heldout = task.heldout(size, cfg.eval.seed) if size else []
         _check_modality(cfg, heldout or task.heldout(1, cfg.eval.seed))
         if cfg.eval.benchmarks:  # names and files of eval.benchmarks (loaded in _run)
-            from .benchmarks.training import check_config
+            from mhpo.benchmarks.training import check_config
 
             check_config(cfg.eval)
     except (ValueError, TypeError, ImportError, OSError) as err:
@@ -211,7 +129,7 @@ EVAL_DEFAULTS = {"built-in": (200, 8), "pretrained": (32, 0)}
 
 def eval_settings(cfg: Config) -> tuple[int, int]:
     """(held-out size, pass@k) of the run: eval.size and eval.pass_k, nulls from EVAL_DEFAULTS."""
-    from .models import BUILT_IN
+    from mhpo.models import BUILT_IN
 
     size, pass_k = EVAL_DEFAULTS["built-in" if cfg.model.name_or_path in BUILT_IN else "pretrained"]
     return (size if cfg.eval.size is None else cfg.eval.size), (pass_k if cfg.eval.pass_k is None else cfg.eval.pass_k)
@@ -219,8 +137,8 @@ def eval_settings(cfg: Config) -> tuple[int, int]:
 
 def _check_modality(cfg: Config, heldout: list) -> None:
     """ValueError when a task with images meets the built-in text-only model."""
-    from .models import TINY
-    from .multimodal import IMAGE_COLUMN
+    from mhpo.models import TINY
+    from mhpo.models.multimodal import IMAGE_COLUMN
 
     if cfg.model.name_or_path == TINY and any(ex.columns.get(IMAGE_COLUMN) is not None for ex in heldout[:1]):
         raise ValueError(
@@ -328,13 +246,13 @@ class Policy:
 
 
 def _build_tiny(cfg: Config):
-    from .models import build_tiny
+    from mhpo.models import build_tiny
 
     return build_tiny(cfg.model.tiny, derive_seed(cfg.seed, "init"))
 
 
 def _build_tiny_vlm(cfg: Config):
-    from .vlm import build_tiny_vlm
+    from mhpo.models.vlm import build_tiny_vlm
 
     return build_tiny_vlm(cfg.model.tiny, cfg.model.vision, derive_seed(cfg.seed, "init"))
 
@@ -348,8 +266,8 @@ def model_loader(cfg: Config, log=None):
     seeded tiny model, anything else is loaded with from_pretrained (a named model, a GGUF file, a
     model dir, a hub id, a warm-up dir or a checkpoint dir; a vision-language model comes with its
     processor). Weights come in the dtype of :func:`run_precision` (float32 under bf16-mixed)."""
-    from .loading import load_pretrained
-    from .models import resolve_device
+    from mhpo.models import resolve_device
+    from mhpo.models.loading import load_pretrained
 
     device = resolve_device(cfg.model.device)
     dtype = run_precision(cfg).weights
@@ -375,7 +293,7 @@ def model_loader(cfg: Config, log=None):
 
 def run_precision(cfg: Config):
     """The run's :class:`mhpo.models.Precision` (model.dtype on model.device)."""
-    from .models import BUILT_IN, resolve_device, resolve_precision
+    from mhpo.models import BUILT_IN, resolve_device, resolve_precision
 
     return resolve_precision(
         cfg.model.dtype, resolve_device(cfg.model.device), built_in=cfg.model.name_or_path in BUILT_IN
@@ -385,7 +303,7 @@ def run_precision(cfg: Config):
 def warmup_stage(plan: Plan, run_dir: Path, load, console) -> tuple[str, dict]:
     """(source of the RL-initial policy, warm-up info): the cached warm-up dir when the warm-up is
     enabled, else the configured model itself."""
-    from .warmup import ensure_warmup, warmup_enabled
+    from mhpo.trainer.warmup import ensure_warmup, warmup_enabled
 
     cfg = plan.cfg
     if not warmup_enabled(cfg):
@@ -412,8 +330,8 @@ def build_policy(cfg: Config, load, source: str, initial: str) -> Policy:
     schedule and, if the objective needs one, the frozen reference (loaded from ``initial``)."""
     import torch
 
-    from .multimodal import text_tokenizer
-    from .rollout import build_encoder, eos_token_ids
+    from mhpo.models.multimodal import text_tokenizer
+    from mhpo.trainer.rollout import build_encoder, eos_token_ids
 
     model, processor = load(source)
     tokenizer = text_tokenizer(processor)
@@ -464,9 +382,9 @@ class TrainingRun:
     checkpoint carries besides weights and optimizer (evaluation before RL, warm-up, wall time)."""
 
     def __init__(self, plan: Plan, run_dir: Path, console, *, resuming: bool, t_start: float):
-        from . import checkpoint as ckpt
-        from .benchmarks.training import open_hook
-        from .metrics import RunLogger
+        from mhpo.benchmarks.training import open_hook
+        from mhpo.trainer import checkpoint as ckpt
+        from mhpo.trainer.metrics import RunLogger
 
         cfg = self.cfg = plan.cfg
         self.plan, self.run_dir, self.console, self.t_start = plan, run_dir, console, t_start
@@ -507,7 +425,7 @@ class TrainingRun:
         RL-initial policy."""
         import torch
 
-        from . import checkpoint as ckpt
+        from mhpo.trainer import checkpoint as ckpt
 
         if self.resume_from is not None:
             pol = self.pol
@@ -525,7 +443,7 @@ class TrainingRun:
 
     def train(self) -> None:
         """The RL steps after the start step, with periodic evaluations and checkpoints."""
-        from . import checkpoint as ckpt
+        from mhpo.trainer import checkpoint as ckpt
 
         cfg, steps = self.cfg, self.cfg.train.steps
         with _progress(self.console, cfg.train.progress, steps, self.start_step) as bar:
@@ -542,7 +460,7 @@ class TrainingRun:
 
     def finish(self) -> tuple[dict, Path | None]:
         """(evaluation after RL, final checkpoint or None; train.final_checkpoint: full | model | none)."""
-        from . import checkpoint as ckpt
+        from mhpo.trainer import checkpoint as ckpt
 
         steps, kind = self.cfg.train.steps, self.cfg.train.final_checkpoint
         done = self.last_eval is not None and self.last_eval[0] == steps
@@ -562,7 +480,7 @@ class TrainingRun:
 
     def evaluate(self, step: int, stage: str) -> dict:
         """Held-out evaluation (and eval.benchmarks) of the current policy; logged, samples saved."""
-        from .evaluation import evaluate
+        from mhpo.trainer.evaluation import evaluate
 
         plan, pol, cfg = self.plan, self.pol, self.cfg
         results, records = {}, []
@@ -594,7 +512,7 @@ class TrainingRun:
         return results
 
     def save(self, step: int, kind: str = "full") -> Path:
-        from . import checkpoint as ckpt
+        from mhpo.trainer import checkpoint as ckpt
 
         self.logger.flush()
         state = {
@@ -623,11 +541,11 @@ class TrainingRun:
         return self.wall_before + time.perf_counter() - self.t_start
 
     def write_summary(self, after: dict, final: Path | None) -> dict:
-        from . import checkpoint as ckpt
+        from mhpo.trainer import checkpoint as ckpt
 
         plots = []
         if self.cfg.train.plots:
-            from .plots import plot_run
+            from mhpo.trainer.plots import plot_run
 
             plots = [str(p) for p in plot_run(self.run_dir)]
         summary = make_summary(
@@ -650,7 +568,7 @@ def _quiet_transformers() -> None:
 
 
 def _cfg_hash(cfg: Config) -> str:
-    from .config import config_hash
+    from mhpo.trainer.config import config_hash
 
     tree = to_dict(cfg)
     tree["train"] = {k: v for k, v in tree["train"].items() if f"train.{k}" not in RESUMABLE_CHANGES}
@@ -660,7 +578,7 @@ def _cfg_hash(cfg: Config) -> str:
 def default_threads(cfg: Config) -> int:
     """1 for the built-in tiny models (their matrices are too small to split: with 2 threads on 2
     busy cores a step measured ~30x slower than with 1); otherwise the usable cores, at most 8."""
-    from .models import BUILT_IN
+    from mhpo.models import BUILT_IN
 
     if cfg.model.name_or_path in BUILT_IN:
         return 1
@@ -701,8 +619,8 @@ def rl_step(plan: Plan, pol: Policy, source) -> dict[str, float]:
     ``lr`` in the metrics is the rate this step used; the schedule steps after the update."""
     import torch
 
-    from .advantages import group_advantages
-    from .update import policy_update
+    from mhpo.trainer.advantages import group_advantages
+    from mhpo.trainer.update import policy_update
 
     cfg, timer = plan.cfg, StepTimer()
     with timer("rollout"):
@@ -752,7 +670,7 @@ class StepTimer:
 
 def sample_completions(plan: Plan, pol: Policy, examples):
     """G sampled completions per prompt from the current policy (a Rollout of N = P * G rows)."""
-    from .rollout import sample
+    from mhpo.trainer.rollout import sample
 
     r = plan.cfg.rollout
     return sample(
@@ -778,7 +696,7 @@ def behaviour_batch(plan: Plan, pol: Policy, rollout, adv, keep):
     entropy rows stay zero until the update returns them."""
     import torch
 
-    from .update import UpdateBatch, minibatches, rollout_logprobs
+    from mhpo.trainer.update import UpdateBatch, minibatches, rollout_logprobs
 
     cfg = plan.cfg
     kept = keep.nonzero().squeeze(-1)  # [n]
@@ -812,7 +730,7 @@ def behaviour_batch(plan: Plan, pol: Policy, rollout, adv, keep):
 
 def step_metrics(plan, pol, rollout, scores, rewards, adv, kept, entropy, lr, update_stats, timer) -> dict[str, float]:
     """The step's metrics: rewards, lengths, entropy, groups, the update's stats, timings."""
-    from .advantages import zero_std_groups
+    from mhpo.trainer.advantages import zero_std_groups
 
     mask = rollout.completion_mask
     lengths = mask.sum(-1).float()
@@ -926,7 +844,7 @@ def make_summary(
 ) -> dict:
     """The run's summary.json: "checkpoint" is the final checkpoint (None when train.final_checkpoint
     is none), "checkpoints" the names of every checkpoint left on disk."""
-    from .checkpoint import complete_checkpoints
+    from mhpo.trainer.checkpoint import complete_checkpoints
 
     size, k = eval_settings(cfg)
     out = {

@@ -27,8 +27,8 @@ import torch
 from transformers import Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from .models import align_special_tokens, neutral_generation_config, seeded_init, tiny_text_config
-from .multimodal import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, text_tokenizer
+from mhpo.models import align_special_tokens, neutral_generation_config, seeded_init, tiny_text_config
+from mhpo.models.multimodal import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, text_tokenizer
 
 VISION_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 
@@ -101,9 +101,9 @@ def build_image_processor(image_size: int, *, patch_size: int = 14, merge_size: 
 
 
 def build_vlm_tokenizer():
-    """The character tokenizer (:func:`mhpo.tokenizer.build_char_tokenizer`) plus the four vision
+    """The character tokenizer (:func:`mhpo.models.tokenizer.build_char_tokenizer`) plus the four vision
     special tokens (ids len(chars) + 4 .. + 7) and :data:`TINY_CHAT_TEMPLATE`."""
-    from .tokenizer import build_char_tokenizer
+    from mhpo.models.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": list(VISION_TOKENS)})

@@ -21,7 +21,7 @@ def tiny_text_config(
     max_positions: int = 256,
 ) -> dict:
     """Config fields of the tiny decoder (tied embeddings, the tokenizer's special ids): the whole
-    Qwen2 model of :func:`tiny_qwen2`, and the language model of :func:`mhpo.vlm.tiny_qwen2_5_vl`."""
+    Qwen2 model of :func:`tiny_qwen2`, and the language model of :func:`mhpo.models.vlm.tiny_qwen2_5_vl`."""
     return dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -54,7 +54,7 @@ def tiny_qwen2(tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, **sizes) ->
 # Loading a policy for training: the built-in tiny model or any causal LM (local dir or hub id).
 
 TINY = "tiny"
-TINY_VLM = "tiny-vlm"  # the built-in tiny Qwen2.5-VL (see mhpo.vlm)
+TINY_VLM = "tiny-vlm"  # the built-in tiny Qwen2.5-VL (see mhpo.models.vlm)
 BUILT_IN = (TINY, TINY_VLM)  # model names built locally (random init, warmed up by default)
 
 
@@ -80,7 +80,7 @@ class Precision:
     """How a model computes: the dtype its weights are stored in, and the autocast dtype of its
     matmuls (None: none). ``bf16-mixed`` keeps float32 master weights and runs the forward passes
     (sampling, log-probs, the update) under bfloat16 autocast; log-probs and the objective stay
-    float32 (:mod:`mhpo.logprobs` computes them with autocast off)."""
+    float32 (:mod:`mhpo.models.logprobs` computes them with autocast off)."""
 
     weights: torch.dtype
     autocast: torch.dtype | None = None
@@ -146,13 +146,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 def check_model_source(name_or_path: str) -> None:
     """ValueError (one line) unless ``name_or_path`` is built in ('tiny', 'tiny-vlm'), an installed
-    named model (:data:`mhpo.model_sources.NAMED_MODELS`), a readable GGUF file, a model directory
+    named model (:data:`mhpo.models.sources.NAMED_MODELS`), a readable GGUF file, a model directory
     with a tokenizer, or a hub id that can be fetched (in offline mode: already in the local Hugging
     Face cache)."""
     import os
     from pathlib import Path
 
-    from .model_sources import NAMED_MODELS, check_gguf, is_gguf, named_model_file
+    from mhpo.models.sources import NAMED_MODELS, check_gguf, is_gguf, named_model_file
 
     if name_or_path in BUILT_IN:
         return
@@ -211,7 +211,7 @@ def align_special_tokens(model, tokenizer) -> None:
     """Make the tokenizer's pad token explicit and warn (once) where it and the generation config
     disagree on the end of a completion.
 
-    Completions end at every EOS id of either (:func:`mhpo.rollout.eos_token_ids`). A missing pad
+    Completions end at every EOS id of either (:func:`mhpo.trainer.rollout.eos_token_ids`). A missing pad
     token becomes the generation config's pad, else its first EOS, else the tokenizer's EOS: a
     converted GGUF's tokenizer may name the chat template's turn *start* as its EOS (SmolLM2:
     ``<|im_start|>``) while the generation config ends turns at ``<|im_end|>``.
@@ -252,7 +252,7 @@ def neutral_generation_config(model) -> None:
 
 def build_tiny(tiny_cfg, seed: int):
     """(model, tokenizer): the char tokenizer and a freshly initialised tiny Qwen2 (seeded)."""
-    from .tokenizer import build_char_tokenizer
+    from mhpo.models.tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     model = tiny_qwen2(

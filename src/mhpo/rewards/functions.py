@@ -6,7 +6,7 @@
                     answer is the last <answer>...</answer> span if there is one, else the stripped
                     completion
 
-This file is loaded by path inside the timeout worker (see :mod:`mhpo.timeout_worker`), so it imports
+This file is loaded by path inside the timeout worker (see :mod:`mhpo.rewards.timeout_worker`), so it imports
 nothing from the ``mhpo`` package and nothing heavy at top level.
 """
 

@@ -1,10 +1,10 @@
 """Reward scoring: resolve ``rewards.functions``, run them in a timeout worker process, combine the scores.
 
 Functions have TRL's signature ``f(prompts, completions, **columns) -> list[float]``: the built-ins
-of :mod:`mhpo.reward_functions` (exact_match, math_verify, reasoning_gym), ``auto`` (the task's
+of :mod:`mhpo.rewards.functions` (exact_match, math_verify, reasoning_gym), ``auto`` (the task's
 verifier), or user functions named ``module:function`` / ``path/to/file.py:function``. Every
 function is called once per completion (one-element lists) in a worker process with a hard time
-limit (:mod:`mhpo.timeout_worker`), so a hang or an exception costs that completion only: it scores 0 and
+limit (:mod:`mhpo.rewards.timeout_worker`), so a hang or an exception costs that completion only: it scores 0 and
 is counted (``reward/errors``, ``reward/timeouts``); so does a score that is not a number, NaN or
 inf (None scores 0 and is not counted, as in TRL).
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from mhpo.errors import UsageError
 
-_BUILTIN_FILE = Path(__file__).with_name("reward_functions.py")
+_BUILTIN_FILE = Path(__file__).with_name("functions.py")
 BUILTIN: dict[str, str] = {name: f"{_BUILTIN_FILE}:{name}" for name in ("exact_match", "math_verify", "reasoning_gym")}
 CORRECT_AT = 1.0 - 1e-6
 
@@ -53,13 +53,13 @@ def resolve(names: Sequence[str], task_reward: str) -> list[tuple[str, str]]:
             out.append((name, BUILTIN[name]))
             continue
         if ":" not in name:
-            from .errors import did_you_mean
+            from mhpo.errors import did_you_mean
 
             raise ValueError(
                 f"unknown reward function {name!r}{did_you_mean(name, BUILTIN)}; valid: auto, {', '.join(BUILTIN)}, "
                 "module:function, path/to/file.py:function"
             )
-        from .timeout_worker import split_spec
+        from mhpo.rewards.timeout_worker import split_spec
 
         target, fn = split_spec(name)
         _check_target(name, target)
@@ -175,7 +175,7 @@ class RewardScorer:
                 f"rewards.weights={list(weights)!r} must be {len(self.functions)} finite number(s), one per function"
             )
         self.weights = [float(w) for w in weights]
-        from .timeout_worker import TimeoutWorker
+        from mhpo.rewards.timeout_worker import TimeoutWorker
 
         self.worker = TimeoutWorker([spec for _, spec in self.functions], timeout_s)
 

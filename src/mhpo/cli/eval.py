@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from .errors import UsageError
+from mhpo.errors import UsageError
 
 
 def add_arguments(parser) -> None:
@@ -33,7 +33,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--checkpoint", metavar="NAME", help="checkpoint name (step_000250) or path; default: the latest"
     )
-    from .benchmarks.protocol import Settings
+    from mhpo.benchmarks.protocol import Settings
 
     d = Settings()
     b = parser.add_argument_group("benchmark mode (--benchmarks; docs/evaluation.md)")
@@ -122,9 +122,9 @@ def run_benchmarks(args) -> int:
 
     import torch
 
-    from .benchmarks.protocol import Settings
-    from .benchmarks.runner import evaluate_benchmarks
-    from .benchmarks.specs import benchmark_names, split_names
+    from mhpo.benchmarks.protocol import Settings
+    from mhpo.benchmarks.runner import evaluate_benchmarks
+    from mhpo.benchmarks.specs import benchmark_names, split_names
 
     model = args.model or args.run_dir
     if model is None:
@@ -199,7 +199,7 @@ def _default_output_dir(model: str) -> str:
 
 def resolve_checkpoint(run_dir: Path, checkpoint: str | None) -> tuple[Path, Path]:
     """(run dir, checkpoint dir) from a run dir or a checkpoint dir, and an optional name/path."""
-    from .checkpoint import STATE_FILE, latest_checkpoint
+    from mhpo.trainer.checkpoint import STATE_FILE, latest_checkpoint
 
     run_dir = Path(run_dir)
     if (run_dir / STATE_FILE).is_file():  # a checkpoint dir was given
@@ -215,7 +215,7 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | None) -> tuple[Path, Pat
     if not path.is_dir():
         path = run_dir / "checkpoints" / checkpoint
     if not (path / STATE_FILE).is_file():
-        from .checkpoint import complete_checkpoints
+        from mhpo.trainer.checkpoint import complete_checkpoints
 
         names = [d.name for _, d in complete_checkpoints(run_dir / "checkpoints")]
         raise UsageError(
@@ -227,7 +227,7 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | None) -> tuple[Path, Pat
 def check_intact(run_dir: Path, ckpt: Path) -> None:
     """UsageError (one line) when the checkpoint's files do not match its manifest, naming the
     problem and the intact checkpoints there are."""
-    from .checkpoint import complete_checkpoints, verify_checkpoint
+    from mhpo.trainer.checkpoint import complete_checkpoints, verify_checkpoint
 
     problem = verify_checkpoint(ckpt)
     if problem is not None:
@@ -248,15 +248,15 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str | None = None, override
 
     import torch
 
-    from .checkpoint import atomic_write_json, read_state
-    from .config import ConfigError, from_dict, parse_override, set_dotted, to_dict
-    from .evaluation import evaluate
-    from .loading import load_pretrained
-    from .models import resolve_device
-    from .multimodal import text_tokenizer
-    from .rollout import build_encoder, eos_token_ids
-    from .seeding import derive_seed
-    from .train import default_threads, load_run_config, run_precision, validate
+    from mhpo.models import resolve_device
+    from mhpo.models.loading import load_pretrained
+    from mhpo.models.multimodal import text_tokenizer
+    from mhpo.seeding import derive_seed
+    from mhpo.trainer.checkpoint import atomic_write_json, read_state
+    from mhpo.trainer.config import ConfigError, from_dict, parse_override, set_dotted, to_dict
+    from mhpo.trainer.evaluation import evaluate
+    from mhpo.trainer.rollout import build_encoder, eos_token_ids
+    from mhpo.trainer.train import default_threads, load_run_config, run_precision, validate
 
     run_dir, ckpt = resolve_checkpoint(Path(run_dir), checkpoint)
     check_intact(run_dir, ckpt)

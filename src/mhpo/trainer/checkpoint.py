@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UsageError
+from mhpo.errors import UsageError
 
 STATE_FILE = "trainer_state.json"
 FORMAT = 1

@@ -33,15 +33,15 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .checkpoint import atomic_write_json, publish_dir
-from .config import Config, config_hash
-from .evaluation import evaluate
-from .models import BUILT_IN
-from .multimodal import text_tokenizer
-from .rollout import PromptEncoder, build_encoder, eos_token_ids, pack
-from .seeding import derive_seed
-from .update import completion_logprobs
+from mhpo import __version__
+from mhpo.models import BUILT_IN
+from mhpo.models.multimodal import text_tokenizer
+from mhpo.seeding import derive_seed
+from mhpo.trainer.checkpoint import atomic_write_json, publish_dir
+from mhpo.trainer.config import Config, config_hash
+from mhpo.trainer.evaluation import evaluate
+from mhpo.trainer.rollout import PromptEncoder, build_encoder, eos_token_ids, pack
+from mhpo.trainer.update import completion_logprobs
 
 INFO_FILE = "warmup.json"
 

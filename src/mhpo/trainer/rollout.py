@@ -12,8 +12,8 @@ processors, so the sampled tokens follow exactly the policy whose log-probs are 
 
 Extra model inputs (e.g. ``pixel_values`` of a vision-language model) travel in
 ``Rollout.model_inputs`` into generate and every forward pass; the prompt encoder produces them
-(:class:`PromptEncoder` for text, :class:`mhpo.multimodal.VisionPromptEncoder` for images). They are
-batch-major tensors or the per-sequence / derived values of :mod:`mhpo.multimodal`, and are always
+(:class:`PromptEncoder` for text, :class:`mhpo.models.multimodal.VisionPromptEncoder` for images). They are
+batch-major tensors or the per-sequence / derived values of :mod:`mhpo.models.multimodal`, and are always
 sliced, repeated and turned into keyword arguments by its ``select_inputs`` / ``repeat_inputs`` /
 ``model_kwargs``, so text-only and image batches take the same code path.
 """
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from .logprobs import prompt_prefix_cache
-from .multimodal import cut_at_placeholders, model_kwargs, placeholder_ids, repeat_inputs, select_inputs
-from .tasks.base import Example
+from mhpo.models.logprobs import prompt_prefix_cache
+from mhpo.models.multimodal import cut_at_placeholders, model_kwargs, placeholder_ids, repeat_inputs, select_inputs
+from mhpo.tasks.base import Example
 
 # ---------------------------------------------------------------------------------------------
 # Prompts.
@@ -71,11 +71,11 @@ class PromptEncoder:
 
 def build_encoder(tokenizer_or_processor, *, chat_template: str, system_prompt: str | None = None):
     """The prompt encoder for a model's tokenizer (:class:`PromptEncoder`) or its image processor
-    (:class:`mhpo.multimodal.VisionPromptEncoder`, for a processor with an ``image_processor``);
+    (:class:`mhpo.models.multimodal.VisionPromptEncoder`, for a processor with an ``image_processor``);
     ``chat_template`` is model.chat_template (auto | on | off)."""
     chat = use_chat_template(chat_template, tokenizer_or_processor)
     if getattr(tokenizer_or_processor, "image_processor", None) is not None:
-        from .multimodal import VisionPromptEncoder
+        from mhpo.models.multimodal import VisionPromptEncoder
 
         return VisionPromptEncoder(tokenizer_or_processor, chat=chat, system_prompt=system_prompt)
     return PromptEncoder(tokenizer_or_processor, chat=chat, system_prompt=system_prompt)
@@ -112,7 +112,7 @@ class Rollout:
     attention_mask: torch.Tensor  # [N, P + C]
     completion_mask: torch.Tensor  # [N, C] bool
     prompt_width: int  # P
-    model_inputs: dict[str, Any] = field(default_factory=dict)  # extra forward inputs (see mhpo.multimodal)
+    model_inputs: dict[str, Any] = field(default_factory=dict)  # extra forward inputs (see mhpo.models.multimodal)
     completions: list[str] = field(default_factory=list)
 
     @property
@@ -218,7 +218,7 @@ def sample(
     (:func:`prefill_prompts`); ``batch_size`` is then rounded down to whole groups.
 
     A completion that samples an image / video placeholder token ends right before it
-    (:func:`mhpo.multimodal.cut_at_placeholders`): it could not be fed back to the model.
+    (:func:`mhpo.models.multimodal.cut_at_placeholders`): it could not be fed back to the model.
     """
     device = next(model.parameters()).device
     rows = repeat_rows(prompts, group_size)
@@ -274,7 +274,7 @@ def sample(
 
 def prefill_prompts(model, prompts: dict[str, Any], start: int, stop: int, group_size: int):
     """The KV cache of prompts[start:stop] without their last token, each prompt's repeated for its
-    ``group_size`` completions (:func:`mhpo.logprobs.prompt_prefix_cache`): ``generate`` then runs
+    ``group_size`` completions (:func:`mhpo.models.logprobs.prompt_prefix_cache`): ``generate`` then runs
     only the last prompt token per completion before decoding, instead of the whole prompt G times
     (tested equal). None (generate prefills as usual) for caches that cannot be shared."""
     device = next(model.parameters()).device

@@ -10,15 +10,15 @@ import argparse
 import importlib
 import sys
 
-from .errors import UsageError  # re-exported: mhpo.cli.UsageError
+from mhpo.errors import UsageError  # re-exported: mhpo.cli.UsageError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("mhpo.train", "RL with verifiable rewards on a causal LM (default: offline tiny demo)"),
-    "eval": ("mhpo.evaluate", "evaluate a run on its held-out set, or any model on math benchmarks (--benchmarks)"),
-    "compare": ("mhpo.compare", "run objectives x seeds on one task and write a stability report"),
-    "report": ("mhpo.report", "re-render a comparison report from finished runs"),
-    "objectives": ("mhpo.commands.objectives", "list the registered objectives: formula and defaults"),
-    "plot-multipliers": ("mhpo.commands.plot_multipliers", "plot the gradient multiplier M(r) of every objective"),
+    "train": ("mhpo.cli.train", "RL with verifiable rewards on a causal LM (default: offline tiny demo)"),
+    "eval": ("mhpo.cli.eval", "evaluate a run on its held-out set, or any model on math benchmarks (--benchmarks)"),
+    "compare": ("mhpo.cli.compare", "run objectives x seeds on one task and write a stability report"),
+    "report": ("mhpo.cli.report", "re-render a comparison report from finished runs"),
+    "objectives": ("mhpo.cli.objectives", "list the registered objectives: formula and defaults"),
+    "plot-multipliers": ("mhpo.cli.plot_multipliers", "plot the gradient multiplier M(r) of every objective"),
 }
 
 

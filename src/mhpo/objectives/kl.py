@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .objectives.registry import sat_exp
+from mhpo.objectives.registry import sat_exp
 
 
 def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T]

@@ -17,15 +17,15 @@ from collections.abc import Sequence
 
 import torch
 
-from .rewards import RewardScorer
-from .rollout import PromptEncoder, sample
-from .tasks.base import Example
+from mhpo.rewards import RewardScorer
+from mhpo.tasks.base import Example
+from mhpo.trainer.rollout import PromptEncoder, sample
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct: 1 - C(n - c, k) / C(n, k) (computed as a
     running product, :func:`mhpo.benchmarks.metrics.pass_at_k`)."""
-    from .benchmarks.metrics import pass_at_k as estimator
+    from mhpo.benchmarks.metrics import pass_at_k as estimator
 
     return estimator(n, c, k)
 

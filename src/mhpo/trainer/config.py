@@ -6,7 +6,7 @@ Precedence: the embedded default (``configs/default.yaml``, shipped as package d
 file < the overrides. Every key is checked against the dataclasses below: an unknown key, a value of
 the wrong type or out of range raises :class:`ConfigError` with one line naming the key, the bad
 value and the valid choices. Semantic checks that need the registries (objective hparams, task and
-reward names, model path) live in :func:`mhpo.train.validate`, which also runs before any work.
+reward names, model path) live in :func:`mhpo.trainer.train.validate`, which also runs before any work.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import did_you_mean
+from mhpo.errors import did_you_mean
+from mhpo.rules import RULES
 
 
 class ConfigError(ValueError):
@@ -32,24 +33,12 @@ class ConfigError(ValueError):
 
 
 def _f(default, check: str | None = None, help: str = ""):
-    """A dataclass field with a range rule (see RULES) and a one-line gloss."""
+    """A dataclass field with a range rule (a :data:`mhpo.rules.RULES` key) and a one-line gloss."""
     if isinstance(default, (dict, list)):
         return field(
             default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"check": check, "help": help}
         )
     return field(default=default, metadata={"check": check, "help": help})
-
-
-# Range rules for numeric fields: name -> (predicate, text shown to the user).
-RULES: dict[str, tuple[typing.Callable[[float], bool], str]] = {
-    ">0": (lambda v: v > 0, "> 0"),
-    ">=0": (lambda v: v >= 0, ">= 0"),
-    ">=1": (lambda v: v >= 1, ">= 1"),
-    ">=2": (lambda v: v >= 2, ">= 2"),
-    "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
-}
 
 
 @dataclass

@@ -3,7 +3,7 @@
     loss = sum_{i,t} w_it * ( beta * k3_it - j_it )
 
 with j the objective's per-token value (see :mod:`mhpo.objectives`), w the aggregation weights
-(see :mod:`mhpo.aggregation`) and k3 the KL to a reference policy. The loss is to be minimised;
+(see :mod:`mhpo.objectives.aggregation`) and k3 the KL to a reference policy. The loss is to be minimised;
 its gradient with respect to logp_it is w_it * (beta * dk3/dlogp - A_it * M(r_it)).
 
 `token_losses` returns the per-token pieces (-j, k3, log r) unaggregated, for engines that
@@ -18,10 +18,10 @@ from functools import cached_property, lru_cache
 
 import torch
 
-from .aggregation import check_agg, row_weights
-from .diagnostics import DAMPED, ChunkStats, make_chunk_stats, objective_stats, sample_positions
-from .kl import k3
-from .objectives import Objective, Terms, get_objective
+from mhpo.objectives import Objective, Terms, get_objective
+from mhpo.objectives.aggregation import check_agg, row_weights
+from mhpo.objectives.diagnostics import DAMPED, ChunkStats, make_chunk_stats, objective_stats, sample_positions
+from mhpo.objectives.kl import k3
 
 _HALF = (torch.float16, torch.bfloat16)
 IMPLS = ("auto", "compile", "reference")
@@ -176,7 +176,7 @@ class _Prepared:
         return k3(self.lp, torch.where(self.keep, self.ref, self.lp.detach()))  # [B, T]
 
     def stats(self, terms, kl: torch.Tensor | None) -> dict[str, float]:
-        """The diagnostics (see mhpo.diagnostics) from a filled ChunkStats or from Terms."""
+        """The diagnostics (see mhpo.objectives.diagnostics) from a filled ChunkStats or from Terms."""
         if isinstance(terms, ChunkStats):
             if kl is not None:
                 terms.add_full("kl", kl, self.lp.dtype)

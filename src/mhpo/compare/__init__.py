@@ -7,12 +7,11 @@ cache per comparison), so within a seed only the objective differs. Runs go to
 <output-dir>/runs/<objective>/seed<k>; they run in parallel processes (up to the core count, one
 torch thread each) and a run already complete is skipped, a stopped one resumed, so an
 interrupted comparison continues where it stopped. An objective may carry hparams:
-`mhpo[c=0.5]`. The report is written to <output-dir> (see :mod:`mhpo.report`).
+`mhpo[c=0.5]`. The report is written to <output-dir> (see :mod:`mhpo.compare.report`).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from .errors import UsageError
+from mhpo.errors import UsageError
 
 BASELINES = "mhpo,grpo,dapo,sapo,gspo,cispo,gmpo"
 
@@ -52,7 +51,7 @@ def parse_objectives(text: str) -> list[tuple[str, str, dict]]:
     """'mhpo,grpo[eps_high=0.28]' -> [(label, name, hparams)], validated against the registry."""
     import yaml
 
-    from .objectives import get_objective
+    from mhpo.objectives import get_objective
 
     specs = []
     for part in _split(text):
@@ -111,7 +110,7 @@ def plan_jobs(base, specs, seeds: list[int], out: Path, threads: int = 0) -> lis
 
     ``threads`` (> 0) replaces an automatic ``train.threads`` (0), so that parallel runs share the
     cores instead of each taking all of them."""
-    from .config import from_dict, to_dict
+    from mhpo.trainer.config import from_dict, to_dict
 
     jobs = []
     warm_cache = str((out / "warmup").resolve())
@@ -132,8 +131,8 @@ def plan_jobs(base, specs, seeds: list[int], out: Path, threads: int = 0) -> lis
 
 def run_job(job: Job) -> dict:
     """Worker: one training run (stdout/stderr to the run's log file); returns its summary."""
-    from .config import from_dict
-    from .train import run_training
+    from mhpo.trainer.config import from_dict
+    from mhpo.trainer.train import run_training
 
     Path(job.run_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(job.run_dir) / "train.log", "a", buffering=1) as log:
@@ -170,73 +169,3 @@ def run_jobs(jobs: list[Job], workers: int, echo=print) -> list[tuple[Job, str]]
                         f"log: {job.run_dir}/train.log"
                     )
     return failures
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides for every run")
-    parser.add_argument(
-        "--objectives", help=f"comma-separated, NAME or NAME[k=v,...] (default: the preset's; {BASELINES})"
-    )
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: %(default)s)")
-    parser.add_argument("--preset", default="default", help=f"one of: {', '.join(PRESETS)} (default: %(default)s)")
-    parser.add_argument("--config", metavar="FILE", help="base YAML config (the preset's overrides apply on top)")
-    parser.add_argument("--steps", type=int, metavar="N", help="RL steps per run")
-    parser.add_argument("--output-dir", metavar="DIR", help="default: runs/compare-<preset>")
-    parser.add_argument("--jobs", type=int, default=None, help="parallel runs (default: the core count)")
-    parser.add_argument(
-        "--target", type=float, default=0.5, help="target accuracy for the report (default: %(default)s)"
-    )
-
-
-def run(args) -> int:
-    from .config import ConfigError, load_config
-    from .report import build_report
-
-    if args.preset not in PRESETS:
-        raise UsageError(f"unknown preset {args.preset!r}; valid presets: {', '.join(PRESETS)}")
-    if args.seeds < 1:
-        raise UsageError(f"--seeds {args.seeds} must be >= 1")
-    if args.jobs is not None and args.jobs < 1:
-        raise UsageError(f"--jobs {args.jobs} must be >= 1")
-    if not 0 < args.target <= 1:
-        raise UsageError(f"--target {args.target} must be in (0, 1]")
-    preset = PRESETS[args.preset]
-    specs = parse_objectives(args.objectives or preset.objectives)
-    overrides = list(preset.overrides) + list(args.overrides or [])
-    if args.steps is not None:
-        overrides.append(f"train.steps={args.steps}")
-    try:
-        base = load_config(args.config, overrides)
-    except ConfigError as err:
-        raise UsageError(str(err)) from None
-    out = Path(args.output_dir or f"runs/compare-{args.preset}")
-    n_runs = len(specs) * args.seeds
-    cores = os.cpu_count() or 1
-    workers = args.jobs or min(cores, n_runs)
-    jobs = plan_jobs(base, specs, list(range(args.seeds)), out, threads=max(1, cores // workers))
-    from .train import validate
-
-    validate(base).scorer.close()  # task, rewards, model: checked once before any work
-    print(
-        f"mhpo compare: {len(specs)} objectives x {args.seeds} seeds = {len(jobs)} runs, {workers} in parallel, "
-        f"preset {args.preset} ({preset.about}); output {out}"
-    )
-    t0 = time.perf_counter()
-    failures = run_jobs(jobs, workers)
-    if failures:
-        print(
-            f"{len(failures)} of {len(jobs)} runs failed; rerun the same command to retry them (finished runs are "
-            "skipped)"
-        )
-        return 1
-    result = build_report(
-        [out / "runs"],
-        out,
-        target=args.target,
-        reference=specs[0][0],
-        order=[s[0] for s in specs],
-        title=f"{args.preset} preset, {len(specs)} objectives x {args.seeds} seeds",
-    )
-    print("\n".join(result["summary"]))
-    print(f"\n{len(jobs)} runs in {time.perf_counter() - t0:.0f} s; report: {out / 'report.md'}, {out / 'report.html'}")
-    return 0

@@ -32,8 +32,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import UsageError
-from .metrics import read_jsonl
+from mhpo.errors import UsageError
+from mhpo.trainer.metrics import read_jsonl
 
 SPIKE_FACTOR = 5.0
 GRAD_KEY = "grad_norm/max"  # per RL step: the largest grad norm (before clipping) of its optimizer steps
@@ -91,8 +91,8 @@ def run_label(objective: dict) -> str:
 
 def load_run(path: str | Path) -> Run:
     """Read a finished run directory (config.yaml, summary.json, evals.jsonl, metrics.jsonl)."""
-    from .config import to_dict
-    from .train import load_run_config, read_summary
+    from mhpo.trainer.config import to_dict
+    from mhpo.trainer.train import load_run_config, read_summary
 
     path = Path(path)
     cfg = to_dict(load_run_config(path))
@@ -492,27 +492,3 @@ def _finite(o):
     if isinstance(o, (list, tuple)):
         return [_finite(v) for v in o]
     return o
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("dirs", nargs="+", metavar="DIR", help="a comparison directory, or run directories")
-    parser.add_argument("--out", metavar="DIR", help="where to write the report (default: the first DIR)")
-    parser.add_argument("--target", type=float, default=0.5, help="target held-out accuracy (default: %(default)s)")
-    parser.add_argument(
-        "--reference", help="objective label the others are compared with (default: mhpo, else the first)"
-    )
-    parser.add_argument("--title", help="the report's title (default: the task, objectives x seeds)")
-
-
-def run(args) -> int:
-    if not 0 < args.target <= 1:
-        raise UsageError(f"--target {args.target} must be in (0, 1]")
-    out = Path(args.out or args.dirs[0])
-    result = build_report(args.dirs, out, target=args.target, reference=args.reference, title=args.title)
-    print("\n".join(result["summary"]))
-    print(f"\nwrote {out / 'report.md'}, {out / 'report.html'}, {out / 'report.json'}")
-    return 0

@@ -1,11 +1,11 @@
 """Load a pretrained policy, text or vision-language, from wherever it is.
 
-    smollm2-135m-instruct        a named model from a PyPI wheel (converted once, :mod:`mhpo.model_sources`)
+    smollm2-135m-instruct        a named model from a PyPI wheel (converted once, :mod:`mhpo.models.sources`)
     path/to/model.gguf           a GGUF file (dequantised on every load)
     path/to/dir | org/name       a transformers model directory or hub id; a config with a
-                                 ``vision_config`` loads as a vision-language model (:mod:`mhpo.vlm`)
+                                 ``vision_config`` loads as a vision-language model (:mod:`mhpo.models.vlm`)
 
-This module sits above :mod:`mhpo.models` (text models, devices, precision) and :mod:`mhpo.vlm`
+This module sits above :mod:`mhpo.models` (text models, devices, precision) and :mod:`mhpo.models.vlm`
 (which builds on models), so neither has to import the other's caller.
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .model_sources import NAMED_MODELS, ensure_named_model, is_gguf, load_gguf
-from .models import align_special_tokens, neutral_generation_config
+from mhpo.models import align_special_tokens, neutral_generation_config
+from mhpo.models.sources import NAMED_MODELS, ensure_named_model, is_gguf, load_gguf
 
 
 def load_pretrained(
@@ -28,15 +28,15 @@ def load_pretrained(
 ):
     """(model, tokenizer) from a named model, a GGUF file, a local directory or a hub id.
 
-    A named model is converted once into the cache (:func:`mhpo.model_sources.ensure_named_model`)
+    A named model is converted once into the cache (:func:`mhpo.models.sources.ensure_named_model`)
     and loaded from there; a GGUF file is dequantised on every load (``log`` says so). The pad token
     is made explicit (:func:`align_special_tokens`). A vision-language model (its config has a
     ``vision_config``, e.g. Qwen2.5-VL or a tiny-vlm checkpoint) is loaded with
-    :func:`mhpo.vlm.load_pretrained_vlm` and comes with its processor in place of the tokenizer.
+    :func:`mhpo.models.vlm.load_pretrained_vlm` and comes with its processor in place of the tokenizer.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .vlm import is_vision_language, load_pretrained_vlm  # transformers' VLM classes: imported only here
+    from mhpo.models.vlm import is_vision_language, load_pretrained_vlm  # transformers' VLM classes: imported only here
 
     if path in NAMED_MODELS:
         path = str(ensure_named_model(path, log=log))

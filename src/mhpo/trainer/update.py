@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .aggregation import global_counts
-from .diagnostics import log_ratio_order_stats, masked_log_ratio
-from .logprobs import model_logprobs
-from .loss import policy_loss
-from .multimodal import model_kwargs
-from .rollout import Rollout, forward_inputs
+from mhpo.models.logprobs import model_logprobs
+from mhpo.models.multimodal import model_kwargs
+from mhpo.objectives.aggregation import global_counts
+from mhpo.objectives.diagnostics import log_ratio_order_stats, masked_log_ratio
+from mhpo.objectives.loss import policy_loss
+from mhpo.trainer.rollout import Rollout, forward_inputs
 
 
 def rollout_logprobs(
@@ -98,9 +98,9 @@ def minibatches(n: int, num_minibatches: int) -> list[torch.Tensor]:
 def policy_update(model, optimizer, batch: UpdateBatch, objective_cfg, update_cfg) -> UpdateResult:
     """Run the optimizer steps of one RL step; returns averaged objective stats and grad norms.
 
-    ``objective_cfg`` has name, hparams, agg and beta (:class:`mhpo.config.ObjectiveConfig`);
+    ``objective_cfg`` has name, hparams, agg and beta (:class:`mhpo.trainer.config.ObjectiveConfig`);
     ``update_cfg`` has num_minibatches, epochs, micro_batch_size and max_grad_norm
-    (:class:`mhpo.config.UpdateConfig`). Minibatch order comes from ``torch.randperm`` on the global
+    (:class:`mhpo.trainer.config.UpdateConfig`). Minibatch order comes from ``torch.randperm`` on the global
     generator (saved in checkpoints); ``batch.first_epoch`` gives the first epoch's when the caller
     drew them already.
     """

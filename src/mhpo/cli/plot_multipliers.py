@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UsageError
-from ..loss import policy_loss
-from ..objectives import OBJECTIVES, get_objective
+from mhpo.errors import UsageError
+from mhpo.objectives import OBJECTIVES, get_objective
+from mhpo.objectives.loss import policy_loss
 
 
 def add_arguments(parser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from ..objectives import OBJECTIVES
+from mhpo.objectives import OBJECTIVES
 
 
 def add_arguments(parser) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
-from .errors import did_you_mean
+from mhpo.errors import did_you_mean
 
 
 class Tracker(Protocol):

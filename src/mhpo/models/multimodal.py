@@ -288,7 +288,7 @@ class VisionPromptEncoder:
     Example i's images are ``example.columns[image_column]`` (one image or a list: paths, bytes,
     PIL images, see :func:`load_image`). Output keys: input_ids [B, P], attention_mask [B, P],
     pixel_values (Ragged), image_grid_thw (Ragged), mm_token_type_ids (TokenTypes), position_ids
-    (MODEL_POSITIONS). Same interface as :class:`mhpo.rollout.PromptEncoder` (``render``, call).
+    (MODEL_POSITIONS). Same interface as :class:`mhpo.trainer.rollout.PromptEncoder` (``render``, call).
     """
 
     def __init__(

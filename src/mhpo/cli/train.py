@@ -1,0 +1,89 @@
+"""`mhpo train`: parse the flags and overrides into a config, then :func:`mhpo.trainer.train.run_training`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from mhpo.errors import UsageError
+from mhpo.trainer.config import Config, ConfigError, load_config
+from mhpo.trainer.train import CONFIG_FILE, load_run_config, print_summary, run_training
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. objective.name=grpo"
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML config (keys as in the embedded default), or a packaged config's name"
+    )
+    parser.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="a packaged config: default, vlm (tiny vision-language demo), smollm2-short-answers (real model)",
+    )
+    parser.add_argument(
+        "--output-dir", metavar="DIR", help="run directory (default: runs/<task>-<objective>-s<seed>-<time>)"
+    )
+    parser.add_argument("--steps", type=int, metavar="N", help="RL steps (train.steps)")
+    parser.add_argument("--seed", type=int, metavar="S", help="run seed (seed)")
+    parser.add_argument(
+        "--model",
+        metavar="PATH_OR_ID",
+        help="causal LM: a named model (smollm2-135m-instruct), a .gguf file, a local directory or a hub id",
+    )
+    parser.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR (only --steps may change)")
+
+
+def run(args) -> int:
+    if args.resume:
+        if args.config or args.preset or args.overrides or args.seed is not None or args.model or args.output_dir:
+            raise UsageError("--resume DIR continues a run with its saved config; only --steps may be given with it")
+        run_dir = Path(args.resume)
+        cfg = load_run_config(run_dir)
+        if args.steps is not None:
+            cfg = _with_steps(cfg, args.steps)
+        summary = run_training(cfg, run_dir, resume="require")
+    else:
+        cfg = config_from_args(args)
+        run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(cfg)
+        if (run_dir / CONFIG_FILE).exists():
+            raise UsageError(
+                f"{str(run_dir)!r} already holds a run; continue it with --resume {run_dir} or pick another "
+                "--output-dir"
+            )
+        summary = run_training(cfg, run_dir, resume="never")
+    print_summary(summary)
+    return 0
+
+
+def config_from_args(args) -> Config:
+    overrides = list(args.overrides or [])
+    for flag, key in (("steps", "train.steps"), ("seed", "seed"), ("model", "model.name_or_path")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    if args.preset and args.config:
+        raise UsageError("give either --preset NAME or --config FILE, not both (add KEY=VALUE overrides instead)")
+    try:
+        if args.preset:
+            from mhpo.trainer.config import packaged_configs
+
+            if args.preset not in packaged_configs():
+                raise UsageError(f"unknown preset {args.preset!r}; valid presets: {', '.join(packaged_configs())}")
+        return load_config(args.preset or args.config, overrides)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+
+
+def default_run_dir(cfg: Config) -> Path:
+    task = cfg.task.name.replace(":", "-").replace("/", "-")
+    return Path("runs") / f"{task}-{cfg.objective.name}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _with_steps(cfg: Config, steps: int) -> Config:
+    if steps < 0:
+        raise UsageError(f"--steps {steps} must be >= 0")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
