@@ -5,17 +5,33 @@ from __future__ import annotations
 import pytest
 
 from mhpo.cli import main
-from mhpo.trainer.config import Config, ConfigError, from_dict, load_config, parse_override, to_dict, to_yaml
+from mhpo.trainer.config import Config, ConfigError, check_override, from_dict, load_config, to_dict, to_yaml
 
 
-def test_default_config_is_the_embedded_yaml_and_matches_the_dataclass_defaults():
+def test_the_defaults_are_the_dataclasses_and_print_as_commented_yaml_that_loads_back(tmp_path, capsys):
     cfg = load_config()
     assert cfg.model.name_or_path == "tiny"
     assert cfg.objective.name == "mhpo"
     assert cfg.task.name == "addition" and cfg.task.args == {}
-    # every key of the YAML is a dataclass field, the two sets of defaults agree, and to_dict round-trips
-    assert cfg == Config()
+    assert cfg == Config() == load_config("default")  # the packaged 'default' preset adds nothing
     assert from_dict(to_dict(cfg)) == cfg
+    assert main(["train", "--print-config", "objective.name=grpo", "optim.lr=3e-4"]) == 0
+    text = capsys.readouterr().out
+    assert (
+        "  lr: 0.0003  # AdamW lr" in text
+        and "schedule: constant  # lr decay after warm-up; constant | linear | cosine" in text
+    )
+    (tmp_path / "printed.yaml").write_text(text)
+    assert load_config(tmp_path / "printed.yaml") == load_config(None, ["objective.name=grpo", "optim.lr=3e-4"])
+
+
+def test_omegaconf_overrides_interpolation_and_added_keys():
+    cfg = load_config(None, ["optim.lr=${warmup.lr}", "+objective.hparams.c=0.5", "eval.seed=${seed}", "seed=3"])
+    assert cfg.optim.lr == cfg.warmup.lr == 2e-3
+    assert cfg.objective.hparams == {"c": 0.5}
+    assert cfg.eval.seed == 3  # interpolations resolve after every layer is merged
+    with pytest.raises(ConfigError, match="optim.nope"):
+        load_config(None, ["optim.lr=${optim.nope}"])
 
 
 def test_overrides_take_precedence_over_file_and_default(tmp_path):
@@ -62,7 +78,7 @@ def test_structural_errors_name_the_key_and_the_valid_choices(override, fragment
 
 def test_malformed_override_and_missing_file():
     with pytest.raises(ConfigError, match="key.subkey=value"):
-        parse_override("rollout.group_size")
+        check_override("rollout.group_size")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/run.yaml")
 

@@ -253,7 +253,7 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str | None = None, override
     from mhpo.models.multimodal import text_tokenizer
     from mhpo.seeding import derive_seed
     from mhpo.trainer.checkpoint import atomic_write_json, read_state
-    from mhpo.trainer.config import ConfigError, from_dict, parse_override, set_dotted, to_dict
+    from mhpo.trainer.config import ConfigError, check_override, to_dict, with_overrides
     from mhpo.trainer.evaluation import evaluate
     from mhpo.trainer.rollout import build_encoder, eos_token_ids
     from mhpo.trainer.train import default_threads, load_run_config, run_precision, validate
@@ -261,14 +261,12 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str | None = None, override
     run_dir, ckpt = resolve_checkpoint(Path(run_dir), checkpoint)
     check_intact(run_dir, ckpt)
     cfg = load_run_config(run_dir)
-    tree = to_dict(cfg)
     try:
         for text in overrides:
-            keys, value = parse_override(text)
-            if keys[0] != "eval":
-                raise UsageError(f"only eval.* keys can be overridden here, not {'.'.join(keys)!r}")
-            set_dotted(tree, keys, value)
-        cfg = from_dict(tree)
+            key = check_override(text)
+            if key.split(".")[0] != "eval":
+                raise UsageError(f"only eval.* keys can be overridden here, not {key!r}")
+        cfg = with_overrides(cfg, overrides)
     except ConfigError as err:
         raise UsageError(str(err)) from None
     plan = validate(dataclasses.replace(cfg))

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from mhpo.errors import UsageError
-from mhpo.trainer.config import Config, ConfigError, load_config
+from mhpo.trainer.config import Config, ConfigError, commented_yaml, load_config
 from mhpo.trainer.train import CONFIG_FILE, load_run_config, print_summary, run_training
 
 
@@ -17,7 +17,7 @@ def add_arguments(parser) -> None:
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. objective.name=grpo"
     )
     parser.add_argument(
-        "--config", metavar="FILE", help="YAML config (keys as in the embedded default), or a packaged config's name"
+        "--config", metavar="FILE", help="YAML config (keys as in --print-config), or a packaged config's name"
     )
     parser.add_argument(
         "--preset",
@@ -35,6 +35,9 @@ def add_arguments(parser) -> None:
         help="causal LM: a named model (smollm2-135m-instruct), a .gguf file, a local directory or a hub id",
     )
     parser.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR (only --steps may change)")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as commented YAML and exit"
+    )
 
 
 def run(args) -> int:
@@ -46,6 +49,9 @@ def run(args) -> int:
         if args.steps is not None:
             cfg = _with_steps(cfg, args.steps)
         summary = run_training(cfg, run_dir, resume="require")
+    elif args.print_config:
+        print(commented_yaml(config_from_args(args)), end="")
+        return 0
     else:
         cfg = config_from_args(args)
         run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(cfg)

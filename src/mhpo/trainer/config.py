@@ -2,11 +2,13 @@
 
     config = load_config("run.yaml", ["objective.name=grpo", "rollout.group_size=16"])
 
-Precedence: the embedded default (``configs/default.yaml``, shipped as package data) < the YAML
-file < the overrides. Every key is checked against the dataclasses below: an unknown key, a value of
-the wrong type or out of range raises :class:`ConfigError` with one line naming the key, the bad
-value and the valid choices. Semantic checks that need the registries (objective hparams, task and
-reward names, model path) live in :func:`mhpo.trainer.train.validate`, which also runs before any work.
+Precedence: the defaults of the dataclasses below (the one place they live; ``mhpo train
+--print-config`` shows them as commented YAML) < the YAML file < the overrides. OmegaConf merges
+them (dotted keys, ``+key=value``, ``${a.b}`` interpolation, as in verl and Hydra). Every key is
+then checked against the dataclasses: an unknown key, a value of the wrong type or out of range
+raises :class:`ConfigError` with one line naming the key, the bad value and the valid choices.
+Semantic checks that need the registries (objective hparams, task and reward names, model path)
+live in :func:`mhpo.trainer.train.validate`, which also runs before any work.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Literal, Union
 
 import yaml
 
@@ -75,7 +77,7 @@ class ModelConfig:
     chat_template: Literal["auto", "on", "off"] = _f(
         "auto", help="auto: apply the tokenizer's chat template when it has one"
     )
-    trust_remote_code: bool = _f(False)
+    trust_remote_code: bool = _f(False, help="passed to from_pretrained")
     attn_implementation: str | None = _f(None, help="passed to from_pretrained (e.g. sdpa, eager)")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     vision: TinyVisionConfig = field(default_factory=TinyVisionConfig)  # tiny-vlm's vision tower
@@ -86,8 +88,8 @@ class TaskConfig:
     name: str = _f("addition", help="a procedural task, 'rg:<reasoning-gym dataset>', or 'dataset' (with path)")
     args: dict = _f({}, help="task arguments (procedural: e.g. digits; rg: the dataset's config fields)")
     path: str | None = _f(None, help="dataset: a .jsonl / .parquet file, a saved HF dataset dir or a hub id")
-    prompt_column: str = _f("prompt")
-    answer_column: str = _f("answer")
+    prompt_column: str = _f("prompt", help="dataset column with the prompt (text or chat messages)")
+    answer_column: str = _f("answer", help="dataset column with the reference answer")
     split: str = _f("train", help="dataset split to train on")
     eval_split: str | None = _f(None, help="held-out split; default: hold out eval.size rows of the train split")
     train_size: int = _f(10000, ">=1", "rows generated for reasoning-gym tasks")
@@ -115,8 +117,8 @@ class RolloutConfig:
     prompts_per_step: int = _f(32, ">=1", "prompts drawn per RL step")
     group_size: int = _f(8, ">=2", "completions sampled per prompt (G)")
     max_new_tokens: int | None = _f(None, ">=1", "default: the task's")
-    temperature: float = _f(1.0, ">0")
-    top_p: float = _f(1.0, "(0,1]")
+    temperature: float = _f(1.0, ">0", "sampling temperature (log-probs are those of the tempered policy)")
+    top_p: float = _f(1.0, "(0,1]", "nucleus sampling (1: off)")
     top_k: int = _f(0, ">=0", "0 = off (true temperature sampling)")
     batch_size: int | None = _f(None, ">=1", "rows per generate call (default: all)")
 
@@ -142,16 +144,20 @@ class UpdateConfig:
     num_minibatches: int = _f(2, ">=1", "optimizer steps per rollout batch and epoch")
     epochs: int = _f(1, ">=1", "passes over each rollout batch")
     micro_batch_size: int | None = _f(None, ">=1", "rows per forward/backward (default: the minibatch)")
-    max_grad_norm: float = _f(1.0, ">0")
+    max_grad_norm: float = _f(1.0, ">0", "clip the global grad norm of each optimizer step to this")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(2e-4, ">0")
-    weight_decay: float = _f(0.0, ">=0")
-    beta1: float = _f(0.9, "[0,1)")
-    beta2: float = _f(0.999, "[0,1)")
-    eps: float = _f(1e-8, ">0")
+    lr: float = _f(
+        2e-4,
+        ">0",
+        "AdamW lr (measured for MHPO on the demo task: 1e-4 and 2e-4 learn, 4e-4 is unstable, 1e-3 collapses)",
+    )
+    weight_decay: float = _f(0.0, ">=0", "AdamW weight decay")
+    beta1: float = _f(0.9, "[0,1)", "AdamW beta1")
+    beta2: float = _f(0.999, "[0,1)", "AdamW beta2")
+    eps: float = _f(1e-8, ">0", "AdamW eps")
     warmup_steps: int = _f(0, ">=0", "linear lr warm-up (RL steps)")
     schedule: Literal["constant", "linear", "cosine"] = _f("constant", help="lr decay after warm-up")
     min_lr_ratio: float = _f(0.0, "[0,1]", "final lr / lr for linear and cosine")
@@ -160,11 +166,11 @@ class OptimConfig:
 @dataclass
 class WarmupConfig:
     enabled: Literal["auto", "on", "off"] = _f("auto", help="auto: on for the built-in tiny model only")
-    lr: float = _f(2e-3, ">0")
+    lr: float = _f(2e-3, ">0", "AdamW lr of the supervised warm-up (linear warm-up, then constant)")
     lr_warmup_steps: int = _f(100, ">=0", "linear lr warm-up of the supervised steps")
-    weight_decay: float = _f(0.1, ">=0")
+    weight_decay: float = _f(0.1, ">=0", "AdamW weight decay of the warm-up")
     beta2: float = _f(0.98, "[0,1)", "AdamW beta2")
-    batch_size: int = _f(64, ">=1")
+    batch_size: int = _f(64, ">=1", "examples per supervised step")
     threshold: float = _f(0.2, "[0,1]", "stop when greedy accuracy on the probe set reaches this")
     max_steps: int = _f(1500, ">=1", "cap on supervised steps")
     eval_every: int = _f(25, ">=1", "probe every N steps")
@@ -189,7 +195,7 @@ class EvalConfig:
         "built-in tiny models, 0 for a pretrained model)",
     )
     max_new_tokens: int | None = _f(None, ">=1", "held-out completion budget (null: the rollout's)")
-    temperature: float = _f(1.0, ">0")
+    temperature: float = _f(1.0, ">0", "sampling temperature of pass@k")
     batch_size: int = _f(512, ">=1", "rows per generate call")
     benchmarks: list = _f(
         [], help="benchmark names or local files evaluated at every evaluation (as mhpo eval --benchmarks)"
@@ -204,7 +210,7 @@ class EvalConfig:
 class TrainConfig:
     steps: int = _f(250, ">=0", "RL steps")
     checkpoint_every: int = _f(50, ">=0", "0: only at the end")
-    keep_checkpoints: int = _f(2, ">=1")
+    keep_checkpoints: int = _f(2, ">=1", "periodic checkpoints kept (the oldest are deleted)")
     final_checkpoint: Literal["full", "model", "none"] = _f(
         "full", help="after the last step: full (resumable) | model (HF model + tokenizer only) | none"
     )
@@ -214,12 +220,12 @@ class TrainConfig:
     threads: int = _f(0, ">=0", "torch CPU threads (0: auto = 1 for the tiny model, else all cores up to 8)")
     progress: bool = _f(True, help="rich progress bar")
     report_to: list = _f(["tensorboard"], help="trackers besides metrics.jsonl: tensorboard | wandb | trackio")
-    plots: bool = _f(True)
+    plots: bool = _f(True, help="PNG plots of reward, accuracy and grad norm in <run>/plots")
 
 
 @dataclass
 class Config:
-    seed: int = _f(0, ">=0")
+    seed: int = _f(0, ">=0", "run seed: initialisation, data order, sampling")
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
@@ -235,11 +241,6 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------
 # Loading and overriding.
-
-
-def default_yaml() -> str:
-    """The embedded default config (package data ``mhpo/configs/default.yaml``)."""
-    return resources.files("mhpo").joinpath("configs/default.yaml").read_text()
 
 
 def packaged_configs() -> list[str]:
@@ -280,52 +281,46 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'a.b.c=value' -> (['a', 'b', 'c'], value); the value is parsed as YAML ('16' -> 16, 'null' -> None)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
+def check_override(text: str) -> str:
+    """The dotted key of ``key.subkey=value`` (``+key.subkey=value`` adds a key, as in Hydra), or
+    ConfigError naming the override."""
+    key = text.partition("=")[0].removeprefix("+")
+    if "=" not in text or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} must look like key.subkey=value (e.g. rollout.group_size=16)")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def set_dotted(tree: dict, path: list[str], value) -> None:
-    node = tree
-    for part in path[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[path[-1]] = value
-
-
-def merge(base: dict, extra: dict) -> dict:
-    """Recursive dict merge; ``extra`` wins. Free-form dict fields (hparams, args) merge key-wise too."""
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+    return key
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Default < YAML file < dotted overrides, then structural validation. Raises ConfigError.
+    """The dataclass defaults < YAML file < dotted overrides, then validation. Raises ConfigError.
 
     ``path`` may also name a packaged config (``"vlm"``, see :func:`resolve_config_path`).
+    Merging, overrides and ``${a.b}`` interpolation are OmegaConf's (the syntax of verl and Hydra);
+    the checks and their one-line errors are :func:`from_dict`'s.
     """
-    tree = yaml.safe_load(default_yaml()) or {}
+    layers = [to_dict(Config())]
     if path is not None:
-        tree = merge(tree, migrate(read_yaml(path)))
+        layers.append(migrate(read_yaml(path)))
+    return from_dict(merge_layers(layers, overrides))
+
+
+def with_overrides(config: Config, overrides) -> Config:
+    """``config`` with dotted overrides applied (validated again)."""
+    return from_dict(merge_layers([to_dict(config)], overrides))
+
+
+def merge_layers(layers: list[dict], overrides=()) -> dict:
+    """OmegaConf: merge the trees in order, then the dotted overrides; interpolations resolved."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     for text in overrides:
-        keys, value = parse_override(text)
-        set_dotted(tree, keys, value)
-    return from_dict(tree)
+        check_override(text)
+    try:
+        dotted = OmegaConf.from_dotlist([text.removeprefix("+") for text in overrides])
+        merged = OmegaConf.merge(*(OmegaConf.create(layer) for layer in layers), dotted)
+        return OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config: {str(err).splitlines()[0]}") from None
 
 
 def from_dict(tree: dict) -> Config:
@@ -353,6 +348,27 @@ def to_yaml(config) -> str:
 
 def save_config(config, path: str | Path) -> None:
     Path(path).write_text(to_yaml(config))
+
+
+def commented_yaml(config) -> str:
+    """``config`` as YAML, each key followed by its gloss and range rule (the fields' metadata)."""
+
+    def lines(obj, indent: str) -> list[str]:
+        out = []
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                out += [f"{indent}{f.name}:", *lines(value, indent + "  ")]
+                continue
+            text = yaml.safe_dump({f.name: value}, default_flow_style=True, width=10**6).strip()[1:-1]
+            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
+            notes = [f.metadata.get("help"), f.metadata.get("check"), " | ".join(choices)]
+            notes = [n for n in notes if n]
+            out.append(f"{indent}{text}" + (f"  # {'; '.join(notes)}" if notes else ""))
+        return out
+
+    return "\n".join(lines(config, "")) + "\n"
 
 
 def config_hash(tree: dict) -> str:
