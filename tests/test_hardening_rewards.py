@@ -114,10 +114,11 @@ def test_error_budget_window_rule():
 
 
 def test_budget_config_keys_have_documented_defaults():
-    from mhpo.trainer.config import ConfigError, default_yaml, load_config
+    from mhpo.trainer.config import Config, ConfigError, commented_yaml, load_config
 
     cfg = load_config(None, [])
     assert (cfg.rewards.max_error_frac, cfg.rewards.error_window) == (0.5, 20)
-    assert "max_error_frac: 0.5" in default_yaml() and "error_window: 20" in default_yaml()
+    documented = commented_yaml(Config())
+    assert "max_error_frac: 0.5  # " in documented and "error_window: 20  # " in documented
     with pytest.raises(ConfigError, match=r"'rewards.max_error_frac'=1.5 is out of range; it must be in \(0, 1\]"):
         load_config(None, ["rewards.max_error_frac=1.5"])

@@ -58,6 +58,27 @@ def test_builtin_exact_match_and_math_verify():
         scorer.close()
 
 
+def test_last_number_rejects_the_restated_question_that_math_verify_accepts():
+    """math-verify evaluates arithmetic, so "2 + 6" parses to 8: a policy on chat_addition that only
+    restates the question scores 1 (SmolLM2 learned exactly that within 12 steps). last_number
+    scores the last number of the reply, and is chat_addition's reward."""
+    from mhpo.rewards.functions import last_number
+    from mhpo.tasks.procedural import PROCEDURAL
+
+    replies = ["2 + 6", "2 + 6 = 2 + 6", "2 + 6 = 8.", "$\\boxed{8}$", "The sum is 8, not 9", "8 apples", "-8", "x"]
+    scorer = RewardScorer(["math_verify", "last_number"], "exact_match", None, 20.0)
+    try:
+        s = scorer.score([Example("What is 2 + 6?", "8")] * len(replies), replies)
+        assert s.per_function["math_verify"][:3] == [1.0, 1.0, 1.0]  # the pitfall
+        assert s.per_function["last_number"] == [0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    finally:
+        scorer.close()
+    assert last_number(None, ["1,024 and 5-3", "a total of 2.50", "-3"], ["3", "2.5", "-3"]) == [1.0, 1.0, 1.0]
+    assert PROCEDURAL["chat_addition"].reward == "last_number"
+    with pytest.raises(ValueError, match="gold answer 'abc' is not a number; use exact_match or math_verify"):
+        last_number(None, ["1"], ["abc"])
+
+
 def test_hanging_function_times_out_scores_zero_and_the_rest_is_still_scored(user_file):
     scorer = RewardScorer([f"{user_file}:hang_on_hang", f"{user_file}:pid"], "exact_match", None, 0.5)
     try:

@@ -1,7 +1,7 @@
 """Reward scoring: resolve ``rewards.functions``, run them in a timeout worker process, combine the scores.
 
 Functions have TRL's signature ``f(prompts, completions, **columns) -> list[float]``: the built-ins
-of :mod:`mhpo.rewards.functions` (exact_match, math_verify, reasoning_gym), ``auto`` (the task's
+of :mod:`mhpo.rewards.functions` (exact_match, last_number, math_verify, reasoning_gym), ``auto`` (the task's
 verifier), or user functions named ``module:function`` / ``path/to/file.py:function``. Every
 function is called once per completion (one-element lists) in a worker process with a hard time
 limit (:mod:`mhpo.rewards.timeout_worker`), so a hang or an exception costs that completion only: it scores 0 and
@@ -34,7 +34,9 @@ from typing import Any
 from mhpo.errors import UsageError
 
 _BUILTIN_FILE = Path(__file__).with_name("functions.py")
-BUILTIN: dict[str, str] = {name: f"{_BUILTIN_FILE}:{name}" for name in ("exact_match", "math_verify", "reasoning_gym")}
+BUILTIN: dict[str, str] = {
+    name: f"{_BUILTIN_FILE}:{name}" for name in ("exact_match", "last_number", "math_verify", "reasoning_gym")
+}
 CORRECT_AT = 1.0 - 1e-6
 
 

@@ -1,7 +1,13 @@
 """Built-in reward functions, TRL's signature: ``f(prompts, completions, **columns) -> list[float]``.
 
     exact_match     1 if completion.strip() == answer.strip() else 0
-    math_verify     1 if math-verify judges the completion's final answer equal to the gold answer
+    last_number     1 if the last number in the completion equals the gold number (lm-eval's
+                    "flexible-extract" for GSM8K), else 0
+    math_verify     1 if math-verify judges the completion's final answer equal to the gold answer.
+                    math-verify evaluates arithmetic: a reply that restates the question, "2 + 6",
+                    parses to 8 and scores 1 against the gold 8. On tasks whose prompt holds the
+                    expression to evaluate (chat_addition) a policy learns exactly that; use
+                    last_number there.
     reasoning_gym   the reasoning-gym dataset's own score_answer(answer, entry), in [0, 1]; the
                     answer is the last <answer>...</answer> span if there is one, else the stripped
                     completion
@@ -14,14 +20,41 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import re
 import shutil
 import tempfile
+from decimal import Decimal, InvalidOperation
 from functools import cache, lru_cache
 
 
 def exact_match(prompts, completions, answer, **_) -> list[float]:
     """1.0 when the stripped completion equals the stripped answer, else 0.0."""
     return [float(str(c).strip() == str(a).strip()) for c, a in zip(completions, answer)]
+
+
+_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?|(?<=\w)\d[\d,]*(?:\.\d+)?")
+
+
+def _last_number(text: str) -> Decimal | None:
+    """The last number in ``text`` ("-3", "1,024", "2.50"; a minus sign only where no word or digit
+    precedes it, so "5-3" ends in 3), or None."""
+    found = _NUMBER.findall(text)
+    return Decimal(found[-1].replace(",", "")) if found else None
+
+
+def last_number(prompts, completions, answer, **_) -> list[float]:
+    """1.0 when the last number in the completion equals the gold number (so "4 + 7 = 11" and
+    "\\boxed{11}" score 1, the restated "4 + 7" scores 0); ValueError on a gold that is not a number."""
+    out = []
+    for c, a in zip(completions, answer):
+        try:
+            gold = Decimal(str(a).strip().replace(",", ""))
+        except InvalidOperation:
+            raise ValueError(
+                f"last_number: gold answer {a!r} is not a number; use exact_match or math_verify"
+            ) from None
+        out.append(float(_last_number(str(c)) == gold))
+    return out
 
 
 def _gold(answer: str):

@@ -61,7 +61,7 @@ def make_addition(rng: np.random.Generator, *, digits: int, mixed_widths: bool =
 
 def make_chat_addition(rng: np.random.Generator, *, digits: int, boxed: bool = True) -> Example:
     """'What is a + b?' for a chat model, a, b ~ U[0, 10^d); the answer is the sum, checked by
-    math-verify (the final number of a free-form reply, or its \\boxed{} content). ``boxed`` adds
+    last_number (the final number of a free-form reply, or its \\boxed{} content). ``boxed`` adds
     the instruction 'Put the final answer in \\boxed{}.'"""
     a, b = (int(x) for x in rng.integers(0, 10**digits, size=2))
     suffix = " Put the final answer in \\boxed{}." if boxed else ""
@@ -98,8 +98,8 @@ PROCEDURAL: dict[str, Procedural] = {
             "boxed": Arg(True, 0, 1, "ask for the final answer in \\boxed{}"),
         },
         lambda digits, **_: 32,
-        "natural-language addition for chat models, e.g. What is 4 + 7? -> 11 (math-verify)",
-        reward="math_verify",
+        "natural-language addition for chat models, e.g. What is 4 + 7? -> 11 (the last number in the reply)",
+        reward="last_number",  # math_verify would score the restated question "4 + 7" as 11
     ),
     "reverse": Procedural(
         make_reverse,

@@ -309,18 +309,28 @@ def with_overrides(config: Config, overrides) -> Config:
 
 
 def merge_layers(layers: list[dict], overrides=()) -> dict:
-    """OmegaConf: merge the trees in order, then the dotted overrides; interpolations resolved."""
+    """OmegaConf: merge the trees in order, then each dotted override; interpolations resolved.
+    ConfigError names the override that does not parse."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    def first_line(err: Exception) -> str:
+        return " ".join(str(err).split("\n")[0].split()) or type(err).__name__
+
+    try:
+        merged = OmegaConf.merge(*(OmegaConf.create(layer) for layer in layers))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config: {first_line(err)}") from None
     for text in overrides:
         check_override(text)
+        try:  # the value is parsed as YAML, as in Hydra and verl
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([text.removeprefix("+")]))
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            raise ConfigError(f"override {text!r} does not parse: {first_line(err)}") from None
     try:
-        dotted = OmegaConf.from_dotlist([text.removeprefix("+") for text in overrides])
-        merged = OmegaConf.merge(*(OmegaConf.create(layer) for layer in layers), dotted)
         return OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"config: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"config: {first_line(err)}") from None
 
 
 def from_dict(tree: dict) -> Config:
