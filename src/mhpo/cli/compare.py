@@ -55,9 +55,10 @@ def run(args) -> int:
     from mhpo.trainer.train import validate
 
     validate(base).scorer.close()  # task, rewards, model: checked once before any work
+    setting = f"{args.preset} preset" + (f" over {args.config}" if args.config else "")
     print(
         f"mhpo compare: {len(specs)} objectives x {args.seeds} seeds = {len(jobs)} runs, {workers} in parallel, "
-        f"preset {args.preset} ({preset.about}){f' over config {args.config}' if args.config else ''}; output {out}"
+        f"{setting} ({preset.about}); output {out}"
     )
     t0 = time.perf_counter()
     failures = run_jobs(jobs, workers)
@@ -73,8 +74,7 @@ def run(args) -> int:
         target=args.target,
         reference=specs[0][0],
         order=[s[0] for s in specs],
-        title=f"{args.preset} preset{f' over {args.config}' if args.config else ''}, {len(specs)} objectives x "
-        f"{args.seeds} seeds",
+        title=f"{setting}, {len(specs)} objectives x {args.seeds} seeds",
     )
     print("\n".join(result["summary"]))
     print(f"\n{len(jobs)} runs in {time.perf_counter() - t0:.0f} s; report: {out / 'report.md'}, {out / 'report.html'}")
