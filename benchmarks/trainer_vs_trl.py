@@ -149,7 +149,8 @@ def _setup(args, objective: str):
     import torch
 
     from mhpo.trainer.config import load_config
-    from mhpo.trainer.train import build_policy, default_threads, model_loader, validate
+    from mhpo.trainer.defaults import default_threads
+    from mhpo.trainer.train import build_policy, model_loader, validate
 
     prompts, group, max_new, lr, threads = JOBS[args.model]
     overrides = [

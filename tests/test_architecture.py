@@ -4,7 +4,7 @@ Every ``import`` and ``from ... import`` counts, those inside functions too: a l
 couples two modules. The layers, bottom to top (docs/architecture.md):
 
     0 mhpo.objectives    the objective library TRL and verl import (torch and numpy only)
-    1 mhpo.models, mhpo.tasks, mhpo.rewards, the benchmark definitions (mhpo.benchmarks.specs, ...)
+    1 mhpo.models, mhpo.tasks, mhpo.rewards, mhpo.generation, the benchmark definitions (mhpo.benchmarks.specs, ...)
     2 mhpo.trainer       config, rollout, update, checkpoint, metrics, warm-up, evaluation, the loop
     3 mhpo.compare       compare and report
     4 mhpo.integrations  TRL and verl (which import the objective library only)
@@ -27,6 +27,7 @@ LAYERS = {
         "mhpo.models*",
         "mhpo.tasks*",
         "mhpo.rewards*",
+        "mhpo.generation*",
         "mhpo.benchmarks",
         "mhpo.benchmarks.specs",
         "mhpo.benchmarks.answers",

@@ -6,6 +6,8 @@ import pytest
 
 from mhpo.cli import main
 from mhpo.trainer.config import Config, ConfigError, check_override, from_dict, load_config, to_dict, to_yaml
+from mhpo.trainer.defaults import lr_warning, resolve_defaults, resolved_for_display
+from mhpo.trainer.train import config_changes, resumed_config
 
 
 def test_the_defaults_are_the_dataclasses_and_print_as_commented_yaml_that_loads_back(tmp_path, capsys):
@@ -21,8 +23,28 @@ def test_the_defaults_are_the_dataclasses_and_print_as_commented_yaml_that_loads
         "  lr: 0.0003  # AdamW lr" in text
         and "schedule: constant  # lr decay after warm-up; constant | linear | cosine" in text
     )
-    (tmp_path / "printed.yaml").write_text(text)
-    assert load_config(tmp_path / "printed.yaml") == load_config(None, ["objective.name=grpo", "optim.lr=3e-4"])
+    (tmp_path / "printed.yaml").write_text(text)  # the values the run will use: nulls and autos resolved
+    wanted = resolved_for_display(load_config(None, ["objective.name=grpo", "optim.lr=3e-4"]))
+    assert load_config(tmp_path / "printed.yaml") == wanted
+    assert (wanted.model.dtype, wanted.rollout.max_new_tokens, wanted.train.threads) == ("float32", 5, 1)
+
+
+def test_a_pretrained_model_gets_a_pretrained_lr_and_a_toy_lr_is_warned_about(capsys):
+    assert main(["train", "--print-config", "--model", "org/a-model", "task.name=chat_addition"]) == 0
+    out = capsys.readouterr()
+    assert "  lr: 1.0e-06  # AdamW lr" in out.out and "  size: 32  #" in out.out and "  pass_k: 0  #" in out.out
+    assert "  max_new_tokens: 32  # null: the task's budget" in out.out and not out.err
+    assert main(["train", "--print-config", "--model", "org/a-model", "optim.lr=2e-4"]) == 0
+    assert "warning: optim.lr=0.0002 is a tiny-model learning rate" in capsys.readouterr().err
+    assert lr_warning(load_config(None, ["optim.lr=2e-4"])) is None  # the built-in tiny model's own lr
+
+
+def test_a_resume_keeps_the_resolved_values_where_the_request_leaves_them_unset():
+    saved = resolve_defaults(load_config(None, ["train.steps=5"]), 5)
+    assert config_changes(saved, load_config(None, ["train.steps=9"])) == []  # nulls, auto: the saved values stand
+    assert config_changes(saved, load_config(None, ["optim.lr=1e-3"])) == ["optim.lr"]
+    resumed = resumed_config(saved, load_config(None, ["train.steps=9", "train.threads=2"]))
+    assert (resumed.train.steps, resumed.train.threads, resumed.optim.lr) == (9, 2, 2e-4)
 
 
 def test_omegaconf_overrides_interpolation_and_added_keys():

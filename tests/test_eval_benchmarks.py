@@ -76,6 +76,7 @@ def test_hub_loading_uses_the_id_config_and_split(monkeypatch):
         return dataset(key)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.setattr("mhpo.benchmarks.loading.hub_reachable", lambda: True)
     for name in ("math500", "gsm8k", "mathvista"):
         problems = load_problems(get_spec(name), template=DEFAULT_TEMPLATE)
         assert [p.gold for p in problems] == EXPECTED[name][1]
@@ -93,6 +94,7 @@ def test_hub_failure_is_one_line_naming_the_source(monkeypatch):
         raise ConnectionError("Couldn't reach the hub\nsecond line")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr("mhpo.benchmarks.loading.hub_reachable", lambda: True)
     with pytest.raises(ValueError, match=r"HuggingFaceH4/aime_2024 \[train\] could not be loaded .*--data-dir") as err:
         load_problems(get_spec("aime24"), template=DEFAULT_TEMPLATE)
     assert "\n" not in str(err.value)
@@ -167,3 +169,15 @@ def test_scorer_in_the_worker_never_crashes_on_odd_completions():
     assert [j.score for j in out] == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
     assert [j.parsed is None for j in out] == [False, True, True, True, out[4].parsed is None, False, False]
     assert all(0.0 <= j.score <= 1.0 for j in out)
+
+
+def test_an_unreachable_hub_fails_at_once_with_the_data_dir_hint(monkeypatch):
+    import datasets
+    from huggingface_hub import constants
+
+    from mhpo.benchmarks.loading import load_dataset_rows
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    with pytest.raises(ValueError, match=r"'math500': the Hugging Face hub is not reachable .*--data-dir"):
+        load_dataset_rows(get_spec("math500"))

@@ -18,15 +18,15 @@ def always_raises(prompts, completions, **kw):
     raise KeyError("solution")
 
 def returns_strings(prompts, completions, **kw):
-    return ["high"]
+    return ["high"] * len(completions)
 
 def flaky(prompts, completions, **kw):
-    if completions[0].endswith("3"):
+    if any(c.endswith("3") for c in completions):
         raise RuntimeError("flaky")
-    return [1.0]
+    return [1.0] * len(completions)
 
 def good(prompts, completions, **kw):
-    return [0.5]
+    return [0.5] * len(completions)
 """
 
 
@@ -85,8 +85,9 @@ def test_a_flaky_function_never_stops_training(user_file):
     try:
         for step in range(8):  # 1 in 4 completions fails, every batch
             s = scorer.score([Example("q", "a")] * 4, [f"s{step}c{i}" for i in range(4)])
-            assert s.failures == {"flaky": 1} and s.errors == 1
+            assert s.failures == {"flaky": 1} and s.errors == 1  # the batch raised: one by one, one failure
             assert s.per_function["flaky"] == [1.0, 1.0, 1.0, 0.0]
+            assert s.fallbacks == ["flaky: batch call failed (RuntimeError: flaky)"]
     finally:
         scorer.close()
 

@@ -16,24 +16,50 @@ import os, time
 CALLS = []
 
 def hang_on_hang(prompts, completions, **kw):
-    if completions[0] == "hang":
+    if "hang" in completions:
         while True:
             time.sleep(0.01)
-    return [1.0]
+    return [1.0] * len(completions)
 
 def raise_on_boom(prompts, completions, answer, **kw):
-    if completions[0] == "boom":
+    if "boom" in completions:
         raise RuntimeError("kaboom")
-    return [float(completions[0] == answer[0])]
+    return [float(c == a) for c, a in zip(completions, answer)]
 
 def echo_columns(prompts, completions, **columns):
-    return [float(len(columns["extra"][0]) + (prompts[0] == "p"))]
+    return [float(len(e) + (p == "p")) for e, p in zip(columns["extra"], prompts)]
 
 def malformed(prompts, completions, **kw):
-    return [{"x": float("nan"), "boom": "high"}.get(completions[0], 1.0)]
+    return [{"x": float("nan"), "boom": "high"}.get(c, 1.0) for c in completions]
 
 def pid(prompts, completions, **kw):
-    return [float(os.getpid())]
+    return [float(os.getpid())] * len(completions)
+
+def rank_in_batch(prompts, completions, **kw):
+    # group-relative: the rank of each completion's length within the batch, scaled to [0, 1]
+    order = sorted(range(len(completions)), key=lambda i: len(completions[i]))
+    scores = [0.0] * len(completions)
+    for rank, i in enumerate(order):
+        scores[i] = rank / max(len(completions) - 1, 1)
+    return scores
+
+def batch_size(prompts, completions, **kw):
+    return [float(len(completions))] * len(completions)
+
+def shapes(prompts, completions, completion_ids=None, trainer_state=None, answer=None, **columns):
+    # 1 per check passed: conversational form, ids as lists of ints, columns as lists, state passed on
+    out = []
+    for i, c in enumerate(completions):
+        conv = isinstance(prompts[i], list)
+        form = c == [{"role": "assistant", "content": "hi"}] if conv else c == "hi"
+        ids = completion_ids is not None and all(type(t) is int for t in completion_ids[i])
+        cols = isinstance(answer, list) and isinstance(columns.get("extra"), list)
+        out.append(float(form) + float(ids) + float(cols) + float(trainer_state == {"global_step": 3}))
+    return out
+
+def first_only(prompts, completions, **kw):
+    # returns one score for the whole batch (a per-completion function): right only one by one
+    return [float(len(completions[0]))]
 """
 
 
@@ -89,7 +115,9 @@ def test_hanging_function_times_out_scores_zero_and_the_rest_is_still_scored(use
         assert time.monotonic() - t0 < 10
         assert s.per_function["hang_on_hang"] == [1.0, 0.0, 1.0, 0.0]
         assert s.timeouts == 2 and s.errors == 0
-        assert scorer.worker.restarts == 2  # the hung worker was killed and replaced, twice
+        # the batch call ran over (4 x 0.5 s), then one by one: the hung worker was killed 1 + 2 times
+        assert scorer.worker.restarts == 3
+        assert s.fallbacks == ["hang_on_hang: batch call failed (TimeoutError: no result within 2 s)"]
         assert any("TimeoutError" in m for m in s.messages)
         worker = int(s.per_function["pid"][0])
         assert worker != os.getpid()  # scoring runs in another process
@@ -107,6 +135,8 @@ def test_raising_and_malformed_functions_score_zero_and_are_counted(user_file):
         assert s.failures == {"raise_on_boom": 1, "malformed": 2}
         assert "RuntimeError: kaboom" in " ".join(s.messages)
         assert s.total == [1.0, 0.0, 0.5]
+        # the batch raised, so it was scored one by one; malformed's batch result was used as it was
+        assert s.fallbacks == ["raise_on_boom: batch call failed (RuntimeError: kaboom)"]
     finally:
         scorer.close()
 
@@ -171,3 +201,62 @@ def test_timeout_worker_that_dies_costs_one_call(tmp_path):
         out = box.map(0, [((0,), {}), ((1,), {}), ((2,), {})])
         assert [o.value for o in out] == [0, None, 4]
         assert "WorkerDied" in out[1].error and not out[1].timed_out
+
+
+# -- TRL's calling convention: once per batch --------------------------------------------------------------
+
+
+def test_each_function_is_called_once_per_batch_so_group_relative_rewards_work(user_file):
+    scorer = RewardScorer([f"{user_file}:rank_in_batch", f"{user_file}:batch_size"], "exact_match", None, 5.0)
+    try:
+        s = scorer.score([Example("q", "a")] * 4, ["ccc", "a", "dddd", "bb"])
+        assert s.per_function["rank_in_batch"] == [2 / 3, 0.0, 1.0, 1 / 3]  # one by one, every rank would be 0
+        assert s.per_function["batch_size"] == [4.0] * 4
+        assert s.fallbacks == [] and (s.errors, s.timeouts) == (0, 0)
+    finally:
+        scorer.close()
+
+
+def test_completions_ids_columns_and_state_come_in_trls_form(user_file):
+    import numpy as np
+
+    scorer = RewardScorer([f"{user_file}:shapes"], "exact_match", None, 5.0)
+    try:
+        chat = [{"role": "user", "content": "say hi"}]
+        exs = [Example(chat, "hi", {"extra": "x"}), Example("say hi", "hi", {"extra": "y"})]
+        ids = [np.array([5, 6], dtype=np.int64), (7,)]  # any sequence of ints arrives as a list of ints
+        s = scorer.score(exs, ["hi", "hi"], completion_ids=ids, trainer_state={"global_step": 3})
+        assert s.per_function["shapes"] == [4.0, 4.0]
+        s = scorer.score(exs, ["hi", "hi"])  # without ids: completion_ids is not passed
+        assert s.per_function["shapes"] == [2.0, 2.0]
+        with pytest.raises(ValueError, match="2 examples, 2 completions, 1 completion_ids; need one each"):
+            scorer.score(exs, ["hi", "hi"], completion_ids=[[1]])
+    finally:
+        scorer.close()
+
+
+def test_a_batch_result_of_the_wrong_length_falls_back_to_one_by_one(user_file):
+    scorer = RewardScorer([f"{user_file}:first_only"], "exact_match", None, 5.0)
+    try:
+        s = scorer.score([Example("q", "a")] * 3, ["a", "bb", "ccc"])
+        assert s.per_function["first_only"] == [1.0, 2.0, 3.0]
+        assert (s.errors, s.timeouts) == (0, 0)
+        assert s.fallbacks == ["first_only: batch call returned 1 score(s) for 3 completions"]
+    finally:
+        scorer.close()
+
+
+def test_builtins_score_conversational_batches():
+    from mhpo.rewards.functions import completion_text, exact_match, last_number
+
+    chat = [{"role": "user", "content": "What is 2 + 6?"}]
+    scorer = RewardScorer(["last_number", "exact_match"], "exact_match", None, 20.0)
+    try:
+        s = scorer.score([Example(chat, "8")] * 3, ["2 + 6 = 8", "8", "9"])
+        assert s.per_function["last_number"] == [1.0, 1.0, 0.0]
+        assert s.per_function["exact_match"] == [0.0, 1.0, 0.0]
+    finally:
+        scorer.close()
+    parts = [{"role": "assistant", "content": [{"type": "text", "text": "8"}]}]
+    assert completion_text(parts) == "8" and exact_match(None, [parts], ["8"]) == [1.0]
+    assert last_number(None, [[{"role": "assistant", "content": "so 8"}]], ["8"]) == [1.0]

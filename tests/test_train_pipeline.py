@@ -7,6 +7,7 @@ import json
 
 from _train_helpers import jsonl
 from mhpo.trainer.config import load_config
+from mhpo.trainer.defaults import resolve_defaults
 from mhpo.trainer.train import run_training
 
 
@@ -55,7 +56,10 @@ def test_shortened_default_pipeline_learns(tmp_path):
     assert on_disk == summary
     for key in ("accuracy_before_rl", "accuracy_after_rl", "steps", "wall_seconds"):
         assert key in on_disk
-    assert load_config(run / "config.yaml") == cfg
+    # the saved config is what ran: the requested one with its null / auto / 0 keys resolved
+    assert load_config(run / "config.yaml") == resolve_defaults(cfg, 5)
+    assert (cfg.optim.lr, cfg.model.dtype, cfg.rollout.max_new_tokens) == (None, "auto", None)
+    assert (summary["lr"], summary["precision"], summary["max_new_tokens"]) == (2e-4, "float32", 5)
     assert {p.split("/")[-1] for p in summary["plots"]} == {"reward.png", "accuracy.png", "grad_norm.png"}
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     ckpt = run / "checkpoints" / "step_000100"

@@ -18,3 +18,8 @@ def did_you_mean(word: object, choices) -> str:
     """' (did you mean 'x'?)' for the closest of ``choices`` to ``word``, or '' when none is close."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class Interrupted(Exception):
+    """A run stopped by Ctrl-C or SIGTERM. Its message says what was saved and how to continue; the
+    CLI prints it (no traceback) and exits with status 130."""

@@ -17,7 +17,7 @@ from datasets import Dataset
 from trl import GRPOTrainer
 
 from mhpo import get_objective, policy_loss
-from mhpo.integrations.trl import MHPOConfig, MHPOTrainer
+from mhpo.integrations.trl import MHPOConfig, MHPOTrainer, loss_from_trl, trl_defaults
 from mhpo.models import tiny_qwen2
 from mhpo.models.tokenizer import build_char_tokenizer
 
@@ -331,7 +331,8 @@ def test_kl_defaults_match_policy_loss_and_trls_kl_metric(run):
     rec = run["train"][-1]
     _, extra = _features(rec["inputs"])["kl"]
     inputs = _with(rec["inputs"], **extra)
-    with patched(trainer, beta=0.05), torch.no_grad():
+    # trainer.loss_type is None (MHPOConfig's default): TRL's own loss needs one to run, any logs the same kl
+    with patched(trainer, beta=0.05, loss_type="dapo"), torch.no_grad():
         loss = MHPOTrainer._compute_loss(trainer, trainer.model, inputs)
         ours = trainer._metrics["train"]["kl"][-1]
         GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
@@ -340,6 +341,48 @@ def test_kl_defaults_match_policy_loss_and_trls_kl_metric(run):
     want = expected_loss(rec, logps, ref_logp=extra["ref_per_token_logps"], beta=0.05)
     torch.testing.assert_close(loss, want, **TOL)
     assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+# -- TRL's loss_type: mapped to the objective computing it, or refused; never ignored -------------------
+
+# MHPOConfig overrides (TRL's own field names) -> the trainer attributes TRL's _compute_loss reads from them
+LOSS_TYPE_CASES = {
+    "grpo": dict(loss_type="grpo"),
+    "grpo-eps": dict(loss_type="grpo", epsilon=0.1, epsilon_high=0.3),
+    "grpo-delta": dict(loss_type="grpo", delta=1.5),
+    "dr_grpo": dict(loss_type="dr_grpo"),
+    "dapo": dict(loss_type="dapo"),  # TRL's dapo: epsilon_high defaults to epsilon (0.2), not DAPO's 0.28
+    "dapo-0.28": dict(loss_type="dapo", epsilon_high=0.28),
+    "cispo": dict(loss_type="cispo", epsilon_high=5.0),
+    "sapo": dict(loss_type="sapo", sapo_temperature_pos=0.8, sapo_temperature_neg=1.3),
+    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),
+    "gspo-token-mean": dict(loss_type="dapo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOSS_TYPE_CASES))
+def test_loss_type_selects_the_objective_that_computes_trls_loss(run, case):
+    """The objective, aggregation and hparams a loss_type maps to give GRPOTrainer's own loss for it.
+    (No MHPOConfig is built here: a new TrainingArguments resets accelerate's state under the trainer;
+    test_config_resolves_loss_type_with_loss_from_trl checks that the config uses this same mapping.)"""
+    values = {**trl_defaults(), **LOSS_TYPE_CASES[case]}
+    objective, agg, hp, _ = loss_from_trl(values.pop("loss_type"), values)
+    trainer = run["trainer"]
+    ours_attrs = dict(objective=objective, loss_agg_mode=agg, objective_hparams=get_objective(objective).resolve(hp))
+    high = values["epsilon"] if values["epsilon_high"] is None else values["epsilon_high"]  # as GRPOTrainer reads it
+    trl_attrs = dict(
+        loss_type=LOSS_TYPE_CASES[case]["loss_type"],
+        epsilon_low=values["epsilon"],
+        epsilon_high=high,
+        importance_sampling_level=values["importance_sampling_level"],
+        current_gradient_accumulation_steps=GA,
+    )
+    trl_args = {k: values[k] for k in ("delta", "sapo_temperature_pos", "sapo_temperature_neg")}
+    inputs = _with(inputs_for(run, "train"), num_seqs_in_batch=torch.tensor(MICRO * GA))
+    with patched(trainer, **ours_attrs, **trl_attrs), patched(trainer.args, **trl_args):
+        ours, theirs = both_losses(trainer, inputs, "train")
+    torch.testing.assert_close(ours, theirs, **TOL)
+    assert abs(float(ours)) > 1e-4
 
 
 # -- configuration ---------------------------------------------------------------------------------------
@@ -387,3 +430,49 @@ def test_warns_when_every_update_is_on_policy(tmp_path, caplog):
             args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
             train_dataset=Dataset.from_dict({"prompt": ["1+1="]}),
         )
+
+
+@pytest.mark.parametrize("case", sorted(LOSS_TYPE_CASES))
+def test_config_resolves_loss_type_with_loss_from_trl(tmp_path, case):
+    args = make_args(tmp_path, **LOSS_TYPE_CASES[case])
+    values = {name: getattr(args, name) for name in trl_defaults()}
+    objective, agg, hp, _ = loss_from_trl(args.loss_type, values)
+    assert args.resolved_loss() == (objective, agg, get_objective(objective).resolve(hp))
+
+
+def test_loss_type_mapping_and_defaults(tmp_path):
+    assert make_args(tmp_path).resolved_loss() == ("mhpo", "token-mean", get_objective("mhpo").resolve({}))
+    assert make_args(tmp_path).loss_type is None  # not TRL's "dapo": without loss_type the loss is MHPO
+    grpo = make_args(tmp_path, loss_type="grpo", objective_hparams={"dual_clip": 3.0}).resolved_loss()
+    assert grpo == ("grpo", "seq-mean-token-mean", {"eps_low": 0.2, "eps_high": 0.2, "dual_clip": 3.0})
+    assert make_args(tmp_path, loss_type="dr_grpo", loss_agg_mode="seq-mean-token-sum-norm").resolved_loss()[:2] == (
+        "grpo",
+        "seq-mean-token-sum-norm",
+    )
+    assert make_args(tmp_path, loss_type="cispo").resolved_hparams() == {"cap": 0.2, "floor": 0.0}  # TRL: eps = cap
+    trainer_args = make_args(tmp_path, loss_type="sapo")
+    assert trainer_args.resolved_loss() == ("sapo", "seq-mean-token-mean", {"tau_pos": 1.0, "tau_neg": 1.05})
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(loss_type="bnpo"), r"^MHPOConfig: loss_type='bnpo' has no mhpo counterpart: .*use loss_type='dapo'"),
+        (dict(loss_type="luspo"), r"loss_type='luspo' has no mhpo counterpart.*use objective='gspo'"),
+        (dict(loss_type="vespo"), r"loss_type='vespo' has no mhpo counterpart.*use objective='sapo'"),
+        (dict(loss_type="ppo"), r"unknown loss_type 'ppo'; TRL's loss types: grpo, dr_grpo, dapo, cispo, sapo"),
+        (dict(loss_type="grpo", objective="mhpo"), r"objective='mhpo' and loss_type='grpo' are both set; set one"),
+        (dict(loss_type="grpo", loss_agg_mode="token-mean"), r"contradicts loss_type='grpo'.*'seq-mean-token-mean'"),
+        (dict(loss_type="grpo", objective_hparams={"eps_high": 0.3}), r"'eps_high' comes from TRL's fields.*"),
+        (dict(loss_type="grpo", delta=1.1), r"delta=1.1 equals a dual clip only .* delta > 1 \+ epsilon_high = 1.2"),
+        (dict(loss_type="grpo", sapo_temperature_pos=2.0), r"sapo_temperature_pos=2.0 is a TRL loss field that"),
+        (dict(loss_type="cispo", importance_sampling_level="sequence"), r"importance_sampling_level='sequence'"),
+        (dict(epsilon=0.3), r"epsilon=0.3 is a TRL loss field that objective='mhpo' does not read; use obj"),
+        (dict(objective="dapo", epsilon_high=0.28), r"epsilon_high=0.28 .* objective_hparams=\{'eps_high'"),
+        (dict(objective="grpo", vespo_k_pos=3.0), r"vespo_k_pos=3.0 is a TRL loss field"),
+        (dict(loss_type="grpo", mhpo_c=1.0), r"loss_type='grpo' -> objective 'grpo'.*unknown hparam 'c'"),
+    ],
+)
+def test_loss_type_is_mapped_or_refused_never_ignored(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **overrides)

@@ -151,3 +151,186 @@ def test_geo_mean_counts_empty_rows_and_ignores_micro_batching(batch_factory):
     counts = {"num_seqs": n_nonempty}
     summed_o = sum(ours("gmpo", m, "seq-mean-token-mean", **counts) for m in micro)
     torch.testing.assert_close(summed_o, o, **TIGHT)
+
+
+# -- verl's own fixtures: per-token advantages and rollout-correction IS weights ----------------------------
+#
+# Rebuilt after verl's tests/trainer/ppo/test_rollout_corr_integration.py (sample_data): B = 4, T = 16,
+# old / current / rollout log-probs and per-token advantages all ~ N(0, 1), IS weights from verl's own
+# compute_rollout_correction_and_rejection_mask (rollout_is="token" or "sequence", threshold 2).
+
+GSPO_CLIP = dict(clip_ratio_low=3e-4, clip_ratio_high=4e-4)
+GMPO_CLIP = dict(clip_ratio_low=0.4, clip_ratio_high=0.4)
+PPO_CLIP = dict(clip_ratio_low=0.2, clip_ratio_high=0.2)
+
+
+def verl_fixture(seed: int, *, adv: str = "token", is_level: str | None = "token", ragged: bool = False):
+    """(logp, old, adv, mask, is_weights): adv "token" (verl's randn per token) or "sequence" (one per row);
+    ragged=True gives rows of varied length (bool mask), else verl's all-ones float mask."""
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
+    B, T = 4, 16
+    g = torch.Generator().manual_seed(seed)
+    old, logp, rollout, advantages = (torch.randn(B, T, generator=g, dtype=torch.float64) for _ in range(4))
+    if adv == "sequence":
+        advantages = advantages[:, :1].expand(B, T).clone()
+    mask = torch.ones(B, T, dtype=torch.float64)
+    if ragged:
+        mask = torch.arange(T) < torch.randint(1, T + 1, (B, 1), generator=g)
+    weights = None
+    if is_level is not None:
+        proto, _, _ = compute_rollout_correction_and_rejection_mask(
+            old_log_prob=old,
+            rollout_log_prob=rollout,
+            response_mask=mask.double(),
+            rollout_is=is_level,
+            rollout_is_threshold=2.0,
+            rollout_rs=None,
+        )
+        weights = proto.batch["rollout_is_weights"]
+    return logp.requires_grad_(True), old, advantages, mask, weights
+
+
+def run_loss(mode: str, fixture, agg: str, clip: dict, policy_loss_cfg=None):
+    """(loss, d loss / d logp, metrics) of verl's registered loss ``mode`` on the fixture."""
+    logp, old, adv, mask, weights = fixture
+    fields = dict(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, loss_agg_mode=agg, **clip)
+    if policy_loss_cfg is not None:
+        fields["policy_loss"] = policy_loss_cfg
+    loss, metrics = get_policy_loss_fn(mode)(old, logp, adv, mask, agg, ActorConfig(**fields), weights)
+    return loss, grad(loss, fixture), metrics
+
+
+def mhpo_cfg(mode: str, **hp):
+    from mhpo.integrations.verl import MHPOPolicyLossConfig
+
+    return MHPOPolicyLossConfig(loss_mode=mode, mhpo_hparams=hp)
+
+
+@pytest.mark.parametrize("is_level", [None, "token", "sequence"])
+@pytest.mark.parametrize("adv", ["token", "sequence"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_gspo_token_equals_verls_gspo_on_verls_fixtures(agg, adv, is_level):
+    for seed in range(5):
+        fixture = verl_fixture(seed, adv=adv, is_level=is_level, ragged=seed % 2 == 1)
+        v_loss, v_grad, _ = run_loss("gspo", fixture, agg, GSPO_CLIP)
+        o_loss, o_grad, _ = run_loss("mhpo.gspo-token", fixture, agg, {}, mhpo_cfg("mhpo.gspo-token"))
+        torch.testing.assert_close(o_loss, v_loss, **TIGHT)
+        torch.testing.assert_close(o_grad, v_grad, **TIGHT)
+
+
+@pytest.mark.parametrize("is_level", [None, "sequence"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_gspo_equals_verls_gspo_where_advantages_and_is_weights_are_per_sequence(agg, is_level):
+    for seed in range(5):
+        fixture = verl_fixture(seed, adv="sequence", is_level=is_level, ragged=seed % 2 == 1)
+        v_loss, v_grad, _ = run_loss("gspo", fixture, agg, GSPO_CLIP)
+        o_loss, o_grad, _ = run_loss("mhpo.gspo", fixture, agg, {}, mhpo_cfg("mhpo.gspo"))
+        torch.testing.assert_close(o_loss, v_loss, **TIGHT)
+        torch.testing.assert_close(o_grad, v_grad, **TIGHT)
+
+
+def unguarded(name: str, fixture, agg: str) -> torch.Tensor:
+    """What the plug-in computed before it refused: agg_loss(token_losses(name).policy * IS weights)."""
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    from mhpo.objectives.loss import token_losses
+
+    logp, old, adv, mask, weights = fixture
+    loss_mat = token_losses(name, logp, old, adv, mask).policy
+    return agg_loss(loss_mat if weights is None else loss_mat * weights, mask, agg)
+
+
+@pytest.mark.parametrize(
+    "mode,adv,is_level,bad,verl_name",
+    [
+        ("mhpo.gspo", "token", None, "advantages", "gspo"),
+        ("mhpo.gspo", "sequence", "token", "rollout_is_weights", "gspo"),
+        ("mhpo.gmpo", "token", None, "advantages", "geo_mean"),
+    ],
+)
+def test_sequence_objectives_refuse_inputs_where_they_would_differ_from_verl(mode, adv, is_level, bad, verl_name):
+    """Where mhpo's gspo / gmpo and verl's gspo / geo_mean differ, the plug-in raises, naming the input
+    and the loss mode to use; the difference it prevents is measured here on the same fixture."""
+    fixture = verl_fixture(0, adv=adv, is_level=is_level)
+    agg = "seq-mean-token-mean"
+    clip = GSPO_CLIP if verl_name == "gspo" else GMPO_CLIP
+    v_loss, v_grad, _ = run_loss(verl_name, fixture, agg, clip)
+    before = unguarded(mode.removeprefix("mhpo."), fixture, agg)
+    diff = float((grad(before, fixture) - v_grad).abs().max()) + abs(val(before - v_loss))
+    assert diff > 1e-2
+    with pytest.raises(ValueError, match=rf"^loss_mode={mode}: {bad} vary within a sequence.*; use "):
+        run_loss(mode, fixture, agg, {}, mhpo_cfg(mode))
+
+
+@pytest.mark.parametrize("is_level", [None, "token", "sequence"])
+def test_gmpo_equals_geo_mean_with_rollout_is_weights(is_level):
+    """verl's geo_mean weights each sequence by the geometric mean of its tokens' IS weights; so does ours."""
+    for seed in range(5):
+        fixture = verl_fixture(seed, adv="sequence", is_level=is_level, ragged=True)  # bool mask: no 1e-8 offset
+        v_loss, v_grad, _ = run_loss("geo_mean", fixture, "token-mean", GMPO_CLIP)
+        o_loss, o_grad, _ = run_loss("mhpo.gmpo", fixture, "seq-mean-token-mean", {}, mhpo_cfg("mhpo.gmpo"))
+        torch.testing.assert_close(o_loss, v_loss, **TIGHT)
+        torch.testing.assert_close(o_grad, v_grad, **TIGHT)
+    # verl's float all-ones mask: its lengths + 1e-8 (a float mask keeps the 1e-8) leave ~1e-9 per term
+    fixture = verl_fixture(7, adv="sequence", is_level=is_level)
+    v_loss, v_grad, _ = run_loss("geo_mean", fixture, "token-mean", GMPO_CLIP)
+    o_loss, o_grad, _ = run_loss("mhpo.gmpo", fixture, "seq-mean-token-mean", {}, mhpo_cfg("mhpo.gmpo"))
+    torch.testing.assert_close(o_loss, v_loss, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(o_grad, v_grad, rtol=1e-6, atol=1e-9)
+
+
+# -- metrics under verl's names mean verl's things --------------------------------------------------------
+
+# (our loss mode, our hparams, verl's loss, verl's clip settings, advantages)
+METRIC_PAIRS = {
+    "grpo+dual": ("mhpo.grpo", {"dual_clip": 3.0}, "vanilla", PPO_CLIP, "token"),
+    "dapo+dual": ("mhpo.dapo", {"dual_clip": 3.0}, "vanilla", dict(clip_ratio_low=0.2, clip_ratio_high=0.28), "token"),
+    "gspo": ("mhpo.gspo", {}, "gspo", GSPO_CLIP, "sequence"),
+    "gspo-token": ("mhpo.gspo-token", {}, "gspo", GSPO_CLIP, "token"),
+    "sapo": ("mhpo.sapo", {}, "sapo", dict(tau_pos=1.0, tau_neg=1.05), "token"),
+    "cispo": ("mhpo.cispo", {"cap": 1.2, "floor": 0.8}, "cispo", PPO_CLIP, "token"),
+    "gmpo": ("mhpo.gmpo", {}, "geo_mean", GMPO_CLIP, "sequence"),
+}
+VERL_KEYS = ("actor/ppo_kl", "actor/pg_clipfrac", "actor/pg_clipfrac_lower")
+
+
+def with_far_tokens(fixture, seed: int):
+    """A few tokens at |log r| = 25 (beyond verl's +-20 clamp) and at r = 4 (dual clip), the rest as given."""
+    logp, old, adv, mask, weights = fixture
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.rand(old.shape, generator=g, dtype=old.dtype)
+    log_r = logp.detach() - old
+    log_r = torch.where(pick < 0.05, 25.0, torch.where(pick < 0.1, -25.0, torch.where(pick < 0.2, 1.386, log_r)))
+    return (old + log_r).requires_grad_(True), old, adv, mask, weights
+
+
+@pytest.mark.parametrize("case", sorted(METRIC_PAIRS))
+def test_verl_metric_keys_equal_verls_own_metrics(case):
+    mode, hp, builtin_name, clip, adv = METRIC_PAIRS[case]
+    seen = {key: 0.0 for key in VERL_KEYS}
+    for seed in range(6):
+        fixture = verl_fixture(seed, adv=adv, is_level=None, ragged=seed % 2 == 1)
+        fixture = with_far_tokens(fixture, seed) if seed >= 3 else fixture
+        _, _, theirs = run_loss(builtin_name, fixture, "token-mean", clip)
+        _, _, ours = run_loss(mode, fixture, "token-mean", {}, mhpo_cfg(mode, **hp))
+        for key in VERL_KEYS:
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), (key, seed)
+            seen[key] = max(seen[key], abs(theirs[key]))
+        # mhpo's generalised clip fraction keeps its own name
+        assert "actor/objective/clip_frac" in ours
+    assert seen["actor/ppo_kl"] > 0
+    if builtin_name != "sapo":
+        assert seen["actor/pg_clipfrac"] > 0  # the comparison has teeth
+    if case in ("grpo+dual", "dapo+dual", "gmpo"):
+        assert seen["actor/pg_clipfrac_lower"] > 0
+
+
+def test_objectives_without_a_verl_counterpart_report_no_verl_clip_fractions():
+    fixture = verl_fixture(0, adv="sequence", is_level=None)
+    logp, old, _, mask, _ = fixture
+    for mode in ("mhpo", "mhpo.reinforce"):
+        _, _, ours = run_loss(mode, fixture, "token-mean", {}, mhpo_cfg(mode))
+        assert "actor/pg_clipfrac" not in ours and "actor/pg_clipfrac_lower" not in ours
+        assert ours["actor/ppo_kl"] == pytest.approx(float(-(logp - old).detach()[mask.bool()].mean()))
+        assert "actor/objective/clip_frac" in ours

@@ -79,6 +79,11 @@ def load_dataset_rows(spec: BenchmarkSpec, data_dir: str | None = None):
     import datasets
 
     datasets.utils.logging.disable_progress_bar()
+    if not datasets.config.HF_HUB_OFFLINE and not hub_reachable():
+        raise ValueError(
+            f"benchmark {spec.name!r}: the Hugging Face hub is not reachable to fetch {spec.source}; offline, put a "
+            "copy in the hub schema under --data-dir (or set HF_HUB_OFFLINE=1 to read the hub cache)"
+        )
     try:
         return datasets.load_dataset(spec.hub_id, spec.config, split=spec.split), None
     except Exception as err:  # datasets raises many types (ConnectionError, DatasetNotFoundError, ...)
@@ -87,6 +92,22 @@ def load_dataset_rows(spec: BenchmarkSpec, data_dir: str | None = None):
             f"benchmark {spec.name!r}: {spec.source} could not be loaded ({type(err).__name__}: {first:.200}); "
             "offline, put a copy in the hub schema under --data-dir"
         ) from None
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's endpoint (HF_ENDPOINT) opens within ``timeout_s``: one try,
+    so that an offline machine fails at once instead of after the download client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 def resolve_columns(spec: BenchmarkSpec, columns: Sequence[str]) -> BenchmarkSpec:

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from mhpo.errors import UsageError  # re-exported: mhpo.cli.UsageError
+from mhpo.errors import Interrupted, UsageError  # re-exported: mhpo.cli.UsageError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mhpo.cli.train", "RL with verifiable rewards on a causal LM (default: offline tiny demo)"),
@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"mhpo {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"mhpo {args.command}: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"mhpo {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -256,7 +256,7 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str | None = None, override
     from mhpo.trainer.config import ConfigError, check_override, to_dict, with_overrides
     from mhpo.trainer.evaluation import evaluate
     from mhpo.trainer.rollout import build_encoder, eos_token_ids
-    from mhpo.trainer.train import default_threads, load_run_config, run_precision, validate
+    from mhpo.trainer.train import load_run_config, run_precision, validate
 
     run_dir, ckpt = resolve_checkpoint(Path(run_dir), checkpoint)
     check_intact(run_dir, ckpt)
@@ -277,9 +277,9 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str | None = None, override
             "or use mhpo eval --model ... --benchmarks ..."
         )
     try:
-        torch.set_num_threads(cfg.train.threads or default_threads(cfg))
+        torch.set_num_threads(plan.cfg.train.threads)
         device = resolve_device(cfg.model.device)
-        precision = run_precision(cfg)
+        precision = run_precision(plan.cfg)
         # A vision-language checkpoint loads with its processor: the encoder takes the processor
         # (prompts with pixels), decoding and the EOS ids the processor's text tokenizer.
         model, processor = load_pretrained(

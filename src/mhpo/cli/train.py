@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +37,9 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR (only --steps may change)")
     parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved config as commented YAML and exit"
+        "--print-config",
+        action="store_true",
+        help="print the config as commented YAML, with the values the run will use for null/auto keys, and exit",
     )
 
 
@@ -50,7 +53,12 @@ def run(args) -> int:
             cfg = _with_steps(cfg, args.steps)
         summary = run_training(cfg, run_dir, resume="require")
     elif args.print_config:
-        print(commented_yaml(config_from_args(args)), end="")
+        from mhpo.trainer.defaults import lr_warning, resolved_for_display
+
+        cfg = resolved_for_display(config_from_args(args))
+        print(commented_yaml(cfg), end="")
+        if lr_warning(cfg):
+            print(f"warning: {lr_warning(cfg)}", file=sys.stderr)
         return 0
     else:
         cfg = config_from_args(args)

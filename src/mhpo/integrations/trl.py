@@ -2,6 +2,7 @@
 
     from mhpo.integrations.trl import MHPOConfig, MHPOTrainer
     args = MHPOConfig(output_dir="out", objective="mhpo", num_iterations=2)     # paper defaults
+    args = MHPOConfig(output_dir="out", loss_type="grpo", num_iterations=2)     # TRL's grpo loss (LOSS_TYPES)
     trainer = MHPOTrainer(model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok)
 
 TRL has no loss hook, so ``_compute_loss`` is overridden. One micro-batch returns
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -82,27 +83,130 @@ def _mhpo_field(key: str):
     )
 
 
+# TRL 1.16 loss_type -> (mhpo objective, aggregation) computing the same loss (tests: test_trl_integration.py)
+LOSS_TYPES: dict[str, tuple[str, str]] = {
+    "grpo": ("grpo", "seq-mean-token-mean"),
+    "dr_grpo": ("grpo", "seq-mean-token-sum-norm"),
+    "dapo": ("dapo", "token-mean"),
+    "cispo": ("cispo", "token-mean"),
+    "sapo": ("sapo", "seq-mean-token-mean"),
+}
+# TRL loss types without an mhpo counterpart, and what to use instead
+NO_COUNTERPART: dict[str, str] = {
+    "bnpo": "it normalises by each micro-batch's own token count; use loss_type='dapo' (token-mean over the "
+    "generation batch)",
+    "luspo": "no mhpo objective scales GSPO by sequence length; use objective='gspo'",
+    "vespo": "no mhpo objective has VESPO's gamma weighting; use objective='sapo' or 'mhpo' (smooth weightings)",
+}
+_CLIP_FIELDS = ("epsilon", "epsilon_high", "delta", "importance_sampling_level")  # read by grpo, dr_grpo, dapo
+# TRL's loss fields: read only through loss_type; with objective= they must keep TRL's defaults
+TRL_LOSS_FIELDS: dict[str, str] = {
+    "epsilon": "objective_hparams={'eps_low': ...}",
+    "epsilon_high": "objective_hparams={'eps_high': ...} (cispo: {'cap': ...})",
+    "delta": "objective_hparams={'dual_clip': ...}",
+    "importance_sampling_level": "objective='gspo' (or 'gspo-token') with importance_sampling_level='token'",
+    "sapo_temperature_pos": "objective='sapo' with objective_hparams={'tau_pos': ...}",
+    "sapo_temperature_neg": "objective='sapo' with objective_hparams={'tau_neg': ...}",
+    "vespo_k_pos": "another objective (mhpo has no VESPO)",
+    "vespo_lambda_pos": "another objective (mhpo has no VESPO)",
+    "vespo_k_neg": "another objective (mhpo has no VESPO)",
+    "vespo_lambda_neg": "another objective (mhpo has no VESPO)",
+}
+
+
+def trl_defaults() -> dict[str, object]:
+    """TRL's default of each of its loss fields (GRPOConfig's dataclass defaults)."""
+    return {f.name: f.default for f in fields(GRPOConfig) if f.name in TRL_LOSS_FIELDS}
+
+
+def loss_from_trl(loss_type: str, values: dict[str, object]) -> tuple[str, str, dict, tuple[str, ...]]:
+    """(objective, aggregation, hparams, TRL fields read) that compute TRL's ``loss_type`` from TRL's
+    loss-field ``values``, exactly as GRPOTrainer reads them; ValueError where no mhpo objective does.
+
+        clip family (grpo, dr_grpo, dapo):  eps_low = epsilon, eps_high = epsilon_high or epsilon,
+                                            dual_clip = delta (TRL's two-sided clip, needs delta > 1 + eps_high);
+                                            importance_sampling_level="sequence": objective gspo
+        cispo:  cap = epsilon_high or epsilon  (TRL's absolute cap)
+        sapo:   tau_pos, tau_neg = sapo_temperature_pos, sapo_temperature_neg
+    """
+    if loss_type in NO_COUNTERPART:
+        raise ValueError(f"MHPOConfig: loss_type={loss_type!r} has no mhpo counterpart: {NO_COUNTERPART[loss_type]}")
+    if loss_type not in LOSS_TYPES:
+        valid = ", ".join([*LOSS_TYPES, *NO_COUNTERPART])
+        raise ValueError(f"MHPOConfig: unknown loss_type {loss_type!r}; TRL's loss types: {valid}")
+    objective, agg = LOSS_TYPES[loss_type]
+    eps_low = values["epsilon"]
+    eps_high = values["epsilon"] if values["epsilon_high"] is None else values["epsilon_high"]
+    sequence = values["importance_sampling_level"] == "sequence"
+    if loss_type == "cispo":
+        return objective, agg, {"cap": eps_high}, ("epsilon", "epsilon_high")
+    if loss_type == "sapo":
+        taus = {"tau_pos": values["sapo_temperature_pos"], "tau_neg": values["sapo_temperature_neg"]}
+        return objective, agg, taus, ("sapo_temperature_pos", "sapo_temperature_neg")
+    hp = {"eps_low": eps_low, "eps_high": eps_high}
+    delta = values["delta"]
+    if delta is not None:
+        if sequence or not delta > 1 + eps_high:
+            raise ValueError(
+                f"MHPOConfig: delta={delta!r} equals a dual clip only for token-level ratios and delta > 1 + "
+                f"epsilon_high = {1 + eps_high:g}; got importance_sampling_level="
+                f"{values['importance_sampling_level']!r}"
+            )
+        hp["dual_clip"] = delta
+    return ("gspo" if sequence else objective), agg, hp, _CLIP_FIELDS
+
+
+def check_unread_trl_fields(values: dict[str, object], read: tuple[str, ...], via: str) -> None:
+    """ValueError naming the first TRL loss field that is not at TRL's default although ``via`` (the
+    objective or loss_type chosen) does not read it: a setting never to be dropped silently."""
+    for name, default in trl_defaults().items():
+        if name not in read and values[name] != default:
+            raise ValueError(
+                f"MHPOConfig: {name}={values[name]!r} is a TRL loss field that {via} does not read; "
+                f"use {TRL_LOSS_FIELDS[name]}"
+            )
+
+
 @dataclass
 class MHPOConfig(GRPOConfig):
     """GRPOConfig whose loss is an objective of :mod:`mhpo.objectives` (default: MHPO, paper defaults).
 
-    The objective's hyper-parameters are ``mhpo_c`` ... ``mhpo_lambda_neg`` (the MHPO family) and
-    ``objective_hparams`` (any objective, e.g. ``{"eps_high": 0.28}`` for dapo). TRL's own loss
-    fields (``loss_type``, ``epsilon``, ``epsilon_high``, ``sapo_temperature_*``, ``vespo_*``) are
-    not read; ``importance_sampling_level="sequence"`` (use objective gspo), ``delta`` and
-    ``use_adaptive_entropy`` are rejected rather than silently dropped. ``use_bias_correction_kl``
-    defaults to False here (TRL: True) so that the KL term is policy_loss's ``beta * k3``.
+    Pick the loss one of two ways, not both:
+
+    - ``objective`` (default MHPO) with ``loss_agg_mode`` (default token-mean), its hyper-parameters
+      ``mhpo_c`` ... ``mhpo_lambda_neg`` (the MHPO family) and ``objective_hparams`` (any objective,
+      e.g. ``{"eps_high": 0.28}`` for dapo). TRL's loss fields (``epsilon``, ``epsilon_high``,
+      ``delta``, ``importance_sampling_level``, ``sapo_temperature_*``, ``vespo_*``) must then keep
+      TRL's defaults: a changed one raises ValueError naming what to set instead.
+    - ``loss_type`` (TRL's name): the mhpo objective and aggregation computing TRL's loss (LOSS_TYPES),
+      with hparams from TRL's fields as GRPOTrainer reads them (:func:`loss_from_trl`);
+      ``objective_hparams`` may add others (e.g. ``dual_clip``). bnpo, luspo and vespo raise.
+
+    ``use_adaptive_entropy`` is rejected. ``use_bias_correction_kl`` defaults to False here (TRL: True)
+    so that the KL term is policy_loss's ``beta * k3``.
     """
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["objective_hparams"]
 
-    objective: str = field(
-        default="mhpo",
-        metadata={"help": "Registered objective (see `mhpo objectives`): mhpo, grpo, dapo, gspo, sapo, ..."},
+    objective: str | None = field(
+        default=None,
+        metadata={
+            "help": "Registered objective (see `mhpo objectives`): mhpo, grpo, dapo, gspo, sapo, ...; "
+            "None: mhpo, or the objective of `loss_type` when that is set."
+        },
     )
-    loss_agg_mode: str = field(
-        default="token-mean",
-        metadata={"help": f"Loss aggregation, as in verl: {', '.join(AGG_MODES)}."},
+    loss_type: str | None = field(
+        default=None,
+        metadata={
+            "help": f"TRL's loss name, mapped to the mhpo objective computing it: {', '.join(LOSS_TYPES)}. "
+            "None (default here; TRL's default is 'dapo'): use `objective`."
+        },
+    )
+    loss_agg_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Loss aggregation, as in verl: {', '.join(AGG_MODES)}. None: token-mean, or that of `loss_type`."
+        },
     )
     objective_hparams: dict | str | None = field(
         default=None,
@@ -123,25 +227,51 @@ class MHPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_agg(self.loss_agg_mode)
-        self.resolved_hparams()  # raises on a bad objective name or hparam
-        if self.importance_sampling_level != "token":
-            raise ValueError(
-                f"MHPOConfig: importance_sampling_level={self.importance_sampling_level!r} is TRL's GSPO switch; "
-                "use objective='gspo' (or 'gspo-token') with importance_sampling_level='token'"
-            )
-        if self.delta is not None:
-            raise ValueError(f"MHPOConfig: delta={self.delta!r} (TRL two-sided clipping) is not used by MHPOTrainer")
+        self.resolved_loss()  # raises on a bad or conflicting setting
         if self.use_adaptive_entropy:
             raise ValueError(
                 "MHPOConfig: use_adaptive_entropy=True is not supported by MHPOTrainer; use a static entropy_coef"
             )
 
-    def resolved_hparams(self) -> dict:
-        """The objective's full hparam dict: defaults updated by the mhpo_* fields and objective_hparams."""
+    def resolved_loss(self) -> tuple[str, str, dict]:
+        """(objective, loss_agg_mode, full hparam dict) of this config; ValueError on a bad or conflicting setting."""
+        if self.loss_type is not None and self.objective is not None:
+            raise ValueError(
+                f"MHPOConfig: objective={self.objective!r} and loss_type={self.loss_type!r} are both set; set one "
+                "(loss_type is TRL's name for a loss, objective mhpo's)"
+            )
+        trl_values = {name: getattr(self, name) for name in TRL_LOSS_FIELDS}
+        if self.loss_type is None:
+            objective, agg, from_trl, read = self.objective or "mhpo", "token-mean", {}, ()
+            check_unread_trl_fields(trl_values, read, f"objective={objective!r}")
+        else:
+            objective, agg, from_trl, read = loss_from_trl(self.loss_type, trl_values)
+            check_unread_trl_fields(trl_values, read, f"loss_type={self.loss_type!r}")
+        if self.loss_agg_mode is not None:
+            check_agg(self.loss_agg_mode)
+            if self.loss_type is not None and self.loss_agg_mode != agg:
+                raise ValueError(
+                    f"MHPOConfig: loss_agg_mode={self.loss_agg_mode!r} contradicts loss_type={self.loss_type!r}, "
+                    f"which aggregates with {agg!r}; drop one of them"
+                )
+            agg = self.loss_agg_mode
         named = {key: getattr(self, f"mhpo_{key}") for key in MHPO_FIELDS}
-        where = f"MHPOConfig(objective={self.objective!r})"
-        return resolve_hparams(self.objective, merge_hparams(named, self.objective_hparams, where=where), where=where)
+        where = f"MHPOConfig(objective={objective!r})"
+        if self.loss_type is not None:
+            where = f"MHPOConfig(loss_type={self.loss_type!r} -> objective {objective!r})"
+        extra = merge_hparams(named, self.objective_hparams, where=where)
+        clash = sorted(extra.keys() & from_trl.keys())
+        if clash:
+            raise ValueError(
+                f"{where}: hparam {clash[0]!r} comes from TRL's fields with loss_type; set it there "
+                f"({', '.join(read)}), not in objective_hparams"
+            )
+        return objective, agg, resolve_hparams(objective, {**from_trl, **extra}, where=where)
+
+    def resolved_hparams(self) -> dict:
+        """The objective's full hparam dict: defaults updated by TRL's fields (with loss_type), the mhpo_*
+        fields and objective_hparams."""
+        return self.resolved_loss()[2]
 
 
 class MHPOTrainer(GRPOTrainer):
@@ -157,9 +287,7 @@ class MHPOTrainer(GRPOTrainer):
         if not isinstance(args, MHPOConfig):
             raise TypeError(f"MHPOTrainer needs args of type MHPOConfig, got {type(args).__name__}")
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
-        self.objective = args.objective
-        self.objective_hparams = args.resolved_hparams()
-        self.loss_agg_mode = args.loss_agg_mode
+        self.objective, self.loss_agg_mode, self.objective_hparams = args.resolved_loss()
         if args.gradient_accumulation_steps % (args.steps_per_generation * args.num_iterations) == 0:
             logger.warning(
                 "MHPOTrainer: one update per generation batch, so TRL passes old log-probs = logp.detach() and "

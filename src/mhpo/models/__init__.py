@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,29 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def machine_info(cpuinfo: str | None = None) -> dict:
+    """What computed a run, for its records: CPU model, its bf16 / AVX-512 flags, cores, torch version."""
+    import platform
+
+    text = cpuinfo
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            text = ""
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = sorted(set(fields.get("flags", "").split()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    return {
+        "cpu": fields.get("model name") or platform.processor() or platform.machine(),
+        "cpu_flags": flags,
+        "cpu_bf16": cpu_has_bf16(text),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def resolve_precision(name: str, device: torch.device, *, built_in: bool = False) -> Precision:

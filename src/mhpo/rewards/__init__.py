@@ -1,18 +1,33 @@
 """Reward scoring: resolve ``rewards.functions``, run them in a timeout worker process, combine the scores.
 
-Functions have TRL's signature ``f(prompts, completions, **columns) -> list[float]``: the built-ins
-of :mod:`mhpo.rewards.functions` (exact_match, last_number, math_verify, reasoning_gym), ``auto`` (the task's
-verifier), or user functions named ``module:function`` / ``path/to/file.py:function``. Every
-function is called once per completion (one-element lists) in a worker process with a hard time
-limit (:mod:`mhpo.rewards.timeout_worker`), so a hang or an exception costs that completion only: it scores 0 and
-is counted (``reward/errors``, ``reward/timeouts``); so does a score that is not a number, NaN or
-inf (None scores 0 and is not counted, as in TRL).
+Functions are called the way TRL's GRPOTrainer calls them: once per batch, with every completion,
+
+    f(prompts=[...], completions=[...], completion_ids=[[int, ...], ...], answer=[...], trainer_state=...,
+      **columns) -> list[float]                                  (one score per completion)
+
+- ``prompts``: each example's prompt as it is (a string, or a list of chat messages);
+- ``completions``: TRL's form, ``[{"role": "assistant", "content": text}]`` where the example's prompt
+  is conversational (a list of messages), the plain string otherwise;
+- ``completion_ids``: the completions' token ids as lists of ints, when the caller passes them;
+- ``answer`` and every dataset column (``Example.columns``) as lists, one entry per completion;
+- ``trainer_state``: whatever the caller passes (None by default; TRL passes its TrainerState).
+
+The functions are the built-ins of :mod:`mhpo.rewards.functions` (exact_match, last_number,
+math_verify, reasoning_gym), ``auto`` (the task's verifier), or user functions named
+``module:function`` / ``path/to/file.py:function``. They run in a worker process with a hard time
+limit (:mod:`mhpo.rewards.timeout_worker`): the batch call may take ``timeout_s`` per completion,
+``timeout_s * len(completions)`` in all. When the batch call raises, runs over, or returns something
+other than a list of one score per completion, its completions are scored again one by one
+(one-element lists, ``timeout_s`` each), so a completion that hangs or crashes the function costs
+that completion only: it scores 0 and is counted (``reward/errors``, ``reward/timeouts``); so does a
+score that is not a number, NaN or inf (None scores 0 and is not counted, as in TRL).
+``Scores.fallbacks`` says which functions fell back, and why.
 
     total_i = sum_j w_j f_j(i)              correct_i = f_0(i) >= 1   (the first function)
 
 A broken function stops the run (:class:`RewardFunctionError`, one line naming it) instead:
 
-- a result that is not a list of one score per completion (wrong length, a bare number, None):
+- a one-by-one call whose result is not a list of one score (wrong length, a bare number, None):
   a programming error, at once;
 - the error budget (:class:`ErrorBudget`): a function that fails (raises, times out, returns a
   non-number) on every completion of the first batch it scores, or on more than
@@ -26,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,10 +166,56 @@ class Scores:
     timeouts: int = 0
     messages: list[str] = field(default_factory=list)  # the first few error messages
     failures: dict[str, int] = field(default_factory=dict)  # per function: errors + timeouts
+    fallbacks: list[str] = field(default_factory=list)  # "name: why" per function scored one by one
+
+
+# Keyword names of the call itself; a dataset column of one of these names is not passed.
+RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
+
+
+def is_conversational(prompt: Any) -> bool:
+    """Whether ``prompt`` is a list of chat messages ({"role": ..., "content": ...}), as TRL decides it."""
+    return (
+        isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], Mapping) and "role" in prompt[0]
+    )
+
+
+def trl_completion(prompt: Any, text: str) -> Any:
+    """The completion as TRL hands it to reward functions: a one-message list for a conversational prompt."""
+    return [{"role": "assistant", "content": text}] if is_conversational(prompt) else text
+
+
+def trl_call(
+    examples: Sequence[Any],
+    completions: Sequence[str],
+    completion_ids: Sequence[Sequence[int]] | None = None,
+    trainer_state: Any = None,
+) -> tuple[tuple, dict]:
+    """(args, kwargs) of one TRL-style call on the whole batch (see the module docstring)."""
+    prompts = [ex.prompt for ex in examples]
+    kwargs: dict[str, Any] = {}
+    for key in dict.fromkeys(k for ex in examples for k in ex.columns):
+        if key not in RESERVED:
+            kwargs[key] = [ex.columns.get(key) for ex in examples]
+    kwargs["answer"] = [ex.answer for ex in examples]
+    if completion_ids is not None:
+        kwargs["completion_ids"] = [[int(t) for t in ids] for ids in completion_ids]
+    kwargs["trainer_state"] = trainer_state
+    return (prompts, [trl_completion(p, c) for p, c in zip(prompts, completions)]), kwargs
+
+
+def split_call(call: tuple[tuple, dict], n: int) -> list[tuple[tuple, dict]]:
+    """The batch call as n one-completion calls: every per-completion list cut to its i-th element."""
+    args, kwargs = call
+
+    def part(value, i):
+        return value[i : i + 1] if isinstance(value, list) and len(value) == n else value
+
+    return [(tuple(part(a, i) for a in args), {k: part(v, i) for k, v in kwargs.items()}) for i in range(n)]
 
 
 class RewardScorer:
-    """Weighted sum of reward functions, each called per completion in the timeout worker."""
+    """Weighted sum of reward functions, each called once per batch (TRL's way) in the timeout worker."""
 
     def __init__(
         self,
@@ -191,41 +252,88 @@ class RewardScorer:
         if errors:
             raise ValueError(f"reward function {errors[0]}")
 
-    def score(self, examples: Sequence[Any], completions: Sequence[str]) -> Scores:
-        """Score completion i against examples[i] (an Example: prompt, answer, columns).
+    def score(
+        self,
+        examples: Sequence[Any],
+        completions: Sequence[str],
+        *,
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        trainer_state: Any = None,
+    ) -> Scores:
+        """Score completion i against examples[i] (an Example: prompt, answer, columns); ``completion_ids[i]``
+        are its token ids, passed on as lists of ints; ``trainer_state`` is passed as it is (picklable).
 
         Raises RewardFunctionError when a function is broken (see the module docstring)."""
-        calls = [
-            (([ex.prompt], [c]), {**{k: [v] for k, v in ex.columns.items()}, "answer": [ex.answer]})
-            for ex, c in zip(examples, completions)
-        ]
+        n = len(examples)
+        if len(completions) != n or (completion_ids is not None and len(completion_ids) != n):
+            ids = "" if completion_ids is None else f", {len(completion_ids)} completion_ids"
+            raise ValueError(f"RewardScorer.score: {n} examples, {len(completions)} completions{ids}; need one each")
+        call = trl_call(examples, completions, completion_ids, trainer_state)
         per: dict[str, list[float]] = {}
         failures: dict[str, int] = {}
         errors = timeouts = 0
         messages: list[str] = []
+        fallbacks: list[str] = []
         for k, (name, _) in enumerate(self.functions):
+            results, why = self._score_function(k, name, call, n)
+            if why is not None:
+                fallbacks.append(f"{name}: {one_line(why)}")
             values, first = [], None
             failures[name] = 0
-            for outcome in self.worker.map(k, calls):
-                value, problem = as_score(name, outcome, expected=1)
+            for value, problem, timed_out in results:
                 if problem is not None:
-                    timeouts += outcome.timed_out
-                    errors += not outcome.timed_out
+                    timeouts += timed_out
+                    errors += not timed_out
                     failures[name] += 1
                     first = first or problem
                     if len(messages) < 3:
                         messages.append(f"{name}: {one_line(problem)}")
                 values.append(value)
             per[name] = values
-            stop = self.budget.record(name, failures[name], len(calls), first)
+            stop = self.budget.record(name, failures[name], n, first)
             if stop is not None:
                 raise RewardFunctionError(stop)
-        total = [sum(w * per[n][i] for w, n in zip(self.weights, self.names)) for i in range(len(calls))]
-        correct = [v >= CORRECT_AT for v in per[self.names[0]]]
-        return Scores(total, per, correct, errors, timeouts, messages, failures)
+        total = [sum(w * per[name][i] for w, name in zip(self.weights, self.names)) for i in range(n)]
+        correct = [v >= CORRECT_AT for v in per[self.names[0]]] if self.names else [False] * n
+        return Scores(total, per, correct, errors, timeouts, messages, failures, fallbacks)
+
+    def _score_function(self, k: int, name: str, call, n: int):
+        """[(score, problem | None, timed_out)] per completion for function k, and why the batch call was not
+        used (None when it was): one batch call under timeout_s * n, else one call per completion."""
+        if n == 0:
+            return [], None
+        (outcome,) = self.worker.map(k, [call], timeout_s=self.worker.timeout_s * n)
+        if n > 1:
+            scores, why = batch_scores(outcome, n)
+            if scores is not None:
+                return [(value, problem, False) for value, problem in scores], None
+            outcomes = self.worker.map(k, split_call(call, n))
+        else:
+            why, outcomes = None, [outcome]  # a one-completion batch is its own fallback
+        return [(*as_score(name, o), o.timed_out) for o in outcomes], why
 
     def close(self) -> None:
         self.worker.close()
+
+
+def _as_list(value: Any) -> list | None:
+    """A function's result as a list (numpy arrays and tuples included), or None when it is not one."""
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):  # a numpy array
+        value = value.tolist()
+    return list(value) if isinstance(value, (list, tuple)) else None
+
+
+def batch_scores(outcome, n: int) -> tuple[list[tuple[float, str | None]] | None, str | None]:
+    """([(score, problem)] per completion, None) from a batch call's outcome, or (None, why) when the call
+    raised, ran over, or did not return a list of ``n`` scores (then the batch is scored one by one)."""
+    if not outcome.ok:
+        return None, f"batch call failed ({outcome.error})"
+    value = _as_list(outcome.value)
+    if value is None:
+        return None, f"batch call returned {type(outcome.value).__name__}, not a list of {n} scores"
+    if len(value) != n:
+        return None, f"batch call returned {len(value)} score(s) for {n} completions"
+    return [element_score(v) for v in value], None
 
 
 def as_score(name: str, outcome, expected: int = 1) -> tuple[float, str | None]:
@@ -235,13 +343,11 @@ def as_score(name: str, outcome, expected: int = 1) -> tuple[float, str | None]:
     that is a programming error, not a per-sample failure."""
     if not outcome.ok:
         return 0.0, outcome.error
-    value = outcome.value
-    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):  # a numpy array
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)):
+    value = _as_list(outcome.value)
+    if value is None:
         raise RewardFunctionError(
-            f"reward function {name!r} returned {type(value).__name__} {one_line(repr(value), 40)}, not a list of "
-            "scores; "
+            f"reward function {name!r} returned {type(outcome.value).__name__} "
+            f"{one_line(repr(outcome.value), 40)}, not a list of scores; "
             f"it must return one score per completion (expected a list of length {expected})"
         )
     if len(value) != expected:
@@ -249,15 +355,20 @@ def as_score(name: str, outcome, expected: int = 1) -> tuple[float, str | None]:
             f"reward function {name!r} returned {len(value)} score(s) for {expected} completion(s); "
             f"it must return one score per completion (expected length {expected}, got {len(value)})"
         )
-    v = value[0]
+    return element_score(value[0])
+
+
+def element_score(v: Any) -> tuple[float, str | None]:
+    """(score, problem) of one returned score: None -> 0 (no problem, as in TRL); a bool or finite
+    number -> itself; anything else -> 0 and the problem."""
     if v is None:
         return 0.0, None
     if isinstance(v, bool):
         return float(v), None
     try:
-        v = float(v)
+        x = float(v)
     except (TypeError, ValueError, OverflowError):
-        return 0.0, f"ValueError: score {one_line(repr(value[0]), 40)} is not a number"
-    if not math.isfinite(v):
-        return 0.0, f"ValueError: score {v} is not finite"
-    return v, None
+        return 0.0, f"ValueError: score {one_line(repr(v), 40)} is not a number"
+    if not math.isfinite(x):
+        return 0.0, f"ValueError: score {x} is not finite"
+    return x, None

@@ -1,5 +1,8 @@
 """Built-in reward functions, TRL's signature: ``f(prompts, completions, **columns) -> list[float]``.
 
+Each scores a whole batch; a completion is a string or, for a conversational prompt, TRL's list of
+messages ``[{"role": "assistant", "content": text}]`` (its last message's text is scored).
+
     exact_match     1 if completion.strip() == answer.strip() else 0
     last_number     1 if the last number in the completion equals the gold number (lm-eval's
                     "flexible-extract" for GSM8K), else 0
@@ -27,9 +30,22 @@ from decimal import Decimal, InvalidOperation
 from functools import cache, lru_cache
 
 
+def completion_text(completion) -> str:
+    """The text of a completion: the string itself, or the content of the last message of a
+    conversational completion (content as a string or as a list of {"type": "text", "text": ...} parts)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], dict):
+        content = completion[-1].get("content", "")
+        if isinstance(content, (list, tuple)):
+            return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+        return str(content)
+    return str(completion)
+
+
 def exact_match(prompts, completions, answer, **_) -> list[float]:
     """1.0 when the stripped completion equals the stripped answer, else 0.0."""
-    return [float(str(c).strip() == str(a).strip()) for c, a in zip(completions, answer)]
+    return [float(completion_text(c).strip() == str(a).strip()) for c, a in zip(completions, answer)]
 
 
 _NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?|(?<=\w)\d[\d,]*(?:\.\d+)?")
@@ -53,7 +69,7 @@ def last_number(prompts, completions, answer, **_) -> list[float]:
             raise ValueError(
                 f"last_number: gold answer {a!r} is not a number; use exact_match or math_verify"
             ) from None
-        out.append(float(_last_number(str(c)) == gold))
+        out.append(float(_last_number(completion_text(c)) == gold))
     return out
 
 
@@ -72,7 +88,7 @@ def math_verify(prompts, completions, answer, **_) -> list[float]:
     """1.0 when math-verify finds the completion's final answer equal to the gold answer."""
     from math_verify import parse, verify
 
-    return [float(bool(verify(_gold(a), parse(str(c))))) for c, a in zip(completions, answer)]
+    return [float(bool(verify(_gold(a), parse(completion_text(c))))) for c, a in zip(completions, answer)]
 
 
 math_verify.__mhpo_preload__ = ("math_verify",)
@@ -99,8 +115,9 @@ def reasoning_gym(prompts, completions, entry, **_) -> list[float]:
 
     out = []
     for c, e in zip(completions, entry):
-        text = extract_answer(str(c))
-        text = str(c).strip() if text is None else text
+        raw = completion_text(c)
+        text = extract_answer(raw)
+        text = raw.strip() if text is None else text
         with contextlib.chdir(_scratch()):
             out.append(float(_rg_scorer(e["metadata"]["source_dataset"])(answer=text, entry=e)))
     return out

@@ -5,6 +5,7 @@ network. What it contains is hangs and crashes: a call that runs too long is kil
 
     with TimeoutWorker(["pkg.mod:fn", "path/to/file.py:fn"], timeout_s=5) as box:
         outcomes = box.map(0, [(args, kwargs), ...])      # one Outcome per call, in order
+        (one,) = box.map(0, [(args, kwargs)], timeout_s=40)  # a longer limit for one call (a batch)
 
 The worker is a fresh Python process running this file as a script (standard library only, so it
 starts in milliseconds and never re-runs the caller's ``__main__``). It imports the functions, then
@@ -184,8 +185,11 @@ class TimeoutWorker:
         self.close()
 
     # -- calls -------------------------------------------------------------------------------
-    def map(self, k: int, calls: list[tuple[tuple, dict]]) -> list[Outcome]:
-        """Call function ``k`` once per (args, kwargs); one Outcome per call, in order."""
+    def map(self, k: int, calls: list[tuple[tuple, dict]], *, timeout_s: float | None = None) -> list[Outcome]:
+        """Call function ``k`` once per (args, kwargs); one Outcome per call, in order.
+
+        Each call may run ``timeout_s`` seconds (default: the worker's ``timeout_s``)."""
+        limit = self.timeout_s if timeout_s is None else float(timeout_s)
         out: list[Outcome] = [Outcome()] * len(calls)
         start = 0
         while start < len(calls):
@@ -193,14 +197,14 @@ class TimeoutWorker:
             if errors:
                 raise RuntimeError(errors[0])
             self._conn.send(("call", k, start, calls[start:]))
-            start = self._collect(out, start)
+            start = self._collect(out, start, limit)
         return out
 
-    def _collect(self, out: list[Outcome], i: int) -> int:
+    def _collect(self, out: list[Outcome], i: int, limit: float) -> int:
         """Receive results from index i on; on a hang or crash, restart and return the next index."""
         while i < len(out):
-            if not self._conn.poll(self.timeout_s):
-                out[i] = Outcome(timed_out=True, error=f"TimeoutError: no result within {self.timeout_s:g} s")
+            if not self._conn.poll(limit):
+                out[i] = Outcome(timed_out=True, error=f"TimeoutError: no result within {limit:g} s")
                 self._restart()
                 return i + 1
             try:
@@ -217,4 +221,8 @@ class TimeoutWorker:
 if __name__ == "__main__":  # the worker process
     if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
         sys.path.pop(0)  # never let this package's modules shadow top-level ones (config, tokenizer, ...)
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent stops the run and then this worker (its pipe closes).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     serve(Connection(int(sys.argv[1])))

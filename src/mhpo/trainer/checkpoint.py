@@ -56,13 +56,21 @@ class CheckpointError(UsageError):
 
 # ---------------------------------------------------------------------------------------------
 # Fault injection for tests: MHPO_FAULT=checkpoint:<step> dies halfway through writing that
-# checkpoint; MHPO_FAULT=step:<step> dies right after that step's metrics are logged.
+# checkpoint; MHPO_FAULT=step:<step> dies right after that step's metrics are logged;
+# MHPO_FAULT=sigint@<point>:<step> sends this process SIGINT there instead (a Ctrl-C at a known moment:
+# points "step-start" before the step samples, "update" once its update has begun).
 
 
 def maybe_fault(point: str, step: int) -> None:
     spec = os.environ.get("MHPO_FAULT", "")
-    if spec and spec == f"{point}:{step}":
+    if not spec:
+        return
+    if spec == f"{point}:{step}":
         os._exit(75)  # like SIGKILL: no cleanup, no finally blocks, no flushing of Python buffers
+    if spec == f"sigint@{point}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 # ---------------------------------------------------------------------------------------------

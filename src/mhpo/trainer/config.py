@@ -100,7 +100,8 @@ class TaskConfig:
 class RewardsConfig:
     functions: list = _f(
         ["auto"],
-        help="auto (the task's verifier), exact_match, math_verify, reasoning_gym, module:function, file.py:function",
+        help="auto (the task's verifier), exact_match, last_number, math_verify, reasoning_gym, module:function, "
+        "file.py:function",
     )
     weights: list | None = _f(None, help="one weight per function (default 1 each)")
     timeout_s: float = _f(10.0, ">0", "hard time limit per scored completion (the worker is killed and respawned)")
@@ -116,7 +117,7 @@ class RewardsConfig:
 class RolloutConfig:
     prompts_per_step: int = _f(32, ">=1", "prompts drawn per RL step")
     group_size: int = _f(8, ">=2", "completions sampled per prompt (G)")
-    max_new_tokens: int | None = _f(None, ">=1", "default: the task's")
+    max_new_tokens: int | None = _f(None, ">=1", "null: the task's budget (a dataset task: 256)")
     temperature: float = _f(1.0, ">0", "sampling temperature (log-probs are those of the tempered policy)")
     top_p: float = _f(1.0, "(0,1]", "nucleus sampling (1: off)")
     top_k: int = _f(0, ">=0", "0 = off (true temperature sampling)")
@@ -149,10 +150,11 @@ class UpdateConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(
-        2e-4,
+    lr: float | None = _f(
+        None,
         ">0",
-        "AdamW lr (measured for MHPO on the demo task: 1e-4 and 2e-4 learn, 4e-4 is unstable, 1e-3 collapses)",
+        "AdamW lr (null: 2e-4 for the built-in tiny models, measured on the demo; 1e-6 for a pretrained model, "
+        "TRL's and verl's default)",
     )
     weight_decay: float = _f(0.0, ">=0", "AdamW weight decay")
     beta1: float = _f(0.9, "[0,1)", "AdamW beta1")
@@ -217,7 +219,7 @@ class TrainConfig:
     save_optimizer: bool = _f(
         True, help="false: checkpoints skip optimizer.safetensors (a resume from one restarts AdamW, with a warning)"
     )
-    threads: int = _f(0, ">=0", "torch CPU threads (0: auto = 1 for the tiny model, else all cores up to 8)")
+    threads: int = _f(0, ">=0", "torch CPU threads (0: 1 for the built-in tiny models, else the usable cores up to 8)")
     progress: bool = _f(True, help="rich progress bar")
     report_to: list = _f(["tensorboard"], help="trackers besides metrics.jsonl: tensorboard | wandb | trackio")
     plots: bool = _f(True, help="PNG plots of reward, accuracy and grad norm in <run>/plots")
@@ -356,8 +358,9 @@ def to_yaml(config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
 
 
-def save_config(config, path: str | Path) -> None:
-    Path(path).write_text(to_yaml(config))
+def save_config(config, path: str | Path, header: str = "") -> None:
+    """``config`` as YAML, after ``header`` (comment lines)."""
+    Path(path).write_text(header + to_yaml(config))
 
 
 def commented_yaml(config) -> str:

@@ -5,10 +5,15 @@ Layout of a :class:`Rollout` (N rows = prompts x group size, groups contiguous):
     input_ids       [N, P + C]   prompt left-padded to width P, then completion right-padded to C
     attention_mask  [N, P + C]   1 on real prompt tokens and on completion tokens up to the first EOS
     completion_mask [N, C]       tokens up to and including the first EOS (all C when none)
+    logprobs        [N, C]       float32 log softmax(logits / T)[token] of each sampled token under the
+                                 full tempered distribution (before top-k / top-p), 0 off completion_mask
 
-Sampling is ``model.generate`` with the KV cache and a neutral generation config: temperature
-sampling with ``top_k=0, top_p=1`` (transformers 5 defaults ``top_k`` to 50) and no other logits
-processors, so the sampled tokens follow exactly the policy whose log-probs are trained.
+Sampling is :func:`mhpo.generation.decode` (text prompts: KV cache, one forward per new token for
+the whole batch, each prompt prefilled once per group, finished rows dropped) with nothing but
+temperature, top-k and top-p (off by default: ``top_k=0, top_p=1``), so the sampled tokens follow
+exactly the policy whose log-probs are trained, and ``Rollout.logprobs`` are those log-probs as the
+sampler saw them. Prompts with extra model inputs use ``model.generate`` with the same settings
+(:func:`mhpo.generation.generate_with_logprobs`), which records the same log-probs.
 
 Extra model inputs (e.g. ``pixel_values`` of a vision-language model) travel in
 ``Rollout.model_inputs`` into generate and every forward pass; the prompt encoder produces them
@@ -26,7 +31,8 @@ from typing import Any
 
 import torch
 
-from mhpo.models.logprobs import prompt_prefix_cache
+from mhpo.generation import decode, generate_with_logprobs, position_ids
+from mhpo.generation import sampling_config as sampling_config  # re-exported (tests, benchmarks)
 from mhpo.models.multimodal import cut_at_placeholders, model_kwargs, placeholder_ids, repeat_inputs, select_inputs
 from mhpo.tasks.base import Example
 
@@ -114,6 +120,7 @@ class Rollout:
     prompt_width: int  # P
     model_inputs: dict[str, Any] = field(default_factory=dict)  # extra forward inputs (see mhpo.models.multimodal)
     completions: list[str] = field(default_factory=list)
+    logprobs: torch.Tensor | None = None  # [N, C] float32 sampler log-probs of sampled tokens, 0 off completion_mask
 
     @property
     def completion_ids(self) -> torch.Tensor:  # [N, C]
@@ -134,6 +141,7 @@ class Rollout:
         """
         idx = torch.as_tensor(rows, dtype=torch.long)
         ids, attn, cmask = self.input_ids[idx], self.attention_mask[idx], self.completion_mask[idx]
+        logprobs = self.logprobs[idx] if self.logprobs is not None else None
         extra = select_inputs(self.model_inputs, idx, self.input_ids.shape[0])
         comps = [self.completions[i] for i in idx.tolist()] if self.completions else []
         P = self.prompt_width
@@ -143,8 +151,9 @@ class Rollout:
             width = max(int(cmask.sum(-1).max()), 1)
             ids, attn = ids[:, left : P + width], attn[:, left : P + width]
             cmask = cmask[:, :width]
+            logprobs = logprobs[:, :width] if logprobs is not None else None
             P = P - left
-        return Rollout(ids, attn, cmask, P, extra, comps)
+        return Rollout(ids, attn, cmask, P, extra, comps, logprobs)
 
 
 def completion_mask(tokens: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
@@ -155,12 +164,6 @@ def completion_mask(tokens: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tenso
     is_eos = torch.isin(tokens, torch.as_tensor(list(eos_ids), device=tokens.device))
     before = is_eos.long().cumsum(-1) - is_eos.long()
     return before == 0
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[N, L] -> [N, L]: cumsum(mask) - 1 on real tokens, 0 on left padding (as generate does)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 0)
 
 
 def forward_inputs(rollout: Rollout) -> dict[str, Any]:
@@ -174,27 +177,6 @@ def forward_inputs(rollout: Rollout) -> dict[str, Any]:
 def repeat_rows(inputs: dict[str, Any], repeats: int) -> dict[str, Any]:
     """Repeat every per-sequence input ``repeats`` times per row (prompt i -> rows i*G .. i*G+G-1)."""
     return repeat_inputs(inputs, repeats, inputs["input_ids"].shape[0])
-
-
-def sampling_config(
-    model, *, do_sample: bool, temperature: float, top_p: float, top_k: int, max_new_tokens: int, eos_ids, pad_id: int
-):
-    """A GenerationConfig with nothing but the sampling we train on (no penalties, no filters)."""
-    from transformers import GenerationConfig
-
-    kwargs = dict(
-        max_new_tokens=max_new_tokens,
-        eos_token_id=list(eos_ids),
-        pad_token_id=pad_id,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        use_cache=True,
-    )
-    if do_sample:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-    else:
-        kwargs.update(do_sample=False)
-    return GenerationConfig(**kwargs)
 
 
 @torch.no_grad()
@@ -212,76 +194,74 @@ def sample(
     top_k: int = 0,
     batch_size: int | None = None,
 ) -> Rollout:
-    """``group_size`` completions per prompt (KV-cached ``model.generate``), as a padded Rollout.
+    """``group_size`` completions per prompt, as a padded Rollout with the sampler's log-probs.
 
-    Text prompts are prefilled once per prompt and their cache repeated G times
-    (:func:`prefill_prompts`); ``batch_size`` is then rounded down to whole groups.
+    Text prompts go through :func:`mhpo.generation.decode` in chunks of whole groups (``batch_size``
+    rounded down to a multiple of G, at least one group): each prompt is prefilled once and its cache
+    repeated for its G completions. Prompts with extra model inputs (images) go through
+    ``model.generate`` (:func:`mhpo.generation.generate_with_logprobs`) in chunks of ``batch_size`` rows.
 
     A completion that samples an image / video placeholder token ends right before it
     (:func:`mhpo.models.multimodal.cut_at_placeholders`): it could not be fed back to the model.
     """
     device = next(model.parameters()).device
+    prompts = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in prompts.items()}
     rows = repeat_rows(prompts, group_size)
-    rows = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in rows.items()}
     cut_ids = placeholder_ids(rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos_ids[0])
-    gen_cfg = sampling_config(
-        model,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
+    settings = dict(
         max_new_tokens=max_new_tokens,
         eos_ids=eos_ids,
         pad_id=pad_id,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
     )
-    n, P = rows["input_ids"].shape
-    step = batch_size or n
-    # Prefix sharing: text prompts (no extra model inputs) repeated G > 1 times, whole groups per batch.
-    shared = group_size > 1 and P > 1 and set(rows) == {"input_ids", "attention_mask"}
-    if shared:
-        step = max(step // group_size, 1) * group_size
-    chunks_tok, chunks_mask = [], []
     was_training = model.training
     model.eval()
     try:
-        for s in range(0, n, step):
-            part = select_inputs(rows, list(range(s, min(s + step, n))), n)
-            kwargs = model_kwargs(part, part["input_ids"], part["attention_mask"], device)
-            cache = (
-                prefill_prompts(model, prompts, s // group_size, (s + step) // group_size, group_size)
-                if shared
-                else None
-            )
-            if cache is not None:  # the prompts' KV cache, computed once per prompt, repeated per completion
-                kwargs["past_key_values"] = cache
-            out = model.generate(**kwargs, generation_config=gen_cfg)  # [b, P + c]
-            tokens = out[:, P:]
-            chunks_tok.append(tokens)
-            chunks_mask.append(cut_at_placeholders(tokens, completion_mask(tokens, eos_ids), cut_ids))
+        if set(prompts) == {"input_ids", "attention_mask"}:
+            chunks = _decode_text(model, prompts, group_size, batch_size, settings)
+        else:
+            chunks = _generate_rows(model, rows, batch_size, settings, device)
     finally:
         model.train(was_training)
-    C = max(t.shape[1] for t in chunks_tok)
-    tokens = torch.cat([torch.nn.functional.pad(t, (0, C - t.shape[1]), value=pad_id) for t in chunks_tok])
-    cmask = torch.cat([torch.nn.functional.pad(m, (0, C - m.shape[1]), value=False) for m in chunks_mask])
-    tokens = tokens.masked_fill(~cmask, pad_id)  # [N, C]
+    C = max(t.shape[1] for t, _ in chunks)
+    pad = torch.nn.functional.pad
+    tokens = torch.cat([pad(t, (0, C - t.shape[1]), value=pad_id) for t, _ in chunks])  # [N, C]
+    logprobs = torch.cat([pad(lp, (0, C - lp.shape[1]), value=0.0) for _, lp in chunks])  # [N, C]
+    cmask = cut_at_placeholders(tokens, completion_mask(tokens, eos_ids), cut_ids)  # [N, C]
+    tokens, logprobs = tokens.masked_fill(~cmask, pad_id), logprobs.masked_fill(~cmask, 0.0)
     input_ids = torch.cat([rows["input_ids"], tokens], dim=1)
     attention_mask = torch.cat([rows["attention_mask"], cmask.long()], dim=1)
     extra = {k: v for k, v in rows.items() if k not in ("input_ids", "attention_mask")}
     texts = tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
-    return Rollout(input_ids, attention_mask, cmask, P, extra, texts)
+    return Rollout(input_ids, attention_mask, cmask, rows["input_ids"].shape[1], extra, texts, logprobs)
 
 
-def prefill_prompts(model, prompts: dict[str, Any], start: int, stop: int, group_size: int):
-    """The KV cache of prompts[start:stop] without their last token, each prompt's repeated for its
-    ``group_size`` completions (:func:`mhpo.models.logprobs.prompt_prefix_cache`): ``generate`` then runs
-    only the last prompt token per completion before decoding, instead of the whole prompt G times
-    (tested equal). None (generate prefills as usual) for caches that cannot be shared."""
-    device = next(model.parameters()).device
-    ids = prompts["input_ids"][start:stop].to(device)  # [b, P]
-    attn = prompts["attention_mask"][start:stop].to(device)
-    rows = torch.arange(len(ids), device=device).repeat_interleave(group_size)  # [b * G]
-    return prompt_prefix_cache(getattr(model, model.base_model_prefix), ids, attn, position_ids(attn), rows)
+def _decode_text(model, prompts, group_size: int, batch_size: int | None, settings: dict):
+    """[(tokens [b, c], log-probs [b, c])] of text prompts, decoded in chunks of whole groups."""
+    n = prompts["input_ids"].shape[0]
+    per = max((batch_size or n * group_size) // group_size, 1)  # prompts per chunk
+    out = []
+    for s in range(0, n, per):
+        ids, attn = prompts["input_ids"][s : s + per], prompts["attention_mask"][s : s + per]
+        d = decode(model, ids, attn, group_size=group_size, **settings)
+        out.append((d.tokens, d.logprobs))
+    return out
+
+
+def _generate_rows(model, rows, batch_size: int | None, settings: dict, device):
+    """[(tokens [b, c], log-probs [b, c])] of rows with extra model inputs, ``model.generate`` in chunks."""
+    n = rows["input_ids"].shape[0]
+    step = batch_size or n
+    out = []
+    for s in range(0, n, step):
+        part = select_inputs(rows, list(range(s, min(s + step, n))), n)
+        kwargs = model_kwargs(part, part["input_ids"], part["attention_mask"], device)
+        out.append(generate_with_logprobs(model, kwargs, **settings))
+    return out
 
 
 def pack(prompts: dict[str, Any], completions: Sequence[Sequence[int]], pad_id: int) -> Rollout:

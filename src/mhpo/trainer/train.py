@@ -20,15 +20,16 @@ shared ``warmup.cache_dir``; a finished run is skipped, a stopped one resumed).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mhpo.errors import UsageError
+from mhpo.errors import Interrupted, UsageError
 from mhpo.seeding import derive_seed
 from mhpo.trainer.config import Config, ConfigError, load_config, save_config, to_dict
 
@@ -62,18 +63,20 @@ class Plan:
     max_new_tokens: int
     heldout: list  # empty when eval.size = 0
     scorer: Any  # rewards.RewardScorer (worker started, functions imported)
-    pass_k: int = 0  # eval.pass_k resolved (eval_settings)
+    pass_k: int = 0  # eval.pass_k
     eval_max_new_tokens: int = 0  # eval.max_new_tokens resolved
 
 
 def validate(cfg: Config) -> Plan:
-    """Check the config against the registries, build the task and the held-out set, start the
-    reward worker and import the reward functions. Raises UsageError (one line) on any problem."""
+    """Check the config against the registries, build the task and the held-out set, resolve the
+    config's unset values (:func:`mhpo.trainer.defaults.resolve_defaults`: ``Plan.cfg`` is what runs),
+    start the reward worker and import the reward functions. Raises UsageError (one line) on any problem."""
     from mhpo.models import check_model_source, resolve_device
     from mhpo.objectives import get_objective
     from mhpo.objectives.aggregation import AGG_MODES
     from mhpo.rewards import RewardScorer, resolve
     from mhpo.tasks import build_task
+    from mhpo.trainer.defaults import resolve_defaults
     from mhpo.trainer.trackers import check_report_to
 
     def fail(err: Exception) -> UsageError:
@@ -93,7 +96,8 @@ def validate(cfg: Config) -> Plan:
                 f"({cfg.rollout.prompts_per_step} x {cfg.rollout.group_size} rows)"
             )
         task = build_task(cfg.task)
-        size, pass_k = eval_settings(cfg)
+        cfg = resolve_defaults(cfg, task.max_new_tokens)
+        size, pass_k = cfg.eval.size, cfg.eval.pass_k
         heldout = task.heldout(size, cfg.eval.seed) if size else []
         _check_modality(cfg, heldout or task.heldout(1, cfg.eval.seed))
         if cfg.eval.benchmarks:  # names and files of eval.benchmarks (loaded in _run)
@@ -118,21 +122,7 @@ def validate(cfg: Config) -> Plan:
     except ValueError as err:
         scorer.close()
         raise fail(err) from None
-    max_new = cfg.rollout.max_new_tokens or task.max_new_tokens
-    return Plan(cfg, task, hparams, max_new, heldout, scorer, pass_k, cfg.eval.max_new_tokens or max_new)
-
-
-# Held-out evaluation when eval.size / eval.pass_k are null: (size, pass_k). A pretrained model on a
-# CPU spends minutes per 100 prompts at a few hundred new tokens, so its default is greedy only on 32.
-EVAL_DEFAULTS = {"built-in": (200, 8), "pretrained": (32, 0)}
-
-
-def eval_settings(cfg: Config) -> tuple[int, int]:
-    """(held-out size, pass@k) of the run: eval.size and eval.pass_k, nulls from EVAL_DEFAULTS."""
-    from mhpo.models import BUILT_IN
-
-    size, pass_k = EVAL_DEFAULTS["built-in" if cfg.model.name_or_path in BUILT_IN else "pretrained"]
-    return (size if cfg.eval.size is None else cfg.eval.size), (pass_k if cfg.eval.pass_k is None else cfg.eval.pass_k)
+    return Plan(cfg, task, hparams, cfg.rollout.max_new_tokens, heldout, scorer, pass_k, cfg.eval.max_new_tokens)
 
 
 def _check_modality(cfg: Config, heldout: list) -> None:
@@ -169,9 +159,37 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _get(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
 def config_changes(saved: Config, cfg: Config) -> list[str]:
-    """Dotted keys that differ between two configs, ignoring those a resume may change."""
-    return [k for k in _diff(to_dict(saved), to_dict(cfg)) if k not in RESUMABLE_CHANGES]
+    """Dotted keys that differ between a run's saved config and ``cfg``, ignoring those a resume may
+    change and those ``cfg`` leaves unset (null / auto: the saved run's resolved value stands)."""
+    from mhpo.trainer.defaults import UNSET
+
+    new = to_dict(cfg)
+    return [
+        k
+        for k in _diff(to_dict(saved), new)
+        if k not in RESUMABLE_CHANGES and not (k in UNSET and _get(new, k) == UNSET[k])
+    ]
+
+
+def resumed_config(saved: Config, cfg: Config) -> Config:
+    """The saved config of a run being resumed, with the keys a resume may change taken from ``cfg``
+    (where it sets them)."""
+    from mhpo.trainer.config import from_dict
+    from mhpo.trainer.defaults import UNSET
+
+    tree, new = to_dict(saved), to_dict(cfg)
+    for key in RESUMABLE_CHANGES:
+        if not (key in UNSET and _get(new, key) == UNSET[key]):
+            section, name = key.split(".")
+            tree[section][name] = new[section][name]
+    return from_dict(tree)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,8 +208,11 @@ def run_training(config: Config, output_dir: str | Path, *, resume: str = "auto"
     import torch
     from rich.console import Console
 
+    from mhpo.trainer.defaults import lr_warning
+    from mhpo.trainer.interrupts import Interrupts
+
     t_start = time.perf_counter()
-    console = console or Console(highlight=False)
+    console = console or Console(highlight=False, soft_wrap=True)  # log lines are never wrapped
     run_dir = Path(output_dir)
     saved_cfg = load_run_config(run_dir) if (run_dir / CONFIG_FILE).exists() else None
     if saved_cfg is None and resume == "require":
@@ -204,6 +225,7 @@ def run_training(config: Config, output_dir: str | Path, *, resume: str = "auto"
             raise UsageError(
                 f"{str(run_dir)!r} holds a run with a different config (differs at {', '.join(changed[:3])})"
             )
+        config = resumed_config(saved_cfg, config)
         summary = read_summary(run_dir)
         if summary and summary.get("complete") and summary.get("steps") == config.train.steps:
             console.print(
@@ -212,11 +234,15 @@ def run_training(config: Config, output_dir: str | Path, *, resume: str = "auto"
             return summary
 
     plan = validate(config)
+    warning = lr_warning(plan.cfg)
+    if warning:
+        console.print(f"[bold red]warning[/]: {warning}", highlight=False)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(config.train.threads or default_threads(config))
+        torch.set_num_threads(plan.cfg.train.threads)
         _quiet_transformers()
-        return _run(plan, run_dir, console, resuming=saved_cfg is not None, t_start=t_start)
+        with Interrupts() as stop:
+            return _run(plan, run_dir, console, resuming=saved_cfg is not None, t_start=t_start, stop=stop)
     finally:
         torch.set_num_threads(threads)
         plan.scorer.close()
@@ -365,35 +391,62 @@ def build_policy(cfg: Config, load, source: str, initial: str) -> Policy:
     )
 
 
-def _run(plan: Plan, run_dir: Path, console, *, resuming: bool, t_start: float) -> dict:
-    """The stages of one run: warm-up, policy, evaluation before RL, RL, evaluation after RL."""
-    run = TrainingRun(plan, run_dir, console, resuming=resuming, t_start=t_start)
+def _run(plan: Plan, run_dir: Path, console, *, resuming: bool, t_start: float, stop) -> dict:
+    """The stages of one run: warm-up, policy, evaluation before RL, RL, evaluation after RL.
+    Ctrl-C / SIGTERM anywhere: the last finished step is checkpointed (:meth:`TrainingRun.save_on_stop`)
+    and :class:`mhpo.errors.Interrupted` says what survived and how to continue."""
+    run = None
     try:
+        run = TrainingRun(plan, run_dir, console, resuming=resuming, t_start=t_start, stop=stop)
         run.start()  # a fresh start evaluates the RL-initial policy; a resume restores the checkpoint
         run.train()
         after, final = run.finish()
+        return run.write_summary(after, final)
+    except KeyboardInterrupt:
+        saved = run.save_on_stop() if run is not None else None
+        raise Interrupted(stop_message(run_dir, stop, run, saved)) from None
     finally:
-        run.close()
-    return run.write_summary(after, final)
+        if run is not None:
+            run.close()
+
+
+def stop_message(run_dir: Path, stop, run, saved: Path | None) -> str:
+    """One line: which signal stopped the run where, what was saved, and the command that continues."""
+    from mhpo.trainer import checkpoint as ckpt
+
+    where = f"at RL step {run.trained + 1}/{run.cfg.train.steps}" if run is not None and run.rl_started else "before RL"
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    if saved is not None:
+        kept = f"checkpoint of step {run.saved_step} saved ({saved})"
+    elif latest is not None:
+        kept = f"no step finished since the checkpoint {latest.name}" + (
+            " (the step in progress was torn by a second signal)" if stop.forced else ""
+        )
+    else:
+        return f"stopped by {stop.name} {where}; no RL step finished, nothing to resume (a --resume would start over)"
+    return f"stopped by {stop.name} {where}; {kept}. Continue with: mhpo train --resume {run_dir}"
 
 
 class TrainingRun:
     """One run directory being trained: its policy, data, logs and checkpoints, and the state a
     checkpoint carries besides weights and optimizer (evaluation before RL, warm-up, wall time)."""
 
-    def __init__(self, plan: Plan, run_dir: Path, console, *, resuming: bool, t_start: float):
+    def __init__(self, plan: Plan, run_dir: Path, console, *, resuming: bool, t_start: float, stop=None):
         from mhpo.benchmarks.training import open_hook
         from mhpo.trainer import checkpoint as ckpt
+        from mhpo.trainer.interrupts import Interrupts
         from mhpo.trainer.metrics import RunLogger
 
         cfg = self.cfg = plan.cfg
         self.plan, self.run_dir, self.console, self.t_start = plan, run_dir, console, t_start
+        self.stop = stop or Interrupts()
+        self.rl_started = False
         run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_root = run_dir / "checkpoints"
         ckpt.clean_partial(self.ckpt_root)
         self.resume_from = ckpt.resume_checkpoint(self.ckpt_root, warn=self.warn) if resuming else None
         if not resuming:
-            save_config(cfg, run_dir / CONFIG_FILE)
+            save_config(cfg, run_dir / CONFIG_FILE, header=config_header())
         load = model_loader(cfg, log=lambda m: console.print(f"[bold]mhpo train[/]: {m}", highlight=False))
         # The RL-initial policy is only needed when starting, or as the KL reference.
         needs_initial = self.resume_from is None or cfg.objective.beta > 0 or cfg.objective.log_kl
@@ -408,7 +461,13 @@ class TrainingRun:
         except ValueError as err:
             raise UsageError(str(err).splitlines()[0]) from None
         self.start_step = ckpt.read_state(self.resume_from)["step"] if self.resume_from is not None else 0
+        # trained: the last step whose update is done and logged; saved_step: the latest checkpoint's;
+        # snapshot: (RNG, data stream) at the start of step snapshot_step, for a checkpoint of the step before.
+        self.trained = self.start_step
+        self.saved_step = self.start_step if self.resume_from is not None else None
+        self.snapshot, self.snapshot_step = None, None
         if resuming and self.resume_from is None:  # stopped before its first checkpoint: start over in place
+            self.warn(f"mhpo train: {run_dir} has no complete checkpoint; starting it over from step 0")
             for name in ("metrics.jsonl", "evals.jsonl"):
                 (run_dir / name).unlink(missing_ok=True)
         resume_step = self.start_step if resuming else None
@@ -446,17 +505,46 @@ class TrainingRun:
         from mhpo.trainer import checkpoint as ckpt
 
         cfg, steps = self.cfg, self.cfg.train.steps
+        self.rl_started = True
         with _progress(self.console, cfg.train.progress, steps, self.start_step) as bar:
             for step in range(self.start_step + 1, steps + 1):
-                with self.pol.autocast():
-                    metrics = rl_step(self.plan, self.pol, self.source)
-                self.logger.log_step(step, metrics)
+                self.snapshot, self.snapshot_step = (ckpt.rng_state(), self.source.state_dict()), step
+                ckpt.maybe_fault("step-start", step)
+                with contextlib.ExitStack() as held, self.pol.autocast():
+                    metrics = rl_step(self.plan, self.pol, self.source, functools.partial(self.hold, held, step))
+                    self.logger.log_step(step, metrics)
+                    self.trained = step
                 ckpt.maybe_fault("step", step)
-                bar(step, metrics)
+                heldout = None
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < steps:
                     self.last_eval = (step, self.evaluate(step, "periodic"))
+                    heldout = self.last_eval[1].get("greedy/accuracy")
+                bar(step, metrics, heldout)
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < steps:
                     self.save(step)
+
+    def hold(self, held: contextlib.ExitStack, step: int) -> None:
+        """Hold interrupts from here (a step's update) until ``held`` closes (the step is logged)."""
+        from mhpo.trainer import checkpoint as ckpt
+
+        held.enter_context(self.stop.shield())
+        ckpt.maybe_fault("update", step)
+
+    def save_on_stop(self) -> Path | None:
+        """After Ctrl-C / SIGTERM: a full checkpoint of the last finished step when it has none yet.
+
+        Stopped before a step's update, the RNG and data stream go back to that step's start, so the
+        checkpoint equals the one a periodic save would have written; stopped inside the update by a
+        second signal, the weights are torn and nothing is saved."""
+        from mhpo.trainer import checkpoint as ckpt
+
+        torn = self.stop.forced and self.snapshot_step == self.trained + 1
+        if not self.rl_started or self.trained in (0, self.saved_step) or torn:
+            return None
+        if self.snapshot_step == self.trained + 1:  # stopped during a step, before its update
+            ckpt.set_rng_state(*self.snapshot[0])
+            self.source.load_state_dict(self.snapshot[1])
+        return self.save(self.trained)
 
     def finish(self) -> tuple[dict, Path | None]:
         """(evaluation after RL, final checkpoint or None; train.final_checkpoint: full | model | none)."""
@@ -523,18 +611,21 @@ class TrainingRun:
             "wall_seconds": self.wall_seconds(),
         }
         pol = self.pol
-        return ckpt.save_checkpoint(
-            self.ckpt_root,
-            step,
-            model=pol.model,
-            tokenizer=pol.processor,
-            optimizer=pol.optimizer,
-            scheduler=pol.scheduler,
-            state=state,
-            keep=self.cfg.train.keep_checkpoints,
-            kind=kind,
-            save_optimizer=self.cfg.train.save_optimizer,
-        )
+        with self.stop.shield():
+            path = ckpt.save_checkpoint(
+                self.ckpt_root,
+                step,
+                model=pol.model,
+                tokenizer=pol.processor,
+                optimizer=pol.optimizer,
+                scheduler=pol.scheduler,
+                state=state,
+                keep=self.cfg.train.keep_checkpoints,
+                kind=kind,
+                save_optimizer=self.cfg.train.save_optimizer,
+            )
+            self.saved_step = step if kind == "full" else self.saved_step
+        return path
 
     def wall_seconds(self) -> float:
         """Wall time of the whole run, the stretches before a resume included."""
@@ -555,6 +646,20 @@ class TrainingRun:
         return summary
 
 
+def config_header() -> str:
+    """The comment lines above a run's config.yaml: the values below are resolved, and for what machine."""
+    from mhpo.models import machine_info
+
+    m = machine_info()
+    flags = ", ".join(m["cpu_flags"]) or "none of avx2/avx512/bf16"
+    return (
+        "# The config this run used: null / auto / 0 settings resolved (mhpo.trainer.defaults).\n"
+        f"# Resolved on {m['cpu']} ({flags}; {m['cores']} cores), torch {m['torch']}"
+        + (f", {m['cuda']}" if m["cuda"] else "")
+        + ".\n"
+    )
+
+
 def _accuracy_line(label: str, results: dict, pass_k: int) -> str:
     line = f"{label}: held-out greedy accuracy {results['greedy/accuracy']:.1%}"
     return line + (f", pass@{pass_k} {results[f'pass@{pass_k}']:.1%}" if pass_k else "")
@@ -573,20 +678,6 @@ def _cfg_hash(cfg: Config) -> str:
     tree = to_dict(cfg)
     tree["train"] = {k: v for k, v in tree["train"].items() if f"train.{k}" not in RESUMABLE_CHANGES}
     return config_hash(tree)
-
-
-def default_threads(cfg: Config) -> int:
-    """1 for the built-in tiny models (their matrices are too small to split: with 2 threads on 2
-    busy cores a step measured ~30x slower than with 1); otherwise the usable cores, at most 8."""
-    from mhpo.models import BUILT_IN
-
-    if cfg.model.name_or_path in BUILT_IN:
-        return 1
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))
 
 
 def lr_factor(step: int, optim, total: int) -> float:
@@ -614,9 +705,11 @@ def lr_factor(step: int, optim, total: int) -> float:
 # One RL step.
 
 
-def rl_step(plan: Plan, pol: Policy, source) -> dict[str, float]:
+def rl_step(plan: Plan, pol: Policy, source, hold=contextlib.nullcontext) -> dict[str, float]:
     """One RL step: sample -> score -> advantages -> behaviour log-probs -> update -> metrics.
-    ``lr`` in the metrics is the rate this step used; the schedule steps after the update."""
+    ``lr`` in the metrics is the rate this step used; the schedule steps after the update.
+    ``hold()`` is entered before the update and left to the caller (interrupts are held from there
+    until the caller has logged the step: :mod:`mhpo.trainer.interrupts`)."""
     import torch
 
     from mhpo.trainer.advantages import group_advantages
@@ -628,12 +721,14 @@ def rl_step(plan: Plan, pol: Policy, source) -> dict[str, float]:
         rollout = sample_completions(plan, pol, examples)
     with timer("reward"):
         rows = [ex for ex in examples for _ in range(cfg.rollout.group_size)]
-        scores = plan.scorer.score(rows, rollout.completions)
+        ids = [row[keep].tolist() for row, keep in zip(rollout.completion_ids, rollout.completion_mask)]
+        scores = plan.scorer.score(rows, rollout.completions, completion_ids=ids)
         rewards = torch.tensor(scores.total, dtype=torch.float32)  # [N]
         a = cfg.advantage
         adv, keep = group_advantages(rewards, cfg.rollout.group_size, a.estimator, a.eps, a.drop_zero_std)  # [N]
     with timer("logprobs"):
         batch, entropy = behaviour_batch(plan, pol, rollout, adv, keep)
+    hold()
     with timer("update"):
         lr = pol.scheduler.get_last_lr()[0]
         result = policy_update(pol.model, pol.optimizer, batch, cfg.objective, cfg.update)
@@ -773,11 +868,14 @@ def _ended(rollout, eos_ids):
 
 
 class _progress:
-    """A rich progress bar: live reward, accuracy and step time for RL, probe accuracy for the
-    warm-up (a no-op when disabled)."""
+    """Progress of RL (reward, accuracy, step time) or the warm-up (probe accuracy): a rich bar on a
+    terminal; without one (nohup, a scheduler, a log file) one plain line per RL step instead
+    (nothing when disabled)."""
 
     def __init__(self, console, enabled: bool, total: int, start: int, label: str = "RL"):
-        self.console, self.enabled, self.total, self.start, self.label = console, enabled, total, start, label
+        self.console, self.total, self.start, self.label = console, total, start, label
+        self.enabled = enabled and console.is_terminal
+        self.lines = enabled and not console.is_terminal and label == "RL"
         self.progress = None
 
     def __enter__(self):
@@ -812,7 +910,14 @@ class _progress:
             )
         return self
 
-    def __call__(self, step: int, metrics: dict) -> None:
+    def __call__(self, step: int, metrics: dict, heldout: float | None = None) -> None:
+        if self.lines:
+            line = (
+                f"step {step}/{self.total}  reward {metrics['reward/mean']:.3f}  train acc {metrics['accuracy']:.1%}"
+                + (f"  held-out {heldout:.1%}" if heldout is not None else "")
+                + f"  {metrics['time/step']:.2f} s/step"
+            )
+            self.console.print(line, markup=False, highlight=False)
         if self.progress is not None:
             self.progress.update(
                 self.task,
@@ -844,9 +949,10 @@ def make_summary(
 ) -> dict:
     """The run's summary.json: "checkpoint" is the final checkpoint (None when train.final_checkpoint
     is none), "checkpoints" the names of every checkpoint left on disk."""
+    from mhpo.models import machine_info
     from mhpo.trainer.checkpoint import complete_checkpoints
 
-    size, k = eval_settings(cfg)
+    size, k = cfg.eval.size, cfg.eval.pass_k
     out = {
         "complete": True,
         "accuracy_before_rl": before.get("greedy/accuracy"),  # None when eval.size = 0
@@ -857,6 +963,12 @@ def make_summary(
         "task": cfg.task.name,
         "model": cfg.model.name_or_path,
         "seed": cfg.seed,
+        "precision": cfg.model.dtype,
+        "lr": cfg.optim.lr,
+        "max_new_tokens": cfg.rollout.max_new_tokens,
+        "eval_max_new_tokens": cfg.eval.max_new_tokens,
+        "threads": cfg.train.threads,
+        "machine": machine_info(),
         "heldout_size": size,
         "warmup": warm,
         "run_dir": str(run_dir),
@@ -878,7 +990,8 @@ def make_summary(
 def print_summary(summary: dict, file=None) -> None:
     lines = [
         "",
-        f"mhpo train: {summary['objective']} on {summary['task']} (model {summary['model']}, seed {summary['seed']})",
+        f"mhpo train: {summary['objective']} on {summary['task']} (model {summary['model']}, "
+        f"{summary.get('precision', '?')}, seed {summary['seed']})",
     ]
     w = summary.get("warmup") or {}
     if w:

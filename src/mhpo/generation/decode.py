@@ -1,0 +1,133 @@
+"""The decode loop: G completions of each left-padded text prompt, KV-cached, with their log-probs.
+
+    prefill   prompts [U, P] -> cache of the B = U * G rows, logits of the next position [B, V]
+              (G > 1: each prompt's positions 0 .. P-2 run once and their keys / values are repeated
+              G times (:func:`mhpo.models.logprobs.prompt_prefix_cache`); only the last prompt token
+              runs per row)
+    step t    y_t, logp_t = pick_tokens(logits)               one forward of [n, 1] tokens per step
+              rows that sampled an EOS are done: pad and log-prob 0 from then on
+    compact   when ``compact_fraction`` of the rows still in the batch are done, they leave it (their
+              cache rows too), so finished rows stop costing forward passes
+    stop      when every row is done, or after ``max_new_tokens`` steps
+
+Position ids are those ``generate`` uses for left-padded rows: cumsum(attention_mask) - 1, then +1
+per new token. The cache is transformers' ``DynamicCache``. Without compaction, the forward passes
+and the RNG draws are those of ``model.generate`` with the same settings, so the same seed gives the
+same tokens (tested); a compaction changes which rows later draws go to, not the distribution.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mhpo.generation.sampling import pick_tokens
+from mhpo.models.logprobs import prompt_prefix_cache
+
+# Compact the batch once this fraction of its rows is done: a compaction copies the KV cache once
+# (as DynamicCache's own append does every step), a done row costs a forward row every step.
+COMPACT_FRACTION = 0.25
+
+
+@dataclass
+class Decoded:
+    tokens: torch.Tensor  # [B, C] sampled ids, pad after a row's EOS; C = steps run (<= max_new_tokens)
+    logprobs: torch.Tensor  # [B, C] float32 log softmax(logits / T)[token], 0 after a row's EOS
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[N, L] -> [N, L]: cumsum(mask) - 1 on real tokens, 0 on left padding (as generate does)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+@torch.no_grad()
+def decode(
+    model,
+    input_ids: torch.Tensor,  # [U, P] left-padded prompts
+    attention_mask: torch.Tensor,  # [U, P]
+    *,
+    group_size: int = 1,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    compact_fraction: float | None = COMPACT_FRACTION,  # None: never compact
+) -> Decoded:
+    """``group_size`` completions per prompt (rows i*G .. i*G+G-1 for prompt i) of a causal LM."""
+    pick = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    B, P = input_ids.shape[0] * group_size, input_ids.shape[1]
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)  # [B, C]
+    logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=input_ids.device)  # [B, C]
+    if max_new_tokens == 0 or B == 0:
+        return Decoded(tokens, logprobs)
+    cache, logits = prefill(model, input_ids, attention_mask, group_size)  # logits [B, V]
+    if not compactable(cache):
+        compact_fraction = None
+    attn = torch.cat([attention_mask.repeat_interleave(group_size, 0), attention_mask.new_ones(B, max_new_tokens)], 1)
+    pos = position_ids(attention_mask)[:, -1:].repeat_interleave(group_size, 0) + 1  # [B, 1] of the first new token
+    rows = torch.arange(B, device=input_ids.device)  # [n] output row of each row still in the batch
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # [n]
+    eos = torch.as_tensor(list(eos_ids), device=input_ids.device)
+    steps = max_new_tokens
+    for t in range(max_new_tokens):
+        tok, lp = pick_tokens(logits, **pick)  # [n], [n]
+        tok, lp = tok.masked_fill(done, pad_id), lp.masked_fill(done, 0.0)
+        tokens[rows, t], logprobs[rows, t] = tok, lp
+        done |= torch.isin(tok, eos)
+        if t + 1 == max_new_tokens or bool(done.all()):
+            steps = t + 1
+            break
+        if compact_fraction is not None and int(done.sum()) >= max(compact_fraction * len(done), 1):
+            keep = (~done).nonzero().squeeze(1)  # [n']
+            cache.batch_select_indices(keep)
+            rows, attn, pos, tok, done = rows[keep], attn[keep], pos[keep], tok[keep], done[keep]
+        out = model(
+            input_ids=tok.unsqueeze(1),
+            attention_mask=attn[:, : P + t + 1],
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        pos += 1
+    return Decoded(tokens[:, :steps], logprobs[:, :steps])
+
+
+def compactable(cache) -> bool:
+    """Whether every layer of ``cache`` can drop batch rows (DynamicCache's layers can)."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(hasattr(layer, "batch_select_indices") for layer in layers)
+
+
+def prefill(model, input_ids, attention_mask, group_size: int):
+    """(KV cache of the B = U * G rows' prompts, logits [B, V] of the position after each prompt).
+
+    With G > 1 and P > 1 the prompts' shared part runs once per prompt (``prompt_prefix_cache``);
+    otherwise, or for a cache that cannot be shared, every row runs its whole prompt.
+    """
+    pos = position_ids(attention_mask)  # [U, P]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(group_size)  # [B]
+    if group_size > 1 and input_ids.shape[1] > 1:
+        base = getattr(model, model.base_model_prefix)
+        cache = prompt_prefix_cache(base, input_ids, attention_mask, pos, rows)
+        if cache is not None:
+            out = model(
+                input_ids=input_ids[rows, -1:],
+                attention_mask=attention_mask[rows],
+                position_ids=pos[rows, -1:],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            return out.past_key_values, out.logits[:, -1]
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(
+        input_ids=input_ids[rows], attention_mask=attention_mask[rows], position_ids=pos[rows], use_cache=True, **keep
+    )
+    return out.past_key_values, out.logits[:, -1]

@@ -1,0 +1,236 @@
+"""The decode loop: the tokens of ``model.generate``, log-probs equal to the trainer's recompute, and the
+shortcuts (shared prompt prefill, dropping finished rows) really taken."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from mhpo.generation import decode, sampling_config, truncate
+from mhpo.models import build_tiny, neutral_generation_config, seeded_init, tiny_text_config
+from mhpo.tasks import Example
+from mhpo.trainer.config import TinyModelConfig
+from mhpo.trainer.rollout import PromptEncoder, repeat_rows, sample
+from mhpo.trainer.update import rollout_logprobs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+MAX_NEW = 10
+
+
+def _sharp(arch, tok):
+    """A tiny Qwen2 / Llama with 10x the usual initial weight scale: its greedy completions vary (at the
+    usual scale an untrained model repeats one token)."""
+    sizes = tiny_text_config(tok, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64, max_positions=128)
+    model_class, config_class = {"qwen2": (Qwen2ForCausalLM, Qwen2Config), "llama": (LlamaForCausalLM, LlamaConfig)}[
+        arch
+    ]
+    model = seeded_init(model_class, config_class(initializer_range=0.2, **sizes), seed=5)
+    neutral_generation_config(model)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tiny, tok = build_tiny(TinyModelConfig(hidden_size=32, num_layers=2, intermediate_size=64), seed=3)
+    models = {"tiny": tiny.eval(), "qwen2": _sharp("qwen2", tok), "llama": _sharp("llama", tok)}
+    prompts = PromptEncoder(tok, chat=False)([Example(p, "") for p in ("12+7=", "3+4=", "100+200=", "9=")])
+    assert (prompts["attention_mask"] == 0).any()  # left padding
+    # Stop tokens the untrained models do produce, so that rows end at different steps: for the sharp
+    # models three ids of their greedy run, for the near-uniform tiny one a tenth of the vocabulary.
+    stops = {"tiny": list(range(10, 20))}
+    for arch in ("qwen2", "llama"):
+        greedy = decode(models[arch], **prompts, max_new_tokens=MAX_NEW, eos_ids=[2], pad_id=0, do_sample=False)
+        stops[arch] = sorted({int(greedy.tokens[0, 3]), int(greedy.tokens[1, 6]), int(greedy.tokens[2, 1])})
+    return models, tok, prompts, stops
+
+
+def _generate(model, tok, prompts, group_size, eos, seed=0, **settings):
+    """The reference: ``model.generate`` on every row's own copy of its prompt."""
+    rows = repeat_rows(prompts, group_size)
+    cfg = sampling_config(model, max_new_tokens=MAX_NEW, eos_ids=eos, pad_id=tok.pad_token_id, **settings)
+    torch.manual_seed(seed)
+    return model.generate(**rows, generation_config=cfg)[:, rows["input_ids"].shape[1] :]
+
+
+def _decode(model, tok, prompts, group_size, eos, seed=0, compact_fraction=None, **settings):
+    torch.manual_seed(seed)
+    return decode(
+        model,
+        **prompts,
+        group_size=group_size,
+        max_new_tokens=MAX_NEW,
+        eos_ids=eos,
+        pad_id=tok.pad_token_id,
+        compact_fraction=compact_fraction,
+        **settings,
+    )
+
+
+class ForwardLog:
+    """The input_ids shape of every forward pass of ``model``'s base model."""
+
+    def __init__(self, model):
+        self.shapes: list[tuple[int, int]] = []
+        base = getattr(model, model.base_model_prefix)
+        self.handle = base.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        self.shapes.append(tuple(kwargs["input_ids"].shape))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("arch", ["tiny", "qwen2", "llama"])
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_greedy_tokens_equal_generate(setup, arch, group_size):
+    models, tok, prompts, stops = setup
+    model, eos = models[arch], stops[arch]
+    ref = _generate(model, tok, prompts, group_size, eos, do_sample=False, temperature=1.0, top_p=1.0, top_k=0)
+    with ForwardLog(model) as log:
+        out = _decode(model, tok, prompts, group_size, eos, do_sample=False, compact_fraction=0.25)
+    assert torch.equal(out.tokens, ref)
+    if arch != "tiny":  # (the tiny model's greedy rows repeat one token that is no stop token)
+        assert (out.tokens == tok.pad_token_id).any()  # rows did end early ...
+        assert min(b for b, _ in log.shapes) < len(ref)  # ... and left the batch
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p", [(1.0, 0, 1.0), (1.3, 0, 1.0), (0.7, 5, 1.0), (0.8, 0, 0.9), (1.0, 10, 0.8)]
+)
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_sampled_tokens_equal_generate_under_the_same_seed(setup, temperature, top_k, top_p, group_size):
+    """Without compaction the loop draws from the RNG exactly as generate does (multinomial on
+    softmax(truncated logits / T) over the whole batch), so one seed gives one set of completions."""
+    models, tok, prompts, stops = setup
+    settings = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    for arch in ("tiny", "llama"):
+        ref = _generate(models[arch], tok, prompts, group_size, stops[arch], seed=1, **settings)
+        out = _decode(models[arch], tok, prompts, group_size, stops[arch], seed=1, **settings)
+        assert torch.equal(out.tokens, ref)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "qwen2", "llama"])
+@pytest.mark.parametrize(
+    "do_sample, temperature, top_k, top_p", [(True, 1.3, 8, 0.9), (True, 0.6, 0, 1.0), (False, 1.0, 0, 1.0)]
+)
+def test_sampler_logprobs_equal_the_trainers_recompute(setup, arch, do_sample, temperature, top_k, top_p):
+    """Rollout.logprobs = log softmax(logits / T)[token] over the full vocabulary (top-k / top-p only
+    choose the token), as ``rollout_logprobs`` recomputes them: within 1e-5 in float32."""
+    models, tok, prompts, stops = setup
+    model = models[arch]
+    torch.manual_seed(0)
+    r = sample(
+        model,
+        tok,
+        prompts,
+        group_size=4,
+        max_new_tokens=MAX_NEW,
+        eos_ids=stops[arch],
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        batch_size=12,
+    )
+    assert r.logprobs.dtype == torch.float32 and r.logprobs.shape == r.completion_mask.shape
+    if do_sample or arch != "tiny":  # (the tiny model's greedy rows repeat one token that is no stop token)
+        assert r.lengths.min() < r.completion_mask.shape[1]  # some rows ended early
+    recomputed, _ = rollout_logprobs(model, r, temperature=temperature)
+    m = r.completion_mask
+    assert (r.logprobs[~m] == 0).all() and (r.logprobs[m] < 0).all()
+    assert (recomputed - r.logprobs).abs().max() <= 1e-5
+
+
+def test_shared_prompt_prefill_runs(setup):
+    """G > 1: the prompts' first P-1 positions run once per prompt ([U, P-1]), then only the last
+    prompt token per row ([U*G, 1]); no forward ever holds a whole prompt per row."""
+    models, tok, prompts, _ = setup
+    U, P = prompts["input_ids"].shape
+    G = 4
+    with ForwardLog(models["tiny"]) as log:
+        _decode(models["tiny"], tok, prompts, G, [tok.eos_token_id], do_sample=True)
+    assert log.shapes[:2] == [(U, P - 1), (U * G, 1)]
+    assert all(length == 1 for _, length in log.shapes[1:])
+    with ForwardLog(models["tiny"]) as log:  # G = 1: nothing to share, one plain prefill
+        _decode(models["tiny"], tok, prompts, 1, [tok.eos_token_id], do_sample=True)
+    assert log.shapes[0] == (U, P) and all(length == 1 for _, length in log.shapes[1:])
+
+
+def test_compaction_keeps_the_greedy_completions(setup):
+    models, tok, prompts, stops = setup
+    full = _decode(models["llama"], tok, prompts, 3, stops["llama"], do_sample=False)
+    with ForwardLog(models["llama"]) as log:
+        compact = _decode(models["llama"], tok, prompts, 3, stops["llama"], do_sample=False, compact_fraction=0.01)
+    torch.testing.assert_close(compact.logprobs, full.logprobs, atol=1e-5, rtol=0)  # other batch, other rounding
+    assert torch.equal(compact.tokens, full.tokens)
+    sizes = [b for b, _ in log.shapes[1:]]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0]
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (5, 1.0), (0, 0.7), (0, 0.999), (7, 0.5), (60, 0.95)])
+def test_truncation_keeps_what_the_transformers_warpers_keep(top_k, top_p):
+    z = torch.randn(16, 50, generator=torch.Generator().manual_seed(0)) * 3
+    ref = z
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    out = truncate(z, top_k, top_p)
+    assert torch.equal(out.isfinite(), ref.isfinite())
+    assert torch.equal(out[out.isfinite()], z[out.isfinite()])
+    if not top_k and top_p == 1.0:
+        assert out is z  # nothing to do: no copy, no sort
+
+
+def test_select_carries_the_logprobs(setup):
+    models, tok, prompts, stops = setup
+    torch.manual_seed(0)
+    r = sample(models["tiny"], tok, prompts, group_size=2, max_new_tokens=MAX_NEW, eos_ids=stops["tiny"])
+    short = int(r.lengths.argmin())
+    sub = r.select([short])  # trimmed to the row's own length
+    assert sub.logprobs.shape == sub.completion_mask.shape == (1, int(r.lengths[short]))
+    assert torch.equal(sub.logprobs[0], r.logprobs[short, : sub.logprobs.shape[1]])
+    assert torch.equal(r.select([1, 0], trim=False).logprobs, r.logprobs[[1, 0]])
+
+
+def test_image_prompts_sample_with_generate_and_record_the_same_logprobs():
+    """Prompts with pixels go through the model's own generate; a logits processor records
+    log softmax(logits / T)[token] on the way, equal to the recompute."""
+    from mhpo.models.multimodal import text_tokenizer
+    from mhpo.models.vlm import build_tiny_vlm
+    from mhpo.tasks import build_task
+    from mhpo.trainer.config import load_config
+    from mhpo.trainer.rollout import build_encoder, eos_token_ids
+
+    cfg = load_config("vlm")
+    model, processor = build_tiny_vlm(cfg.model.tiny, cfg.model.vision, seed=0)
+    encoder = build_encoder(processor, chat_template="auto")
+    tok = text_tokenizer(processor)
+    torch.manual_seed(0)
+    prompts = encoder(build_task(cfg.task).heldout(3, 0))
+    r = sample(
+        model,
+        tok,
+        prompts,
+        group_size=2,
+        max_new_tokens=4,
+        eos_ids=eos_token_ids(model, tok),
+        temperature=0.8,
+        top_k=20,
+    )
+    recomputed, _ = rollout_logprobs(model, r, temperature=0.8)
+    assert (r.logprobs[~r.completion_mask] == 0).all()
+    assert (recomputed - r.logprobs).abs().max() <= 1e-5
