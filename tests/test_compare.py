@@ -73,9 +73,9 @@ def recompute(run_dir: Path) -> dict:
         "collapsed": acc[-1] < max(acc) / 2,
         "grad_spikes": sum(1 for g in grads if g > 5 * med),
         "max_grad_norm": max(grads),
-        "p99_abs_log_ratio": max(m["policy/log_ratio/abs_p99"] for m in metrics),
+        "p99_abs_log_ratio": statistics.median([m["policy/log_ratio/abs_p99"] for m in metrics][len(metrics) // 2 :]),
         "entropy_change": statistics.mean(ent[-k:]) - statistics.mean(ent[:k]),
-        "clip_frac": statistics.mean(m["policy/clip_frac"] for m in metrics),
+        "clip_frac": statistics.mean([m["policy/clip_frac"] for m in metrics][len(metrics) // 2 :]),
         "response_length": statistics.mean(lengths[-k:]),
     }
 

@@ -6,7 +6,7 @@ import pytest
 
 from mhpo.cli import main
 from mhpo.trainer.config import Config, ConfigError, check_override, from_dict, load_config, to_dict, to_yaml
-from mhpo.trainer.defaults import lr_warning, resolve_defaults, resolved_for_display
+from mhpo.trainer.defaults import config_warnings, resolve_defaults, resolved_for_display
 from mhpo.trainer.train import config_changes, resumed_config
 
 
@@ -36,7 +36,7 @@ def test_a_pretrained_model_gets_a_pretrained_lr_and_a_toy_lr_is_warned_about(ca
     assert "  max_new_tokens: 32  # null: the task's budget" in out.out and not out.err
     assert main(["train", "--print-config", "--model", "org/a-model", "optim.lr=2e-4"]) == 0
     assert "warning: optim.lr=0.0002 is a tiny-model learning rate" in capsys.readouterr().err
-    assert lr_warning(load_config(None, ["optim.lr=2e-4"])) is None  # the built-in tiny model's own lr
+    assert config_warnings(load_config(None, ["optim.lr=2e-4"])) == []  # the built-in tiny model's own lr
 
 
 def test_a_resume_keeps_the_resolved_values_where_the_request_leaves_them_unset():

@@ -17,7 +17,8 @@ from _train_helpers import ENV, SMALL, jsonl, mhpo_cli
 from mhpo.trainer.metrics import strip_timing
 
 STEPS = 6
-ARGS = [*SMALL, "eval.every=0", "train.checkpoint_every=0", "train.report_to=[]", "objective.name=mhpo"]
+# staleness 2: the batches sampled for later steps go back to the step's start too
+ARGS = [*SMALL, "eval.every=0", "train.checkpoint_every=0", "train.report_to=[]", "rollout.staleness=2"]
 
 
 def _train(run, cache, fault: str | None = None) -> subprocess.CompletedProcess:

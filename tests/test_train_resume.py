@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -52,16 +53,22 @@ def _last_step(run) -> int:
     return len(lines)
 
 
-def test_killed_runs_resume_to_the_uninterrupted_metrics(tmp_path):
+@pytest.mark.parametrize(
+    "pipeline",
+    [(), ("rollout.staleness=3", "rollout.behaviour_logprobs=sampler")],
+    ids=["on-policy", "staleness-3-sampler-logprobs"],
+)
+def test_killed_runs_resume_to_the_uninterrupted_metrics(tmp_path, pipeline):
+    """With staleness the checkpoints also carry the batches sampled for later steps."""
     cache = tmp_path / "warmup-cache"
     ref, run = tmp_path / "ref", tmp_path / "run"
 
-    p = _start(ref, cache)
+    p = _start(ref, cache, *pipeline)
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
 
     # 1. die halfway through writing the step-8 checkpoint (model and optimizer written, no state)
-    p = _start(run, cache, env={"MHPO_FAULT": "checkpoint:8"})
+    p = _start(run, cache, *pipeline, env={"MHPO_FAULT": "checkpoint:8"})
     _, err = p.communicate(timeout=600)
     assert p.returncode == 75, err
     ckpts = run / "checkpoints"
@@ -95,6 +102,9 @@ def test_killed_runs_resume_to_the_uninterrupted_metrics(tmp_path):
     assert [m["step"] for m in b] == list(range(1, STEPS + 1))
     for x, y in zip(a, b):
         assert strip_timing(x) == strip_timing(y), x["step"]
+    if pipeline:  # the pipeline filled: from step 4 on each batch was sampled 3 RL steps earlier
+        assert [m["staleness/policy_lag"] for m in b] == [0, 1, 2] + [3] * (STEPS - 3)
+        assert (run / "checkpoints" / "step_000012" / "pending.safetensors").is_file()
     assert jsonl(ref / "evals.jsonl") == jsonl(run / "evals.jsonl")
     wa = load_file(str(ref / "checkpoints" / f"step_{STEPS:06d}" / "model.safetensors"))
     wb = load_file(str(run / "checkpoints" / f"step_{STEPS:06d}" / "model.safetensors"))

@@ -24,11 +24,18 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--target", type=float, default=0.5, help="target accuracy for the report (default: %(default)s)"
     )
+    parser.add_argument(
+        "--sweep",
+        metavar="KEY=V1,V2,...",
+        help="objectives x seeds x these values of one config key (e.g. rollout.staleness=0,2,4,8): a report per "
+        "value in <output-dir>/KEY=V/ and the stability envelope (envelope.md/html/json/png) in <output-dir>",
+    )
 
 
 def run(args) -> int:
+    from mhpo.compare.envelope import build_envelope, parse_sweep, value_dir
     from mhpo.compare.report import build_report
-    from mhpo.trainer.config import ConfigError, load_config
+    from mhpo.trainer.config import ConfigError, load_config, with_overrides
 
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; valid presets: {', '.join(PRESETS)}")
@@ -48,17 +55,26 @@ def run(args) -> int:
     except ConfigError as err:
         raise UsageError(str(err)) from None
     out = Path(args.output_dir or f"runs/compare-{args.preset}")
-    n_runs = len(specs) * args.seeds
+    key, values = parse_sweep(args.sweep) if args.sweep else (None, [None])
+    n_runs = len(specs) * args.seeds * len(values)
     cores = os.cpu_count() or 1
     workers = args.jobs or min(cores, n_runs)
-    jobs = plan_jobs(base, specs, list(range(args.seeds)), out, threads=max(1, cores // workers))
+    seeds, threads = list(range(args.seeds)), max(1, cores // workers)
     from mhpo.trainer.train import validate
 
-    validate(base).scorer.close()  # task, rewards, model: checked once before any work
+    jobs = []
+    for value in values:  # value-major: each value's runs finish together
+        try:
+            cfg = with_overrides(base, [f"{key}={value}"]) if key else base
+        except ConfigError as err:
+            raise UsageError(f"--sweep {key}={value}: {err}") from None
+        validate(cfg).scorer.close()  # task, rewards, model: checked once before any work
+        jobs += plan_jobs(cfg, specs, seeds, out, threads, runs=out / "runs" / value_dir(key, value) if key else None)
     setting = f"{args.preset} preset" + (f" over {args.config}" if args.config else "")
+    swept = f" x {len(values)} values of {key}" if key else ""
     print(
-        f"mhpo compare: {len(specs)} objectives x {args.seeds} seeds = {len(jobs)} runs, {workers} in parallel, "
-        f"{setting} ({preset.about}); output {out}"
+        f"mhpo compare: {len(specs)} objectives x {args.seeds} seeds{swept} = {len(jobs)} runs, {workers} in "
+        f"parallel, {setting} ({preset.about}); output {out}"
     )
     t0 = time.perf_counter()
     failures = run_jobs(jobs, workers)
@@ -68,14 +84,18 @@ def run(args) -> int:
             "skipped)"
         )
         return 1
-    result = build_report(
-        [out / "runs"],
-        out,
-        target=args.target,
-        reference=specs[0][0],
-        order=[s[0] for s in specs],
-        title=f"{setting}, {len(specs)} objectives x {args.seeds} seeds",
-    )
-    print("\n".join(result["summary"]))
-    print(f"\n{len(jobs)} runs in {time.perf_counter() - t0:.0f} s; report: {out / 'report.md'}, {out / 'report.html'}")
+    order, title = [s[0] for s in specs], f"{setting}, {len(specs)} objectives x {args.seeds} seeds"
+    common = dict(target=args.target, reference=order[0], order=order)
+    elapsed = f"{len(jobs)} runs in {time.perf_counter() - t0:.0f} s"
+    if key is None:
+        result = build_report([out / "runs"], out, title=title, **common)
+        print("\n".join(result["summary"]))
+        print(f"\n{elapsed}; report: {out / 'report.md'}, {out / 'report.html'}")
+        return 0
+    for value in values:
+        sub = value_dir(key, value)
+        build_report([out / "runs" / sub], out / sub, title=f"{title}, {sub}", **common)
+    result = build_envelope(out / "runs", out, key, values, title=f"{title}: envelope over {key}", **common)
+    print("\n".join(result["spread"]))
+    print(f"\n{elapsed}; envelope: {out / 'envelope.md'}, {out / 'envelope.html'}; per value: {out}/{key}=*/report.md")
     return 0

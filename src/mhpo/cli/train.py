@@ -53,12 +53,12 @@ def run(args) -> int:
             cfg = _with_steps(cfg, args.steps)
         summary = run_training(cfg, run_dir, resume="require")
     elif args.print_config:
-        from mhpo.trainer.defaults import lr_warning, resolved_for_display
+        from mhpo.trainer.defaults import config_warnings, resolved_for_display
 
         cfg = resolved_for_display(config_from_args(args))
         print(commented_yaml(cfg), end="")
-        if lr_warning(cfg):
-            print(f"warning: {lr_warning(cfg)}", file=sys.stderr)
+        for warning in config_warnings(cfg):
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
     else:
         cfg = config_from_args(args)

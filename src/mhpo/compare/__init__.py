@@ -12,6 +12,7 @@ interrupted comparison continues where it stopped. An objective may carry hparam
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -105,14 +106,16 @@ class Job:
     config: dict  # the full resolved config of this run
 
 
-def plan_jobs(base, specs, seeds: list[int], out: Path, threads: int = 0) -> list[Job]:
-    """One job per objective x seed; all share the config except objective and seed.
+def plan_jobs(base, specs, seeds: list[int], out: Path, threads: int = 0, runs: Path | None = None) -> list[Job]:
+    """One job per objective x seed, in ``runs`` (default ``out/runs``); all share the config except
+    objective and seed, and one warm-up cache (``out/warmup``: one warm-up per seed).
 
     ``threads`` (> 0) replaces an automatic ``train.threads`` (0), so that parallel runs share the
     cores instead of each taking all of them."""
     from mhpo.trainer.config import from_dict, to_dict
 
     jobs = []
+    runs = runs or out / "runs"
     warm_cache = str((out / "warmup").resolve())
     for seed in seeds:
         for label, name, hparams in specs:
@@ -125,7 +128,7 @@ def plan_jobs(base, specs, seeds: list[int], out: Path, threads: int = 0) -> lis
             if threads and not tree["train"]["threads"]:
                 tree["train"]["threads"] = threads
             from_dict(tree)  # validate
-            jobs.append(Job(label, seed, str(out / "runs" / slug(label) / f"seed{seed}"), tree))
+            jobs.append(Job(label, seed, str(runs / slug(label) / f"seed{seed}"), tree))
     return jobs
 
 
@@ -142,11 +145,29 @@ def run_job(job: Job) -> dict:
         return run_training(from_dict(job.config), job.run_dir, resume="auto", console=Console(file=log, width=120))
 
 
+def exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """Pool-worker initializer: a daemon thread ends this worker at once (like SIGKILL: the run's
+    checkpoints are kill-safe and a rerun resumes exactly) when ``parent`` is no longer its parent.
+    Without it, a comparison whose parent was SIGKILLed (the OOM killer) left its workers waiting on
+    a pipe for good."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(70)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def run_jobs(jobs: list[Job], workers: int, echo=print) -> list[tuple[Job, str]]:
     """Run jobs in a pool of `workers` spawned processes; returns the (job, error) that failed."""
     failures = []
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=get_context("spawn"), initializer=exit_with_parent, initargs=(os.getpid(),)
+    )
+    with pool:
         pending = {pool.submit(run_job, job): job for job in jobs}
         done_count = 0
         while pending:

@@ -9,10 +9,10 @@ Per run, from its `evals.jsonl` (held-out evaluations) and `metrics.jsonl` (one 
     grad_spikes        RL steps whose grad norm (before clipping; the largest of the step's optimizer
                        steps) exceeds 5x the run's median
     max_grad_norm      the largest grad norm over all steps
-    p99_abs_log_ratio  the largest per-step 99th percentile of |log r|
+    p99_abs_log_ratio  the median over the second half of the steps of the per-step p99 of |log r|
     entropy_change     mean entropy of the last 10 steps minus that of the first 10 (fewer for runs
                        shorter than 20 steps: half the steps each; 0 below 2 steps)
-    clip_frac          mean over steps of the fraction of update tokens whose multiplier is
+    clip_frac          mean over the second half of the steps of the fraction of update tokens whose multiplier is
                        below 0.1 M(1) (gradient clipped away or nearly so)
     response_length    mean completion length (tokens) over the same last steps as entropy_change
 
@@ -150,12 +150,19 @@ def run_stats(run: Run, target: float) -> RunStats:
         collapsed=final < best / 2,
         grad_spikes=sum(g > SPIKE_FACTOR * median for g in grads),
         max_grad_norm=max(grads, default=0.0),
-        p99_abs_log_ratio=max(p99, default=0.0),
+        p99_abs_log_ratio=statistics.median(second_half(p99)) if p99 else 0.0,
         entropy_change=(sum(ent[-n:]) / n - sum(ent[:n]) / n) if n else 0.0,
-        clip_frac=sum(clip) / len(clip) if clip else 0.0,
+        clip_frac=statistics.fmean(second_half(clip)) if clip else 0.0,
         response_length=sum(tail) / len(tail) if tail else 0.0,
         wall_seconds=float(run.summary.get("wall_seconds", 0.0)),
     )
+
+
+def second_half(values: list[float]) -> list[float]:
+    """The trained phase of a run's per-step values: the second half of its steps (all of one step).
+    Ratio tails are summarised over it, not by the maximum over steps: in short runs that falls at
+    step 1, where Adam's first update depends only on the gradient's sign, the same for every objective."""
+    return values[len(values) // 2 :]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -409,10 +416,12 @@ DEFINITIONS = [
     "Collapse: a run whose final accuracy is below half of its best (it fell and did not recover).",
     "Grad spikes: RL steps whose grad norm before clipping (the largest of the step's optimizer steps) exceeds "
     f"{SPIKE_FACTOR:g}x that run's median; max grad norm is the largest over all steps.",
-    "p99 |log r|: the largest, over RL steps, of the per-step 99th percentile of |log pi/pi_old| over update tokens.",
+    "p99 |log r|: the median, over the second half of the RL steps, of the per-step 99th percentile of "
+    "|log pi/pi_old| over update tokens (the trained phase; the maximum over steps falls at step 1 in short runs).",
     f"Entropy change: mean per-token entropy of the last {EDGE_STEPS} RL steps minus that of the first {EDGE_STEPS} "
     f"(half the steps each for runs shorter than {2 * EDGE_STEPS}).",
-    "Clip frac.: mean over RL steps of the share of update tokens whose multiplier M(r) is below 0.1 M(1) (their "
+    "Clip frac.: mean over the second half of the RL steps of the share of update tokens whose multiplier M(r) "
+    "is below 0.1 M(1) (their "
     "gradient clipped away or nearly so).",
     "Response length: mean completion length in tokens over the same last steps as the entropy change.",
     "A difference exceeds the seed spread when |mean_a - mean_b| > std_a + std_b; this is a rough screen, not a test.",

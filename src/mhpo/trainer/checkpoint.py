@@ -4,6 +4,8 @@
         config.json, model.safetensors, generation_config.json, tokenizer files   (a loadable HF model)
         optimizer.safetensors      AdamW moments and step counts, keyed "state.<param index>.<name>"
         rng.safetensors            torch CPU (and CUDA) generator states
+        pending.safetensors        batches sampled for later steps (rollout.staleness > 0; their JSON
+                                   is the state's "pending")
         trainer_state.json         step, optimizer param groups, scheduler, python/numpy RNG states,
                                    prompt-source state, run bookkeeping, and the manifest: size and
                                    sha256 of every other file, plus a sha256 of the JSON itself
@@ -44,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from mhpo.errors import UsageError
 
 STATE_FILE = "trainer_state.json"
+PENDING_FILE = "pending.safetensors"
 FORMAT = 1
 KINDS = ("full", "model")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -208,10 +211,12 @@ def save_checkpoint(
     keep: int,
     kind: str = "full",
     save_optimizer: bool = True,
+    pending: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, prune to the newest ``keep``.
 
-    kind "full": everything a resume needs (optimizer tensors only with ``save_optimizer``);
+    kind "full": everything a resume needs (optimizer tensors only with ``save_optimizer``; the
+    tensors of batches sampled for later steps, ``pending``, in pending.safetensors);
     kind "model": the model and tokenizer only (optimizer, scheduler and state are ignored)."""
     if kind not in KINDS:
         raise ValueError(f"checkpoint kind {kind!r}; valid kinds: {', '.join(KINDS)}")
@@ -231,6 +236,8 @@ def save_checkpoint(
         maybe_fault("checkpoint", step)
         rng_js, rng_tensors = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        if pending:
+            save_file(pending, str(tmp / PENDING_FILE))
         full.update(
             {
                 "optimizer": opt_js,
@@ -385,6 +392,11 @@ def read_state(ckpt: Path) -> dict:
     if state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {ckpt} has format {state.get('format')!r}; this mhpo reads format {FORMAT}")
     return state
+
+
+def load_pending(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the batches a checkpoint holds for later steps (none: {})."""
+    return _load_tensors(ckpt, PENDING_FILE) if (Path(ckpt) / PENDING_FILE).is_file() else {}
 
 
 def _load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor]:

@@ -122,6 +122,22 @@ class RolloutConfig:
     top_p: float = _f(1.0, "(0,1]", "nucleus sampling (1: off)")
     top_k: int = _f(0, ">=0", "0 = off (true temperature sampling)")
     batch_size: int | None = _f(None, ">=1", "rows per generate call (default: all)")
+    staleness: int = _f(
+        0, ">=0", "asynchronous RL: train at step t on the batch sampled k steps earlier (mhpo.trainer.pending)"
+    )
+    behaviour_logprobs: Literal["trainer", "sampler"] = _f(
+        "trainer",
+        help="trainer: log pi_old recomputed by the trainer at sampling time; sampler: the sampling pass's own "
+        "(as async engines take them from the inference engine)",
+    )
+    precision: Literal["same", "float32", "bf16"] = _f(
+        "same",
+        help="sampling precision: same as the run's, or float32 / bf16 autocast (with behaviour_logprobs="
+        "sampler: a training-inference mismatch)",
+    )
+    log_mismatch: bool = _f(
+        True, help="with sampler log-probs: one no-grad trainer pass per batch to log |log pi_trainer - log pi_sampler|"
+    )
 
 
 @dataclass

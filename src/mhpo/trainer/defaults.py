@@ -81,15 +81,21 @@ def resolve_defaults(cfg: Config, task_max_new_tokens: int | None) -> Config:
     )
 
 
-def lr_warning(cfg: Config) -> str | None:
-    """A warning when a tiny-model learning rate meets a pretrained model (full-parameter RL)."""
-    if model_kind(cfg) == "built-in" or cfg.optim.lr is None or cfg.optim.lr < TOY_LR:
-        return None
-    return (
-        f"optim.lr={cfg.optim.lr:g} is a tiny-model learning rate: full-parameter RL of a pretrained model starts "
-        f"around 1e-6 (TRL's and verl's default; mhpo's default for pretrained models); on SmolLM2-135M lr 1e-4 "
-        "collapsed every objective within 12 steps (docs/evidence.md)"
-    )
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that run but are likely a mistake: a tiny-model learning rate on a pretrained model
+    (full-parameter RL), bf16 sampling on a CPU without native bf16 matmuls (~100x slower)."""
+    from mhpo.models import cpu_has_bf16
+
+    out = []
+    if model_kind(cfg) == "pretrained" and cfg.optim.lr is not None and cfg.optim.lr >= TOY_LR:
+        out.append(
+            f"optim.lr={cfg.optim.lr:g} is a tiny-model learning rate: full-parameter RL of a pretrained model "
+            "starts around 1e-6 (TRL's and verl's default; mhpo's default for pretrained models); on SmolLM2-135M "
+            "lr 1e-4 collapsed every objective within 12 steps (docs/evidence.md)"
+        )
+    if cfg.rollout.precision == "bf16" and resolve_device(cfg.model.device).type == "cpu" and not cpu_has_bf16():
+        out.append("rollout.precision=bf16 on a CPU without native bf16 matmuls: sampling will be ~100x slower")
+    return out
 
 
 def resolved_for_display(cfg: Config) -> Config:

@@ -25,13 +25,18 @@ import functools
 import json
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mhpo.errors import Interrupted, UsageError
 from mhpo.seeding import derive_seed
 from mhpo.trainer.config import Config, ConfigError, load_config, save_config, to_dict
+from mhpo.trainer.pending import from_state, to_state
+
+if TYPE_CHECKING:
+    from mhpo.trainer.pending import ScoredBatch
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
@@ -100,6 +105,8 @@ def validate(cfg: Config) -> Plan:
         size, pass_k = cfg.eval.size, cfg.eval.pass_k
         heldout = task.heldout(size, cfg.eval.seed) if size else []
         _check_modality(cfg, heldout or task.heldout(1, cfg.eval.seed))
+        if cfg.rollout.staleness and _has_images(heldout or task.heldout(1, cfg.eval.seed)):
+            raise ValueError("rollout.staleness > 0 supports text tasks only (pending batches with images)")
         if cfg.eval.benchmarks:  # names and files of eval.benchmarks (loaded in _run)
             from mhpo.benchmarks.training import check_config
 
@@ -125,12 +132,17 @@ def validate(cfg: Config) -> Plan:
     return Plan(cfg, task, hparams, cfg.rollout.max_new_tokens, heldout, scorer, pass_k, cfg.eval.max_new_tokens)
 
 
+def _has_images(examples: list) -> bool:
+    from mhpo.models.multimodal import IMAGE_COLUMN
+
+    return any(ex.columns.get(IMAGE_COLUMN) is not None for ex in examples[:1])
+
+
 def _check_modality(cfg: Config, heldout: list) -> None:
     """ValueError when a task with images meets the built-in text-only model."""
     from mhpo.models import TINY
-    from mhpo.models.multimodal import IMAGE_COLUMN
 
-    if cfg.model.name_or_path == TINY and any(ex.columns.get(IMAGE_COLUMN) is not None for ex in heldout[:1]):
+    if cfg.model.name_or_path == TINY and _has_images(heldout):
         raise ValueError(
             f"task {cfg.task.name!r} has images but model 'tiny' is text-only; use model.name_or_path=tiny-vlm "
             "(or a vision-language model such as a Qwen2.5-VL dir), e.g. mhpo train --preset vlm"
@@ -208,7 +220,7 @@ def run_training(config: Config, output_dir: str | Path, *, resume: str = "auto"
     import torch
     from rich.console import Console
 
-    from mhpo.trainer.defaults import lr_warning
+    from mhpo.trainer.defaults import config_warnings
     from mhpo.trainer.interrupts import Interrupts
 
     t_start = time.perf_counter()
@@ -234,8 +246,7 @@ def run_training(config: Config, output_dir: str | Path, *, resume: str = "auto"
             return summary
 
     plan = validate(config)
-    warning = lr_warning(plan.cfg)
-    if warning:
+    for warning in config_warnings(plan.cfg):
         console.print(f"[bold red]warning[/]: {warning}", highlight=False)
     threads = torch.get_num_threads()
     try:
@@ -466,6 +477,7 @@ class TrainingRun:
         self.trained = self.start_step
         self.saved_step = self.start_step if self.resume_from is not None else None
         self.snapshot, self.snapshot_step = None, None
+        self.pending: deque = deque()  # batches sampled for later steps (rollout.staleness > 0)
         if resuming and self.resume_from is None:  # stopped before its first checkpoint: start over in place
             self.warn(f"mhpo train: {run_dir} has no complete checkpoint; starting it over from step 0")
             for name in ("metrics.jsonl", "evals.jsonl"):
@@ -490,6 +502,7 @@ class TrainingRun:
             pol = self.pol
             state = ckpt.restore_training_state(self.resume_from, pol.optimizer, pol.scheduler, warn=self.warn)
             self.source.load_state_dict(state["source"])
+            self.pending = from_state(state.get("pending", []), ckpt.load_pending(self.resume_from))
             self.before, self.warm_info, self.wall_before = state["before_rl"], state["warmup"], state["wall_seconds"]
             self.console.print(
                 f"[bold]mhpo train[/]: resuming {self.run_dir} from step {self.start_step} ({self.resume_from.name})"
@@ -508,10 +521,12 @@ class TrainingRun:
         self.rl_started = True
         with _progress(self.console, cfg.train.progress, steps, self.start_step) as bar:
             for step in range(self.start_step + 1, steps + 1):
-                self.snapshot, self.snapshot_step = (ckpt.rng_state(), self.source.state_dict()), step
+                self.snapshot = (ckpt.rng_state(), self.source.state_dict(), list(self.pending))
+                self.snapshot_step = step
                 ckpt.maybe_fault("step-start", step)
                 with contextlib.ExitStack() as held, self.pol.autocast():
-                    metrics = rl_step(self.plan, self.pol, self.source, functools.partial(self.hold, held, step))
+                    hold = functools.partial(self.hold, held, step)
+                    metrics = rl_step(self.plan, self.pol, self.source, self.pending, step, hold)
                     self.logger.log_step(step, metrics)
                     self.trained = step
                 ckpt.maybe_fault("step", step)
@@ -544,6 +559,7 @@ class TrainingRun:
         if self.snapshot_step == self.trained + 1:  # stopped during a step, before its update
             ckpt.set_rng_state(*self.snapshot[0])
             self.source.load_state_dict(self.snapshot[1])
+            self.pending = deque(self.snapshot[2])
         return self.save(self.trained)
 
     def finish(self) -> tuple[dict, Path | None]:
@@ -603,8 +619,10 @@ class TrainingRun:
         from mhpo.trainer import checkpoint as ckpt
 
         self.logger.flush()
+        records, tensors = to_state(self.pending)
         state = {
             "source": self.source.state_dict(),
+            "pending": records,
             "before_rl": self.before,
             "warmup": self.warm_info,
             "config_hash": _cfg_hash(self.cfg),
@@ -623,6 +641,7 @@ class TrainingRun:
                 keep=self.cfg.train.keep_checkpoints,
                 kind=kind,
                 save_optimizer=self.cfg.train.save_optimizer,
+                pending=tensors,
             )
             self.saved_step = step if kind == "full" else self.saved_step
         return path
@@ -705,18 +724,45 @@ def lr_factor(step: int, optim, total: int) -> float:
 # One RL step.
 
 
-def rl_step(plan: Plan, pol: Policy, source, hold=contextlib.nullcontext) -> dict[str, float]:
-    """One RL step: sample -> score -> advantages -> behaviour log-probs -> update -> metrics.
-    ``lr`` in the metrics is the rate this step used; the schedule steps after the update.
-    ``hold()`` is entered before the update and left to the caller (interrupts are held from there
-    until the caller has logged the step: :mod:`mhpo.trainer.interrupts`)."""
-    import torch
+def rl_step(plan: Plan, pol: Policy, source, pending, step: int, hold=contextlib.nullcontext) -> dict[str, float]:
+    """RL step ``step``: sample and score the batches now due (:mod:`mhpo.trainer.pending`; with
+    rollout.staleness = 0 exactly this step's), then update on this step's batch -> metrics.
 
-    from mhpo.trainer.advantages import group_advantages
+    ``pending`` (a deque of ScoredBatch) carries the batches sampled for later steps. ``lr`` in the
+    metrics is the rate this step used; the schedule steps after the update. ``hold()`` is entered
+    before the update and left to the caller (interrupts are held from there until the caller has
+    logged the step: :mod:`mhpo.trainer.interrupts`)."""
+    from mhpo.trainer.pending import next_target
     from mhpo.trainer.update import policy_update
 
     cfg, timer = plan.cfg, StepTimer()
-    with timer("rollout"):
+    last = min(step + cfg.rollout.staleness, cfg.train.steps)
+    for target in range(next_target(pending, step), last + 1):
+        pending.append(scored_batch(plan, pol, source, target, step - 1, timer))
+    sb = pending.popleft()
+    batch = update_batch(plan, pol, sb, timer)
+    hold()
+    with timer("update"):
+        lr = pol.scheduler.get_last_lr()[0]
+        lag = optimizer_steps(pol.optimizer) - sb.sampled_optimizer_steps
+        result = policy_update(pol.model, pol.optimizer, batch, cfg.objective, cfg.update)
+        pol.scheduler.step()
+    if result.first_rows is not None:  # the first minibatch's entropy came from the update's own pass
+        sb.entropy[sb.keep.nonzero().squeeze(-1)[result.first_rows]] = result.first_entropy
+    staleness = {"staleness/policy_lag": float(step - 1 - sb.sampled_after), "staleness/optimizer_lag": float(lag)}
+    return {**step_metrics(plan, pol, sb, lr, result.stats, timer), **staleness}
+
+
+def scored_batch(plan: Plan, pol: Policy, source, target: int, steps_done: int, timer) -> ScoredBatch:
+    """Sample the batch for RL step ``target`` with the current weights, score it, take its group
+    advantages and behaviour log-probs (:func:`behaviour_logprobs`)."""
+    import torch
+
+    from mhpo.trainer.advantages import group_advantages
+    from mhpo.trainer.pending import ScoredBatch
+
+    cfg = plan.cfg
+    with timer("rollout"), sampling_precision(cfg, pol):
         examples = source.next(cfg.rollout.prompts_per_step)
         rollout = sample_completions(plan, pol, examples)
     with timer("reward"):
@@ -727,16 +773,27 @@ def rl_step(plan: Plan, pol: Policy, source, hold=contextlib.nullcontext) -> dic
         a = cfg.advantage
         adv, keep = group_advantages(rewards, cfg.rollout.group_size, a.estimator, a.eps, a.drop_zero_std)  # [N]
     with timer("logprobs"):
-        batch, entropy = behaviour_batch(plan, pol, rollout, adv, keep)
-    hold()
-    with timer("update"):
-        lr = pol.scheduler.get_last_lr()[0]
-        result = policy_update(pol.model, pol.optimizer, batch, cfg.objective, cfg.update)
-        pol.scheduler.step()
-    kept = keep.nonzero().squeeze(-1)
-    if result.first_rows is not None:  # the first minibatch's entropy came from the update's own pass
-        entropy[kept[result.first_rows]] = result.first_entropy
-    return step_metrics(plan, pol, rollout, scores, rewards, adv, kept, entropy, lr, result.stats, timer)
+        old_logp, entropy, first_epoch, metrics = behaviour_logprobs(plan, pol, rollout, keep)
+    n_opt = optimizer_steps(pol.optimizer)
+    return ScoredBatch(
+        target, steps_done, n_opt, rollout, scores, rewards, adv, keep, old_logp, entropy, first_epoch, metrics
+    )
+
+
+def sampling_precision(cfg: Config, pol: Policy):
+    """The autocast of sampling: the run's (rollout.precision=same), or float32 / bf16 regardless."""
+    import torch
+
+    device = next(pol.model.parameters()).device
+    if cfg.rollout.precision == "same":
+        return contextlib.nullcontext()  # rl_step runs under the run's autocast already
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.rollout.precision == "bf16")
+
+
+def optimizer_steps(optimizer) -> int:
+    from mhpo.trainer.pending import optimizer_steps as count
+
+    return count(optimizer)
 
 
 class StepTimer:
@@ -783,50 +840,82 @@ def sample_completions(plan: Plan, pol: Policy, examples):
     )
 
 
-def behaviour_batch(plan: Plan, pol: Policy, rollout, adv, keep):
-    """(UpdateBatch of the kept rows, entropy [N, C]): behaviour (and reference) log-probs.
+def behaviour_logprobs(plan: Plan, pol: Policy, rollout, keep):
+    """(old_logp [N, C], entropy [N, C] or None, first_epoch or None, metrics) of a fresh rollout.
 
-    The first minibatch's rows get theirs from their own forward pass in the update (the policy has
-    not moved yet: ``UpdateBatch.first_epoch``); the other rows from one no-grad pass here. Their
-    entropy rows stay zero until the update returns them."""
+    rollout.behaviour_logprobs = trainer: the current weights' log-probs by a no-grad pass at the
+    run's precision. With staleness 0 the first minibatch's rows get theirs from their own forward
+    pass in the update instead (the policy has not moved yet: ``UpdateBatch.first_epoch``; their
+    entropy rows stay zero until the update returns them).
+    rollout.behaviour_logprobs = sampler: the sampling pass's own log-probs; with log_mismatch, one
+    trainer pass measures |log pi_trainer - log pi_sampler| (mean, p99, max over sampled tokens)."""
     import torch
 
-    from mhpo.trainer.update import UpdateBatch, minibatches, rollout_logprobs
+    from mhpo.trainer.update import minibatches, rollout_logprobs
 
     cfg = plan.cfg
+    temperature, micro = cfg.rollout.temperature, cfg.update.micro_batch_size
+    mask = rollout.completion_mask
+    if cfg.rollout.behaviour_logprobs == "sampler":
+        if not cfg.rollout.log_mismatch:
+            return rollout.logprobs, None, None, {}
+        trainer_logp, entropy = rollout_logprobs(
+            pol.model, rollout, temperature=temperature, entropy=True, micro_batch_size=micro
+        )
+        gap = (trainer_logp - rollout.logprobs)[mask].abs()  # [tokens]
+        stats = {}
+        if gap.numel():
+            stats = {
+                "mismatch/abs_log_ratio_mean": float(gap.mean()),
+                "mismatch/abs_log_ratio_p99": float(torch.quantile(gap.double(), 0.99)),
+                "mismatch/abs_log_ratio_max": float(gap.max()),
+            }
+        return rollout.logprobs, entropy, None, stats
     kept = keep.nonzero().squeeze(-1)  # [n]
-    first_epoch = minibatches(len(kept), cfg.update.num_minibatches)
+    first_epoch = minibatches(len(kept), cfg.update.num_minibatches) if cfg.rollout.staleness == 0 else None
     in_first = torch.zeros(len(rollout), dtype=torch.bool)
     if first_epoch:
         in_first[kept[first_epoch[0]]] = True
-    old_logp = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32)  # [N, C]
+    old_logp = torch.zeros(mask.shape, dtype=torch.float32)  # [N, C]
     entropy = torch.zeros_like(old_logp)
     rest = (~in_first).nonzero().squeeze(-1)
-    temperature, micro = cfg.rollout.temperature, cfg.update.micro_batch_size
     if len(rest):
         part = rollout.select(rest, trim=False)
         old_logp[rest], entropy[rest] = rollout_logprobs(
             pol.model, part, temperature=temperature, entropy=True, micro_batch_size=micro
         )
+    return old_logp, entropy, first_epoch, {}
+
+
+def update_batch(plan: Plan, pol: Policy, sb: ScoredBatch, timer):
+    """The UpdateBatch of a scored batch's kept rows, with the reference's log-probs when the
+    objective needs them (frozen weights: the same whenever computed)."""
+    from mhpo.trainer.update import UpdateBatch, rollout_logprobs
+
+    cfg = plan.cfg
+    kept = sb.keep.nonzero().squeeze(-1)  # [n]
     ref_logp = None
     if pol.reference is not None:
-        ref_logp, _ = rollout_logprobs(pol.reference, rollout, temperature=temperature, micro_batch_size=micro)
-    batch = UpdateBatch(
-        rollout.select(kept, trim=False),
-        old_logp[kept],
-        adv[kept],
-        temperature=temperature,
+        with timer("logprobs"):
+            r, micro = cfg.rollout, cfg.update.micro_batch_size
+            ref_logp, _ = rollout_logprobs(pol.reference, sb.rollout, temperature=r.temperature, micro_batch_size=micro)
+    return UpdateBatch(
+        sb.rollout.select(kept, trim=False),
+        sb.old_logp[kept],
+        sb.advantages[kept],
+        temperature=cfg.rollout.temperature,
         norm_length=float(plan.max_new_tokens),
         ref_logp=ref_logp[kept] if ref_logp is not None else None,
-        first_epoch=first_epoch,
+        first_epoch=sb.first_epoch,
     )
-    return batch, entropy
 
 
-def step_metrics(plan, pol, rollout, scores, rewards, adv, kept, entropy, lr, update_stats, timer) -> dict[str, float]:
-    """The step's metrics: rewards, lengths, entropy, groups, the update's stats, timings."""
+def step_metrics(plan, pol, sb: ScoredBatch, lr, update_stats, timer) -> dict[str, float]:
+    """The step's metrics: the trained batch's rewards, lengths, entropy (when a trainer pass gave
+    it), groups and sampling-time measures, the update's stats, timings."""
     from mhpo.trainer.advantages import zero_std_groups
 
+    rollout, scores, rewards, adv = sb.rollout, sb.scores, sb.rewards, sb.advantages
     mask = rollout.completion_mask
     lengths = mask.sum(-1).float()
     n_tok = float(mask.sum())
@@ -841,11 +930,12 @@ def step_metrics(plan, pol, rollout, scores, rewards, adv, kept, entropy, lr, up
         "response_length/mean": float(lengths.mean()),
         "response_length/max": float(lengths.max()),
         "response/truncated_frac": float(1.0 - _ended(rollout, pol.eos_ids).float().mean()),
-        "entropy": float(entropy.sum() / max(n_tok, 1.0)),
+        **({"entropy": float(sb.entropy.sum() / max(n_tok, 1.0))} if sb.entropy is not None else {}),
         "groups/zero_std_frac": float(zero_std_groups(rewards.view(-1, G)).float().mean()),
-        "update/rows": float(len(kept)),
+        "update/rows": float(sb.keep.sum()),
         "advantage/abs_mean": float(adv.abs().mean()),
         "lr": lr,
+        **sb.metrics,
         **update_stats,
         "throughput/tokens_per_s": n_tok / max(timer.total, 1e-9),
         "time/step": timer.total,
