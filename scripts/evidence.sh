@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Re-run the studies behind docs/evidence.md (resumable: rerun the same line to continue).
+#   scripts/evidence.sh envelope | envelope-mismatch | envelope-ablation | envelope-reports
 #   scripts/evidence.sh real-default | real-moderate | real-stress | toy-default | toy-stress | reports | all
 # Run directories go to runs/evidence/<study>/ (not committed); `reports` renders each report (md,
 # json, png) into docs/evidence/<name>/. Wall times on 2 CPU cores are in docs/evidence.md.
@@ -11,6 +12,16 @@ REAL=(--config smollm2-short-answers --seeds 3 --target 0.9 rollout.prompts_per_
 # The toy ablations: the ablation and c-sweep presets in one comparison (mhpo = mhpo[c=1.5], run once).
 TOY=(--objectives "mhpo,mhpo-lfm-only,mhpo-dhp-only,mhpo-symmetric,mhpo[c=0.5],mhpo[c=1.0],mhpo[c=2.0]" --seeds 3)
 
+# The off-policy envelope (docs/evidence.md leads with it): the real-model setting (12 steps) in float32, the
+# behaviour log-probs taken from the float32 sampling pass (as async engines do; equal to the trainer's within
+# ~1e-6 here, and it saves a pass), staleness swept. Value-major: staleness 0 finishes first, then 2, 4, 8.
+ENVELOPE=(--config smollm2-short-answers --seeds 3 --target 0.9 model.dtype=float32
+  rollout.behaviour_logprobs=sampler rollout.log_mismatch=false)
+ENVELOPE_OBJECTIVES=mhpo,grpo,cispo,sapo,reinforce
+# The training-inference mismatch: the only change is bf16 sampling (its log-probs are the behaviour policy),
+# the update stays float32; the mismatch itself is logged.
+MISMATCH=(rollout.precision=bf16 rollout.log_mismatch=true)
+
 study() {  # NAME COMPARE-ARGS...: run (or resume) the comparison into runs/evidence/NAME
   local name=$1; shift
   "${mhpo[@]}" compare --output-dir "runs/evidence/$name" "$@"
@@ -21,6 +32,17 @@ report() {  # NAME TITLE TARGET RUN-DIR...: the committed report in docs/evidenc
   rm -rf "docs/evidence/$name"
   "${mhpo[@]}" report "$@" --out "docs/evidence/$name" --target "$target" --title "$title" >/dev/null
   rm "docs/evidence/$name/report.html"  # the PNGs again, base64-inlined
+}
+
+envelope_reports() {  # each envelope study's reports (md, json, png; not its runs) into docs/evidence/<study>/
+  local name  # renders what has finished, also while a study is still running
+  for name in envelope envelope-mismatch envelope-ablation; do
+    [ -d "runs/evidence/$name/runs" ] || continue
+    rm -rf "docs/evidence/$name"
+    "${mhpo[@]}" report "runs/evidence/$name" --sweep rollout.staleness --out "docs/evidence/$name" --target 0.9 \
+      >/dev/null
+    find "docs/evidence/$name" -name "*.html" -delete  # the PNGs again, base64-inlined
+  done
 }
 
 reports() {
@@ -43,10 +65,17 @@ case "${1:-all}" in
   real-stress)   study real-stress "${REAL[@]}" --objectives mhpo,grpo,dapo optim.lr=3e-4 update.num_minibatches=8 ;;
   toy-default)  study toy-default "${TOY[@]}" ;;
   toy-stress)   study toy-stress --preset stress "${TOY[@]}" ;;
+  envelope)          study envelope "${ENVELOPE[@]}" --objectives "$ENVELOPE_OBJECTIVES" --sweep rollout.staleness=0,2,4,8 ;;
+  envelope-mismatch) study envelope-mismatch "${ENVELOPE[@]}" --objectives "$ENVELOPE_OBJECTIVES" "${MISMATCH[@]}" \
+                       --sweep rollout.staleness=0,4 ;;
+  envelope-ablation) study envelope-ablation "${ENVELOPE[@]}" --objectives mhpo-lfm-only,mhpo-dhp-only \
+                       --sweep rollout.staleness=4 ;;
+  envelope-reports)  envelope_reports ;;
   reports)      reports ;;
   all) for s in real-moderate real-stress real-default toy-stress toy-default reports; do "$0" "$s"; done ;;
   *)
-    echo "unknown study ${1}; valid: real-default real-moderate real-stress toy-default toy-stress reports all" >&2
+    echo "unknown study ${1}; valid: envelope envelope-mismatch envelope-ablation envelope-reports real-default" \
+      "real-moderate real-stress toy-default toy-stress reports all" >&2
     exit 2
     ;;
 esac
