@@ -112,3 +112,13 @@ def test_a_bf16_mixed_run_trains_with_finite_metrics(tmp_path):
         for key, value in record.items():
             if isinstance(value, float):
                 assert math.isfinite(value), (key, value)
+
+
+def test_machine_info_records_the_cpu_and_its_bf16_flags():
+    from mhpo.models import machine_info
+
+    text = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16 sse\n"
+    info = machine_info(text)
+    assert info["cpu"] == "AMD EPYC" and info["cpu_flags"] == ["avx2", "avx512_bf16", "avx512f"]
+    assert info["cpu_bf16"] is True and info["torch"]
+    assert machine_info("model name\t: old\nflags\t\t: avx2\n")["cpu_bf16"] is False

@@ -102,18 +102,21 @@ class Precision:
 DTYPES = ("auto", "float32", "bfloat16", "float16", "bf16-mixed")
 
 
+def read_cpuinfo() -> str:
+    """/proc/cpuinfo's text ('' where there is none: macOS, Windows)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX-BF16).
 
     Without them PyTorch emulates bf16 matmuls: measured 1.0 GFLOP/s against 111 in float32 on a
     2-core AVX2 EPYC, i.e. bf16 autocast would make every forward pass ~100x slower. Linux reads the
     CPU flags (``cpuinfo``: that file's text, for tests); elsewhere oneDNN's own bf16 check decides."""
-    text = cpuinfo
-    if text is None:
-        try:
-            text = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            text = ""
+    text = read_cpuinfo() if cpuinfo is None else cpuinfo
     for line in text.splitlines():
         if line.startswith("flags"):
             return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
@@ -127,12 +130,7 @@ def machine_info(cpuinfo: str | None = None) -> dict:
     """What computed a run, for its records: CPU model, its bf16 / AVX-512 flags, cores, torch version."""
     import platform
 
-    text = cpuinfo
-    if text is None:
-        try:
-            text = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            text = ""
+    text = read_cpuinfo() if cpuinfo is None else cpuinfo
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     flags = sorted(set(fields.get("flags", "").split()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
