@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Re-run the studies behind docs/evidence.md (resumable: rerun the same line to continue).
-#   scripts/evidence.sh envelope | envelope-mismatch | envelope-ablation | envelope-reports
+#   scripts/evidence.sh envelope | envelope-mismatch | envelope-ablation | envelope-reports | restore
 #   scripts/evidence.sh real-default | real-moderate | real-stress | toy-default | toy-stress | reports | all
 # Run directories go to runs/evidence/<study>/ (not committed); `reports` renders each report (md,
 # json, png) into docs/evidence/<name>/. Wall times on 2 CPU cores are in docs/evidence.md.
@@ -34,14 +34,28 @@ report() {  # NAME TITLE TARGET RUN-DIR...: the committed report in docs/evidenc
   rm "docs/evidence/$name/report.html"  # the PNGs again, base64-inlined
 }
 
-envelope_reports() {  # each envelope study's reports (md, json, png; not its runs) into docs/evidence/<study>/
-  local name  # renders what has finished, also while a study is still running
+envelope_reports() {  # each envelope study's reports (md, json, png) and its finished runs' records (config,
+  local name run  # summary, metrics, evals, samples: no checkpoints) into docs/evidence/<study>/; works mid-study
   for name in envelope envelope-mismatch envelope-ablation; do
     [ -d "runs/evidence/$name/runs" ] || continue
     rm -rf "docs/evidence/$name"
     "${mhpo[@]}" report "runs/evidence/$name" --sweep rollout.staleness --out "docs/evidence/$name" --target 0.9 \
       >/dev/null
     find "docs/evidence/$name" -name "*.html" -delete  # the PNGs again, base64-inlined
+    for run in $(cd "runs/evidence/$name" && find runs -name summary.json -printf '%h\n'); do
+      mkdir -p "docs/evidence/$name/$run"
+      (cd "runs/evidence/$name/$run" && cp -r config.yaml summary.json metrics.jsonl evals.jsonl samples \
+        "$OLDPWD/docs/evidence/$name/$run/")
+    done
+  done
+}
+
+restore() {  # a new checkout: put the committed finished runs back, so that a rerun of a study skips them
+  local name
+  for name in envelope envelope-mismatch envelope-ablation; do
+    [ -d "docs/evidence/$name/runs" ] || continue
+    mkdir -p "runs/evidence/$name"
+    cp -rn "docs/evidence/$name/runs" "runs/evidence/$name/"
   done
 }
 
@@ -71,6 +85,7 @@ case "${1:-all}" in
   envelope-ablation) study envelope-ablation "${ENVELOPE[@]}" --objectives mhpo-lfm-only,mhpo-dhp-only \
                        --sweep rollout.staleness=4 ;;
   envelope-reports)  envelope_reports ;;
+  restore)           restore ;;
   reports)      reports ;;
   all) for s in real-moderate real-stress real-default toy-stress toy-default reports; do "$0" "$s"; done ;;
   *)

@@ -193,8 +193,9 @@ def build_envelope(
     if not table:
         raise UsageError(f"no finished runs under {runs_root}/{value_dir(key, '<value>')}")
     found = list(dict.fromkeys(o for rows in table.values() for o in rows))
-    objectives = [o for o in (order or []) if o in found] + [o for o in found if o not in (order or [])]
-    reference = reference or ("mhpo" if "mhpo" in objectives else objectives[0])
+    reference = reference or (order[0] if order else "mhpo" if "mhpo" in found else found[0])
+    first = [o for o in [*(order or []), reference] if o in found]
+    objectives = list(dict.fromkeys([*first, *found]))  # the given order (or the reference) first, then as found
     out_dir.mkdir(parents=True, exist_ok=True)
     png = plot(table, key, objectives, out_dir / "envelope.png")
     lines = spread_lines(table, key, reference)
