@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from mhpo.errors import Interrupted, UsageError
 from mhpo.seeding import derive_seed
 from mhpo.trainer.config import Config, ConfigError, load_config, save_config, to_dict
-from mhpo.trainer.pending import from_state, to_state
+from mhpo.trainer.pending import from_state, optimizer_steps, to_state
 
 if TYPE_CHECKING:
     from mhpo.trainer.pending import ScoredBatch
@@ -788,12 +788,6 @@ def sampling_precision(cfg: Config, pol: Policy):
     if cfg.rollout.precision == "same":
         return contextlib.nullcontext()  # rl_step runs under the run's autocast already
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.rollout.precision == "bf16")
-
-
-def optimizer_steps(optimizer) -> int:
-    from mhpo.trainer.pending import optimizer_steps as count
-
-    return count(optimizer)
 
 
 class StepTimer:
