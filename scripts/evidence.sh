@@ -35,10 +35,10 @@ report() {  # NAME TITLE TARGET RUN-DIR...: the committed report in docs/evidenc
 }
 
 envelope_reports() {  # each envelope study's reports (md, json, png) and its finished runs' records (config,
-  local name run  # summary, metrics, evals, samples: no checkpoints) into docs/evidence/<study>/; works mid-study
+  local name run  # summary, metrics, evals, samples: no checkpoints) into docs/evidence/<study>/; works mid-study.
+  # A value whose runs are not under runs/ (a new checkout) keeps its committed report, and the envelope reads it.
   for name in envelope envelope-mismatch envelope-ablation; do
     [ -d "runs/evidence/$name/runs" ] || continue
-    rm -rf "docs/evidence/$name"
     "${mhpo[@]}" report "runs/evidence/$name" --sweep rollout.staleness --out "docs/evidence/$name" --target 0.9 \
       >/dev/null
     find "docs/evidence/$name" -name "*.html" -delete  # the PNGs again, base64-inlined

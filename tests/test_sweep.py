@@ -65,6 +65,22 @@ def test_sweep_writes_a_report_per_value_and_the_envelope(sweep):
     assert "<table>" in html and "data:image/png;base64," in html
 
 
+def test_the_envelope_keeps_a_value_whose_runs_are_gone_from_its_report(sweep, tmp_path, capsys):
+    """A new checkout has the committed reports but not the run directories: rendering the envelope
+    there (e.g. after a new value finished) reads the missing value's runs from its report.json."""
+    import shutil
+
+    out = tmp_path / "s"
+    shutil.copytree(sweep, out, ignore=shutil.ignore_patterns("envelope.*"))
+    shutil.rmtree(out / "runs" / "rollout.staleness=0")  # value 0: only its report is left
+    assert main(["report", str(out), "--sweep", "rollout.staleness"]) == 0
+    before, after = (json.loads((d / "envelope.json").read_text()) for d in (sweep, out))
+    assert after["values"] == ["0", "3"] and after["table"] == before["table"]
+    (out / "rollout.staleness=0" / "report.json").write_text("{}")
+    assert main(["report", str(out), "--sweep", "rollout.staleness"]) == 2
+    assert "report.json: not a report.json with a 'runs' list" in capsys.readouterr().err
+
+
 def test_bad_sweeps_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(UsageError, match="KEY=v1,v2"):
         parse_sweep("rollout.staleness")

@@ -43,11 +43,13 @@ def _sweep(args, out: Path) -> int:
         raise UsageError("--sweep takes one DIR: the output directory of mhpo compare --sweep")
     runs = Path(args.dirs[0]) / "runs"
     prefix = value_dir(args.sweep, "")
-    values = sorted((d.name[len(prefix) :] for d in runs.glob(f"{prefix}*") if d.is_dir()), key=_number_first)
+    found = {d.name[len(prefix) :] for d in runs.glob(f"{prefix}*") if d.is_dir()}
+    recorded = {d.parent.name[len(prefix) :] for d in out.glob(f"{prefix}*/report.json")}
+    values = sorted(found | recorded, key=_number_first)
     if not values:
-        raise UsageError(f"no {prefix}<value> folders under {runs}")
+        raise UsageError(f"no {prefix}<value> folders under {runs} (nor reports of them under {out})")
     common = dict(target=args.target, reference=args.reference)
-    for value in values:
+    for value in sorted(found, key=_number_first):  # a value known only from its report keeps that report
         try:
             build_report([runs / value_dir(args.sweep, value)], out / value_dir(args.sweep, value), **common)
         except UsageError:  # no finished run of this value yet

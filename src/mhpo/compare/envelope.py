@@ -20,7 +20,7 @@ import base64
 import json
 from pathlib import Path
 
-from mhpo.compare.report import _finite, aggregate, exceeds_spread, find_runs, load_run, run_stats
+from mhpo.compare.report import RunStats, _finite, aggregate, exceeds_spread, find_runs, load_run, run_stats
 from mhpo.errors import UsageError
 
 MEASURES = (  # (key in the aggregate, title, percent)
@@ -48,19 +48,33 @@ def parse_sweep(text: str) -> tuple[str, list[str]]:
     return key, items
 
 
-def sweep_table(runs_root: Path, key: str, values: list, target: float) -> dict:
-    """{value: the aggregate of that value's runs (report.aggregate)} for the values with runs."""
+def sweep_table(runs_root: Path, key: str, values: list, target: float, recorded: Path | None = None) -> dict:
+    """{value: the aggregate of that value's runs (report.aggregate)} for the values with runs.
+
+    A value with no finished run under ``runs_root`` is read from ``recorded/<KEY>=<value>/report.json``
+    where that exists: the report written when its runs were there holds each run's numbers, so an
+    envelope can grow by a value after the earlier values' run directories are gone (a new checkout)."""
     out = {}
     for v in values:
-        folder = runs_root / value_dir(key, v)
-        if not folder.is_dir():
-            continue
         try:
-            paths = find_runs([folder])
-        except UsageError:
-            continue  # no finished run of this value yet
+            paths = find_runs([runs_root / value_dir(key, v)])
+        except UsageError:  # no finished run of this value (yet)
+            rows = recorded_runs(recorded / value_dir(key, v) / "report.json") if recorded else None
+            if rows:
+                out[v] = aggregate([RunStats(**row) for row in rows])
+            continue
         out[v] = aggregate([run_stats(load_run(p), target) for p in paths])
     return out
+
+
+def recorded_runs(path: Path) -> list[dict] | None:
+    """The per-run numbers of a written report.json (its "runs"), or None when there is none."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["runs"] or None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path}: not a report.json with a 'runs' list ({e})") from e
 
 
 def spread_lines(table: dict, key: str, reference: str) -> list[str]:
@@ -187,9 +201,10 @@ def build_envelope(
     order: list[str] | None = None,
     title: str | None = None,
 ) -> dict:
-    """Write envelope.{md,html,json,png} into ``out_dir`` from ``runs_root/<KEY>=<value>/...`` runs."""
+    """Write envelope.{md,html,json,png} into ``out_dir`` from ``runs_root/<KEY>=<value>/...`` runs (a value
+    without runs there from ``out_dir/<KEY>=<value>/report.json``, see :func:`sweep_table`)."""
     runs_root, out_dir = Path(runs_root), Path(out_dir)
-    table = sweep_table(runs_root, key, values, target)
+    table = sweep_table(runs_root, key, values, target, recorded=out_dir)
     if not table:
         raise UsageError(f"no finished runs under {runs_root}/{value_dir(key, '<value>')}")
     found = list(dict.fromkeys(o for rows in table.values() for o in rows))
