@@ -8,7 +8,7 @@ by the same prompt encoder (chat template + the boxed-answer instruction), K com
 temperature 0.6, top-p 0.95, top-k off, the same ``max_new_tokens``, EOS ids and torch threads.
 Engines:
 
-    mhpo               what ``mhpo eval`` runs: :func:`mhpo.trainer.rollout.sample` with ``group_size=K``
+    mhpo               what ``mhpo eval`` runs: :func:`mhpo.generation.rollout.sample` with ``group_size=K``
                        on batches of ``batch_size // K`` problems (each prompt prefilled once, its
                        KV cache repeated K times)
     generate           the plain loop: per problem, ``model.generate(prompt,
@@ -56,13 +56,13 @@ def problems(n: int) -> list[str]:
 
 
 def _tokens(tokens: torch.Tensor, eos_ids) -> int:
-    from mhpo.trainer.rollout import completion_mask
+    from mhpo.generation.rollout import completion_mask
 
     return int(completion_mask(tokens, eos_ids).sum())
 
 
 def run_mhpo(ctx, seed: int) -> int:
-    from mhpo.trainer.rollout import sample
+    from mhpo.generation.rollout import sample
 
     total = 0
     for chunk in ctx["batches"]:
@@ -106,11 +106,12 @@ ENGINES = {"mhpo": run_mhpo, "generate": run_generate, "generate-batched": run_g
 
 
 def setup(args) -> dict:
-    from mhpo.benchmarks.loading import DEFAULT_TEMPLATE, apply_template
-    from mhpo.models import resolve_device, resolve_precision
+    from mhpo.evaluation.loading import DEFAULT_TEMPLATE, apply_template
+    from mhpo.generation import sampling_config
+    from mhpo.generation.prompts import build_encoder, eos_token_ids
+    from mhpo.models.device import resolve_device, resolve_precision
     from mhpo.models.loading import load_pretrained
     from mhpo.tasks.base import Example
-    from mhpo.trainer.rollout import build_encoder, eos_token_ids, sampling_config
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.dtype, device)

@@ -150,7 +150,7 @@ def _setup(args, objective: str):
 
     from mhpo.trainer.config import load_config
     from mhpo.trainer.defaults import default_threads
-    from mhpo.trainer.train import build_policy, model_loader, validate
+    from mhpo.trainer.setup import build_policy, model_loader, validate
 
     prompts, group, max_new, lr, threads = JOBS[args.model]
     overrides = [
@@ -174,7 +174,7 @@ def _setup(args, objective: str):
 
 def worker_mhpo(args) -> dict:
     from mhpo.seeding import derive_seed
-    from mhpo.trainer.train import rl_step
+    from mhpo.trainer.step import rl_step
 
     cfg, plan, pol = _setup(args, args.objective)
     source = plan.task.train_source(derive_seed(cfg.seed, "rl-data"), frozenset())

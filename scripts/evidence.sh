@@ -18,9 +18,14 @@ TOY=(--objectives "mhpo,mhpo-lfm-only,mhpo-dhp-only,mhpo-symmetric,mhpo[c=0.5],m
 ENVELOPE=(--config smollm2-short-answers --seeds 3 --target 0.9 model.dtype=float32
   rollout.behaviour_logprobs=sampler rollout.log_mismatch=false)
 ENVELOPE_OBJECTIVES=mhpo,grpo,cispo,sapo,reinforce
+# The values to run: a new checkout (the committed reports, no run directories) runs only what is missing, e.g.
+# STALENESS=8 scripts/evidence.sh envelope; envelope-reports then reads the other values from their reports.
+STALENESS=${STALENESS:-0,2,4,8}
 # The training-inference mismatch: the only change is bf16 sampling (its log-probs are the behaviour policy),
-# the update stays float32; the mismatch itself is logged.
+# the update stays float32; the mismatch itself is logged. Objectives cut to MHPO, the clipping baseline and the
+# negative control (no ratio control), at staleness 0 (mismatch alone) and 8 (mismatch on top of staleness).
 MISMATCH=(rollout.precision=bf16 rollout.log_mismatch=true)
+MISMATCH_OBJECTIVES=mhpo,grpo,reinforce
 
 study() {  # NAME COMPARE-ARGS...: run (or resume) the comparison into runs/evidence/NAME
   local name=$1; shift
@@ -79,9 +84,9 @@ case "${1:-all}" in
   real-stress)   study real-stress "${REAL[@]}" --objectives mhpo,grpo,dapo optim.lr=3e-4 update.num_minibatches=8 ;;
   toy-default)  study toy-default "${TOY[@]}" ;;
   toy-stress)   study toy-stress --preset stress "${TOY[@]}" ;;
-  envelope)          study envelope "${ENVELOPE[@]}" --objectives "$ENVELOPE_OBJECTIVES" --sweep rollout.staleness=0,2,4,8 ;;
-  envelope-mismatch) study envelope-mismatch "${ENVELOPE[@]}" --objectives "$ENVELOPE_OBJECTIVES" "${MISMATCH[@]}" \
-                       --sweep rollout.staleness=0,4 ;;
+  envelope)          study envelope "${ENVELOPE[@]}" --objectives "$ENVELOPE_OBJECTIVES" --sweep "rollout.staleness=$STALENESS" ;;
+  envelope-mismatch) study envelope-mismatch "${ENVELOPE[@]}" --objectives "$MISMATCH_OBJECTIVES" "${MISMATCH[@]}" \
+                       --sweep rollout.staleness=0,8 ;;
   envelope-ablation) study envelope-ablation "${ENVELOPE[@]}" --objectives mhpo-lfm-only,mhpo-dhp-only \
                        --sweep rollout.staleness=4 ;;
   envelope-reports)  envelope_reports ;;

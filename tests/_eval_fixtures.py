@@ -137,7 +137,7 @@ def write_data_dir(root: Path) -> Path:
     """Every named benchmark under ``root`` in its FORMATS entry; returns root."""
     import datasets
 
-    from mhpo.benchmarks.specs import BENCHMARKS
+    from mhpo.evaluation.specs import BENCHMARKS
 
     root.mkdir(parents=True, exist_ok=True)
     for name, fmt in FORMATS.items():

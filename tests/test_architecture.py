@@ -4,7 +4,7 @@ Every ``import`` and ``from ... import`` counts, those inside functions too: a l
 couples two modules. The layers, bottom to top (docs/architecture.md):
 
     0 mhpo.objectives    the objective library TRL and verl import (torch and numpy only)
-    1 mhpo.models, mhpo.tasks, mhpo.rewards, mhpo.generation, the benchmark definitions (mhpo.benchmarks.specs, ...)
+    1 mhpo.models, mhpo.tasks, mhpo.rewards, mhpo.generation, the benchmark definitions (mhpo.evaluation.specs, ...)
     2 mhpo.trainer       config, rollout, update, checkpoint, metrics, warm-up, evaluation, the loop
     3 mhpo.compare       compare and report
     4 mhpo.integrations  TRL and verl (which import the objective library only)
@@ -28,15 +28,15 @@ LAYERS = {
         "mhpo.tasks*",
         "mhpo.rewards*",
         "mhpo.generation*",
-        "mhpo.benchmarks",
-        "mhpo.benchmarks.specs",
-        "mhpo.benchmarks.answers",
-        "mhpo.benchmarks.metrics",
-        "mhpo.benchmarks.loading",
-        "mhpo.benchmarks.scoring",
-        "mhpo.benchmarks.report",
+        "mhpo.evaluation",
+        "mhpo.evaluation.specs",
+        "mhpo.evaluation.answers",
+        "mhpo.evaluation.metrics",
+        "mhpo.evaluation.loading",
+        "mhpo.evaluation.scoring",
+        "mhpo.evaluation.report",
     ],
-    2: ["mhpo.trainer*", "mhpo.benchmarks.protocol", "mhpo.benchmarks.runner", "mhpo.benchmarks.training"],
+    2: ["mhpo.trainer*", "mhpo.evaluation.protocol", "mhpo.evaluation.runner", "mhpo.evaluation.hook"],
     3: ["mhpo.compare*"],
     4: ["mhpo.integrations*"],
     5: ["mhpo.cli*"],
@@ -69,7 +69,7 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
             else:
                 target = node.module
             subs = {f"{target}.{a.name}" for a in node.names} & known
-            found |= subs  # `from . import rollout` imports the module mhpo.trainer.rollout ...
+            found |= subs  # `from . import rollout` imports the module mhpo.generation.rollout ...
             if len(subs) < len(node.names):  # ... and `from .rollout import pack` the module it names
                 found.add(target)
     out = set()

@@ -7,7 +7,7 @@ import pytest
 from mhpo.cli import main
 from mhpo.trainer.config import Config, ConfigError, check_override, from_dict, load_config, to_dict, to_yaml
 from mhpo.trainer.defaults import config_warnings, resolve_defaults, resolved_for_display
-from mhpo.trainer.train import config_changes, resumed_config
+from mhpo.trainer.run_dir import config_changes, resumed_config
 
 
 def test_the_defaults_are_the_dataclasses_and_print_as_commented_yaml_that_loads_back(tmp_path, capsys):
@@ -107,13 +107,13 @@ def test_malformed_override_and_missing_file():
 
 def _cli_error(capsys, argv, monkeypatch) -> str:
     """Run `mhpo train ...` in-process; any model loading is an error (validation must come first)."""
-    import mhpo.models as models
     import mhpo.models.loading as loading
+    import mhpo.models.tiny as tiny
 
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before validation failed")
 
-    monkeypatch.setattr(models, "build_tiny", no_model)
+    monkeypatch.setattr(tiny, "build_tiny", no_model)
     monkeypatch.setattr(loading, "load_pretrained", no_model)
     code = main(["train", *argv])
     err = capsys.readouterr().err.strip()

@@ -15,10 +15,12 @@ from transformers import (
 )
 
 from mhpo.generation import decode, sampling_config, truncate
-from mhpo.models import build_tiny, neutral_generation_config, seeded_init, tiny_text_config
+from mhpo.generation.prompts import PromptEncoder
+from mhpo.generation.rollout import repeat_rows, sample
+from mhpo.models.tiny import build_tiny, seeded_init, tiny_text_config
+from mhpo.models.tokens import neutral_generation_config
 from mhpo.tasks import Example
 from mhpo.trainer.config import TinyModelConfig
-from mhpo.trainer.rollout import PromptEncoder, repeat_rows, sample
 from mhpo.trainer.update import rollout_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -209,11 +211,11 @@ def test_select_carries_the_logprobs(setup):
 def test_image_prompts_sample_with_generate_and_record_the_same_logprobs():
     """Prompts with pixels go through the model's own generate; a logits processor records
     log softmax(logits / T)[token] on the way, equal to the recompute."""
+    from mhpo.generation.prompts import build_encoder, eos_token_ids
     from mhpo.models.multimodal import text_tokenizer
     from mhpo.models.vlm import build_tiny_vlm
     from mhpo.tasks import build_task
     from mhpo.trainer.config import load_config
-    from mhpo.trainer.rollout import build_encoder, eos_token_ids
 
     cfg = load_config("vlm")
     model, processor = build_tiny_vlm(cfg.model.tiny, cfg.model.vision, seed=0)

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from _eval_fixtures import FORMATS, dataset, rows, write_addition, write_data_dir
-from mhpo.benchmarks import BENCHMARKS, DEFAULT_TEMPLATE, get_spec, load_problems
-from mhpo.benchmarks.scoring import AnswerScorer
+from mhpo.evaluation import BENCHMARKS, DEFAULT_TEMPLATE, get_spec, load_problems
+from mhpo.evaluation.scoring import AnswerScorer
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_hub_loading_uses_the_id_config_and_split(monkeypatch):
         return dataset(key)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    monkeypatch.setattr("mhpo.benchmarks.loading.hub_reachable", lambda: True)
+    monkeypatch.setattr("mhpo.evaluation.loading.hub_reachable", lambda: True)
     for name in ("math500", "gsm8k", "mathvista"):
         problems = load_problems(get_spec(name), template=DEFAULT_TEMPLATE)
         assert [p.gold for p in problems] == EXPECTED[name][1]
@@ -94,7 +94,7 @@ def test_hub_failure_is_one_line_naming_the_source(monkeypatch):
         raise ConnectionError("Couldn't reach the hub\nsecond line")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    monkeypatch.setattr("mhpo.benchmarks.loading.hub_reachable", lambda: True)
+    monkeypatch.setattr("mhpo.evaluation.loading.hub_reachable", lambda: True)
     with pytest.raises(ValueError, match=r"HuggingFaceH4/aime_2024 \[train\] could not be loaded .*--data-dir") as err:
         load_problems(get_spec("aime24"), template=DEFAULT_TEMPLATE)
     assert "\n" not in str(err.value)
@@ -175,7 +175,7 @@ def test_an_unreachable_hub_fails_at_once_with_the_data_dir_hint(monkeypatch):
     import datasets
     from huggingface_hub import constants
 
-    from mhpo.benchmarks.loading import load_dataset_rows
+    from mhpo.evaluation.loading import load_dataset_rows
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens

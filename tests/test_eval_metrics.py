@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from mhpo.benchmarks.answers import choice_letter, last_boxed, score_completion
-from mhpo.benchmarks.metrics import (
+from mhpo.evaluation.answers import choice_letter, last_boxed, score_completion
+from mhpo.evaluation.metrics import (
     avg_at_k,
     benchmark_metrics,
     macro_average,

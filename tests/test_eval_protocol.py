@@ -22,7 +22,7 @@ PAIRS = [(1, 2), (3, 4), (5, 6), (7, 8), (2, 2)]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from mhpo.models import build_tiny
+    from mhpo.models.tiny import build_tiny
     from mhpo.trainer.config import TinyModelConfig
 
     root = tmp_path_factory.mktemp("eval")
@@ -266,10 +266,10 @@ def test_vision_benchmark_end_to_end_on_the_tiny_vlm(env, tmp_path, capsys):
 
 
 def test_training_hook_reports_benchmarks_and_leaves_the_rng_alone(env, tmp_path):
-    from mhpo.benchmarks.training import BenchmarkHook
+    from mhpo.evaluation.hook import BenchmarkHook
+    from mhpo.generation.prompts import build_encoder, eos_token_ids
     from mhpo.models.loading import load_pretrained
     from mhpo.trainer.config import load_config
-    from mhpo.trainer.rollout import build_encoder, eos_token_ids
 
     cfg = load_config(
         None,

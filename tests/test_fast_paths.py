@@ -8,11 +8,12 @@ import copy
 import pytest
 import torch
 
-from mhpo.models import tiny_qwen2
+from mhpo.generation.prompts import PromptEncoder
+from mhpo.generation.rollout import repeat_rows, sample
+from mhpo.models.tiny import tiny_qwen2
 from mhpo.models.tokenizer import build_char_tokenizer
 from mhpo.tasks.base import Example
 from mhpo.trainer.config import ObjectiveConfig, UpdateConfig
-from mhpo.trainer.rollout import PromptEncoder, repeat_rows, sample
 from mhpo.trainer.update import UpdateBatch, minibatches, policy_update, rollout_logprobs
 
 G = 4
@@ -123,8 +124,8 @@ def test_first_minibatch_behaviour_logprobs_from_the_update_pass(setup, micro):
 def test_shared_prompt_forward_equals_the_full_forward(setup, entropy):
     """model_logprobs(share_prompts=True): each distinct prompt runs once and its keys/values are
     gathered to the group's rows; values and parameter gradients equal the full pass."""
+    from mhpo.generation.rollout import position_ids
     from mhpo.models.logprobs import model_logprobs
-    from mhpo.trainer.rollout import position_ids
 
     model, tok, prompts = setup
     rollout = _sample(model, tok, prompts, True, True, seed=2)
@@ -147,8 +148,8 @@ def test_shared_prompt_forward_equals_the_full_forward(setup, entropy):
 
 def test_shared_prompt_forward_applies_only_where_it_is_exact(setup):
     """No repeated prompt, a one-token prompt or extra model inputs: the full pass is used."""
+    from mhpo.generation.rollout import position_ids
     from mhpo.models.logprobs import _shared_prompt_hidden
-    from mhpo.trainer.rollout import position_ids
 
     model, tok, prompts = setup
     base = model.model

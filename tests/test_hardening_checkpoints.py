@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from mhpo.files import file_sha256
 from mhpo.trainer import checkpoint as ckpt
 
 
@@ -65,7 +66,7 @@ def test_manifest_records_size_and_sha256_of_every_file(tmp_path):
     }
     info = state["files"]["model.safetensors"]
     assert info["size"] == (path / "model.safetensors").stat().st_size
-    assert info["sha256"] == ckpt.file_sha256(path / "model.safetensors")
+    assert info["sha256"] == file_sha256(path / "model.safetensors")
     assert ckpt.verify_checkpoint(path) is None
 
 

@@ -11,7 +11,9 @@ from rich.console import Console
 from _train_helpers import small_config
 from mhpo.errors import UsageError
 from mhpo.trainer import checkpoint as ckpt
-from mhpo.trainer.train import _plural, print_summary, run_training, written_outputs
+from mhpo.trainer.loop import run_training
+from mhpo.trainer.progress import _plural, print_summary
+from mhpo.trainer.run_dir import written_outputs
 
 FAST = [
     "warmup.enabled=off",
@@ -32,7 +34,7 @@ def _run(tmp_path, name, *overrides, resume="never"):
 
 
 def test_resume_skips_a_damaged_checkpoint_and_eval_names_it(tmp_path):
-    from mhpo.cli.eval import evaluate_run
+    from mhpo.trainer.evaluate_run import evaluate_run
 
     summary, _ = _run(tmp_path, "a", "train.steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=3")
     root = tmp_path / "a" / "checkpoints"

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mhpo.models import tiny_qwen2
 from mhpo.models.logprobs import (
     default_chunk_size,
     logits_postprocessed,
@@ -17,6 +16,7 @@ from mhpo.models.logprobs import (
     token_logprobs,
     token_logprobs_reference,
 )
+from mhpo.models.tiny import tiny_qwen2
 from mhpo.models.tokenizer import build_char_tokenizer
 
 

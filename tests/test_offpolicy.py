@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from _train_helpers import jsonl, small_config
-from mhpo.trainer.train import run_training
+from mhpo.trainer.loop import run_training
 
 
 def _run(tmp_path, name: str, *overrides: str) -> list[dict]:

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from mhpo import models
-from mhpo.models import Precision, cpu_has_bf16, resolve_precision
+from mhpo.models import device
+from mhpo.models.device import Precision, cpu_has_bf16, resolve_precision
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
@@ -31,7 +31,7 @@ def test_cpu_flags_decide_native_bf16():
     ],
 )
 def test_auto_on_cpu(monkeypatch, native, built_in, expected):
-    monkeypatch.setattr(models, "cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: native)
     assert resolve_precision("auto", CPU, built_in=built_in) == expected
 
 
@@ -46,10 +46,11 @@ def test_explicit_precisions_and_bad_name():
 
 
 def _tiny_rollout():
-    from mhpo.models import build_tiny
+    from mhpo.generation.prompts import PromptEncoder, eos_token_ids
+    from mhpo.generation.rollout import sample
+    from mhpo.models.tiny import build_tiny
     from mhpo.tasks.procedural import build_procedural
     from mhpo.trainer.config import load_config
-    from mhpo.trainer.rollout import PromptEncoder, eos_token_ids, sample
 
     cfg = load_config(None, [])
     model, tok = build_tiny(cfg.model.tiny, seed=3)
@@ -83,7 +84,7 @@ def test_bf16_mixed_logprobs_agree_with_float32():
 
 def test_a_bf16_mixed_run_trains_with_finite_metrics(tmp_path):
     from mhpo.trainer.config import load_config
-    from mhpo.trainer.train import run_training
+    from mhpo.trainer.loop import run_training
 
     reward = tmp_path / "length.py"  # a dense reward, so that the untrained model gets advantages
     reward.write_text("def length(prompts, completions, **_):\n    return [len(c) / 5 for c in completions]\n")
@@ -115,7 +116,7 @@ def test_a_bf16_mixed_run_trains_with_finite_metrics(tmp_path):
 
 
 def test_machine_info_records_the_cpu_and_its_bf16_flags():
-    from mhpo.models import machine_info
+    from mhpo.models.device import machine_info
 
     text = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16 sse\n"
     info = machine_info(text)

@@ -57,7 +57,7 @@ def policy(model_dir):
 
 
 def _encoder(tok):
-    from mhpo.trainer.rollout import build_encoder
+    from mhpo.generation.prompts import build_encoder
 
     return build_encoder(tok, chat_template="auto")
 
@@ -98,7 +98,8 @@ def test_parameters_and_chat_template(policy):
 
 @needs_model
 def test_generation_ends_at_end_of_turn(policy):
-    from mhpo.trainer.rollout import eos_token_ids, sample
+    from mhpo.generation.prompts import eos_token_ids
+    from mhpo.generation.rollout import sample
 
     model, tok = policy
     eot = tok.convert_tokens_to_ids("<|im_end|>")
@@ -121,7 +122,8 @@ def test_generation_ends_at_end_of_turn(policy):
 def test_recomputed_logprobs_equal_the_samplers(policy):
     """The update's log-probs (shared prompt prefix, chunked lm_head) equal those of the logits
     generate sampled from, token by token."""
-    from mhpo.trainer.rollout import eos_token_ids, pack
+    from mhpo.generation.prompts import eos_token_ids
+    from mhpo.generation.rollout import pack
     from mhpo.trainer.update import rollout_logprobs
 
     model, tok = policy
@@ -162,8 +164,9 @@ def test_math_verify_scores_real_completions(policy):
     """The math_verify reward (in its timeout worker) on the model's own completions equals math-verify run here."""
     from math_verify import parse, verify
 
+    from mhpo.generation.prompts import eos_token_ids
+    from mhpo.generation.rollout import sample
     from mhpo.rewards import RewardScorer
-    from mhpo.trainer.rollout import eos_token_ids, sample
 
     model, tok = policy
     examples = _examples(6)
@@ -192,7 +195,7 @@ def test_math_verify_scores_real_completions(policy):
 def runs(model_dir, tmp_path_factory):
     """Two RL steps each of mhpo and grpo on chat_addition, from the converted model."""
     from mhpo.trainer.config import load_config
-    from mhpo.trainer.train import run_training
+    from mhpo.trainer.loop import run_training
 
     root = tmp_path_factory.mktemp("real-runs")
     out = {}
@@ -278,7 +281,7 @@ def test_end_of_turn_mismatch_is_fixed_and_warned_once(model_dir, capsys):
     becomes the generation config's end of turn, with one warning however often it is loaded."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from mhpo.models import _WARNED, align_special_tokens
+    from mhpo.models.tokens import _WARNED, align_special_tokens
 
     class Model:
         generation_config = GenerationConfig(eos_token_id=2, pad_token_id=2, bos_token_id=1)

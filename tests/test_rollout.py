@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mhpo.models import build_tiny
+from mhpo.generation import sampling_config
+from mhpo.generation.prompts import PromptEncoder, eos_token_ids
+from mhpo.generation.rollout import completion_mask, pack, sample
+from mhpo.models.tiny import build_tiny
 from mhpo.tasks import Example
 from mhpo.trainer.config import TinyModelConfig
-from mhpo.trainer.rollout import PromptEncoder, completion_mask, eos_token_ids, pack, sample, sampling_config
 from mhpo.trainer.update import rollout_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

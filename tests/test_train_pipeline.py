@@ -8,7 +8,7 @@ import json
 from _train_helpers import jsonl
 from mhpo.trainer.config import load_config
 from mhpo.trainer.defaults import resolve_defaults
-from mhpo.trainer.train import run_training
+from mhpo.trainer.loop import run_training
 
 
 def test_shortened_default_pipeline_learns(tmp_path):

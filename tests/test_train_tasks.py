@@ -7,9 +7,9 @@ import json
 
 from _train_helpers import jsonl, small_config
 from mhpo.cli import main
-from mhpo.models import build_tiny
+from mhpo.models.tiny import build_tiny
 from mhpo.trainer.config import TinyModelConfig
-from mhpo.trainer.train import run_training
+from mhpo.trainer.loop import run_training
 
 
 def test_reasoning_gym_task_trains_a_few_steps(tmp_path):

@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 
-from mhpo.models import build_tiny
+from mhpo.generation.prompts import PromptEncoder, eos_token_ids
+from mhpo.generation.rollout import sample
+from mhpo.models.tiny import build_tiny
 from mhpo.tasks import Example
 from mhpo.trainer.config import ObjectiveConfig, TinyModelConfig, UpdateConfig
-from mhpo.trainer.rollout import PromptEncoder, eos_token_ids, sample
 from mhpo.trainer.update import UpdateBatch, policy_update, rollout_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -125,8 +125,8 @@ def test_registry_names_and_argument_errors():
 
 def test_text_model_with_an_image_task_is_refused_before_loading():
     from mhpo.errors import UsageError
-    from mhpo.trainer.train import validate
+    from mhpo.trainer.setup import prepare_run
 
     cfg = load_config(None, ["task.name=count_shapes", "eval.size=4"])
     with pytest.raises(UsageError, match="model 'tiny' is text-only; use model.name_or_path=tiny-vlm"):
-        validate(cfg)
+        prepare_run(cfg)

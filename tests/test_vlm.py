@@ -8,6 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from mhpo.generation import sampling_config
+from mhpo.generation.prompts import build_encoder, eos_token_ids
+from mhpo.generation.rollout import Rollout, sample
 from mhpo.models.logprobs import model_logprobs
 from mhpo.models.multimodal import (
     MODEL_POSITIONS,
@@ -22,7 +25,6 @@ from mhpo.models.multimodal import (
 from mhpo.models.vlm import build_tiny_vlm
 from mhpo.tasks import build_task
 from mhpo.trainer.config import ObjectiveConfig, UpdateConfig, load_config
-from mhpo.trainer.rollout import Rollout, build_encoder, eos_token_ids, sample, sampling_config
 from mhpo.trainer.update import UpdateBatch, policy_update, rollout_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

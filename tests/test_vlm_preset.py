@@ -12,7 +12,7 @@ import torch
 from mhpo.cli.train import add_arguments, config_from_args
 from mhpo.errors import UsageError
 from mhpo.trainer.config import ConfigError, load_config, packaged_configs
-from mhpo.trainer.train import run_training
+from mhpo.trainer.loop import run_training
 
 
 def _args(*argv):

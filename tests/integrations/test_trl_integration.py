@@ -18,7 +18,7 @@ from trl import GRPOTrainer
 
 from mhpo import get_objective, policy_loss
 from mhpo.integrations.trl import MHPOConfig, MHPOTrainer, loss_from_trl, trl_defaults
-from mhpo.models import tiny_qwen2
+from mhpo.models.tiny import tiny_qwen2
 from mhpo.models.tokenizer import build_char_tokenizer
 
 GA = 2  # gradient accumulation steps (= steps_per_generation): 2 micro-batches per optimizer step

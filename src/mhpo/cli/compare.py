@@ -60,7 +60,7 @@ def run(args) -> int:
     cores = os.cpu_count() or 1
     workers = args.jobs or min(cores, n_runs)
     seeds, threads = list(range(args.seeds)), max(1, cores // workers)
-    from mhpo.trainer.train import validate
+    from mhpo.trainer.setup import prepare_run
 
     jobs = []
     for value in values:  # value-major: each value's runs finish together
@@ -68,7 +68,7 @@ def run(args) -> int:
             cfg = with_overrides(base, [f"{key}={value}"]) if key else base
         except ConfigError as err:
             raise UsageError(f"--sweep {key}={value}: {err}") from None
-        validate(cfg).scorer.close()  # task, rewards, model: checked once before any work
+        prepare_run(cfg).close()  # task, rewards, model: checked once before any work
         jobs += plan_jobs(cfg, specs, seeds, out, threads, runs=out / "runs" / value_dir(key, value) if key else None)
     setting = f"{args.preset} preset" + (f" over {args.config}" if args.config else "")
     swept = f" x {len(values)} values of {key}" if key else ""

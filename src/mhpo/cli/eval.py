@@ -9,15 +9,13 @@ model and the reward functions are the run's own.
 
     mhpo eval --model RUN_DIR|MODEL_DIR|HUB_ID|FILE.gguf --benchmarks math500,aime24 --samples 32 --output-dir OUT
 
-Benchmark mode (:mod:`mhpo.benchmarks`): K samples per problem, Avg@K, unbiased pass@k, maj@K, the
+Benchmark mode (:mod:`mhpo.evaluation`): K samples per problem, Avg@K, unbiased pass@k, maj@K, the
 macro average; OUT/samples.jsonl, OUT/summary.json, OUT/summary.md; a rerun resumes. See
 docs/evaluation.md.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 from mhpo.errors import UsageError
@@ -33,7 +31,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--checkpoint", metavar="NAME", help="checkpoint name (step_000250) or path; default: the latest"
     )
-    from mhpo.benchmarks.protocol import Settings
+    from mhpo.evaluation.protocol import Settings
 
     d = Settings()
     b = parser.add_argument_group("benchmark mode (--benchmarks; docs/evaluation.md)")
@@ -107,6 +105,8 @@ def run(args) -> int:
         return run_benchmarks(args)
     if args.run_dir is None:
         raise UsageError("give a run directory (held-out evaluation) or --benchmarks NAMES [--model M]")
+    from mhpo.trainer.evaluate_run import evaluate_run
+
     results = evaluate_run(args.run_dir, checkpoint=args.checkpoint, overrides=args.overrides)
     print(f"mhpo eval: {results['checkpoint']} (step {results['step']}) on {results['heldout_size']} held-out problems")
     for key, value in results["results"].items():
@@ -117,14 +117,14 @@ def run(args) -> int:
 
 def run_benchmarks(args) -> int:
     """Benchmark mode: parse the flags into Settings, evaluate, print the table."""
-    import os
     import sys
 
     import torch
 
-    from mhpo.benchmarks.protocol import Settings
-    from mhpo.benchmarks.runner import evaluate_benchmarks
-    from mhpo.benchmarks.specs import benchmark_names, split_names
+    from mhpo.evaluation.protocol import Settings
+    from mhpo.evaluation.specs import benchmark_names, split_names
+    from mhpo.models.device import usable_cores
+    from mhpo.trainer.evaluate_run import evaluate_benchmarks
 
     model = args.model or args.run_dir
     if model is None:
@@ -161,7 +161,7 @@ def run_benchmarks(args) -> int:
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         out = args.output_dir or _default_output_dir(model)
-        threads = args.threads or min(8, len(os.sched_getaffinity(0)))
+        threads = args.threads or min(8, usable_cores())
         torch.set_num_threads(threads)
         evaluate_benchmarks(
             model,
@@ -190,132 +190,10 @@ def run_benchmarks(args) -> int:
 
 def _default_output_dir(model: str) -> str:
     """DIR/eval/benchmarks for a run directory, else eval-<last path part of the model>."""
+    from mhpo.trainer.run_dir import CHECKPOINTS
+
     p = Path(model).expanduser()
-    if p.is_dir() and (p / "checkpoints").is_dir():
+    if p.is_dir() and (p / CHECKPOINTS).is_dir():
         return str(p / "eval" / "benchmarks")
     name = p.name or str(model)
     return "eval-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
-
-
-def resolve_checkpoint(run_dir: Path, checkpoint: str | None) -> tuple[Path, Path]:
-    """(run dir, checkpoint dir) from a run dir or a checkpoint dir, and an optional name/path."""
-    from mhpo.trainer.checkpoint import STATE_FILE, latest_checkpoint
-
-    run_dir = Path(run_dir)
-    if (run_dir / STATE_FILE).is_file():  # a checkpoint dir was given
-        return run_dir.parent.parent, run_dir
-    if not run_dir.is_dir():
-        raise UsageError(f"{str(run_dir)!r} is not a directory")
-    if checkpoint is None:
-        found = latest_checkpoint(run_dir / "checkpoints")
-        if found is None:
-            raise UsageError(f"{str(run_dir)!r} has no complete checkpoint")
-        return run_dir, found
-    path = Path(checkpoint)
-    if not path.is_dir():
-        path = run_dir / "checkpoints" / checkpoint
-    if not (path / STATE_FILE).is_file():
-        from mhpo.trainer.checkpoint import complete_checkpoints
-
-        names = [d.name for _, d in complete_checkpoints(run_dir / "checkpoints")]
-        raise UsageError(
-            f"no complete checkpoint {checkpoint!r} in {str(run_dir)!r}; available: {', '.join(names) or 'none'}"
-        )
-    return run_dir, path
-
-
-def check_intact(run_dir: Path, ckpt: Path) -> None:
-    """UsageError (one line) when the checkpoint's files do not match its manifest, naming the
-    problem and the intact checkpoints there are."""
-    from mhpo.trainer.checkpoint import complete_checkpoints, verify_checkpoint
-
-    problem = verify_checkpoint(ckpt)
-    if problem is not None:
-        others = [
-            d.name
-            for _, d in complete_checkpoints(Path(run_dir) / "checkpoints")
-            if d != ckpt and verify_checkpoint(d) is None
-        ]
-        raise UsageError(
-            f"checkpoint {ckpt} is damaged ({problem}); intact checkpoints: {', '.join(others) or 'none'} "
-            "(--checkpoint NAME)"
-        )
-
-
-def evaluate_run(run_dir: str | Path, *, checkpoint: str | None = None, overrides=()) -> dict:
-    """Evaluate a checkpoint of a run; returns {checkpoint, step, heldout_size, results, path}."""
-    import dataclasses
-
-    import torch
-
-    from mhpo.models import resolve_device
-    from mhpo.models.loading import load_pretrained
-    from mhpo.models.multimodal import text_tokenizer
-    from mhpo.seeding import derive_seed
-    from mhpo.trainer.checkpoint import atomic_write_json, read_state
-    from mhpo.trainer.config import ConfigError, check_override, to_dict, with_overrides
-    from mhpo.trainer.evaluation import evaluate
-    from mhpo.trainer.rollout import build_encoder, eos_token_ids
-    from mhpo.trainer.train import load_run_config, run_precision, validate
-
-    run_dir, ckpt = resolve_checkpoint(Path(run_dir), checkpoint)
-    check_intact(run_dir, ckpt)
-    cfg = load_run_config(run_dir)
-    try:
-        for text in overrides:
-            key = check_override(text)
-            if key.split(".")[0] != "eval":
-                raise UsageError(f"only eval.* keys can be overridden here, not {key!r}")
-        cfg = with_overrides(cfg, overrides)
-    except ConfigError as err:
-        raise UsageError(str(err)) from None
-    plan = validate(dataclasses.replace(cfg))
-    if not plan.heldout:
-        plan.scorer.close()
-        raise UsageError(
-            f"run {str(run_dir)!r} has no held-out set (eval.size=0); give one, e.g. eval.size=100, "
-            "or use mhpo eval --model ... --benchmarks ..."
-        )
-    try:
-        torch.set_num_threads(plan.cfg.train.threads)
-        device = resolve_device(cfg.model.device)
-        precision = run_precision(plan.cfg)
-        # A vision-language checkpoint loads with its processor: the encoder takes the processor
-        # (prompts with pixels), decoding and the EOS ids the processor's text tokenizer.
-        model, processor = load_pretrained(
-            str(ckpt), dtype=precision.weights, device=device, trust_remote_code=cfg.model.trust_remote_code
-        )
-        encoder = build_encoder(processor, chat_template=cfg.model.chat_template, system_prompt=cfg.task.system_prompt)
-        tokenizer = text_tokenizer(processor)
-        t0 = time.perf_counter()
-        with precision.context(device):
-            results, records = evaluate(
-                model,
-                tokenizer,
-                encoder,
-                plan.scorer,
-                plan.heldout,
-                max_new_tokens=plan.eval_max_new_tokens,
-                eos_ids=eos_token_ids(model, tokenizer),
-                pass_k=plan.pass_k,
-                temperature=cfg.eval.temperature,
-                batch_size=cfg.eval.batch_size,
-                seed=derive_seed(cfg.eval.seed, "pass@k"),
-            )
-        results["time/seconds"] = time.perf_counter() - t0
-    finally:
-        plan.scorer.close()
-    out_dir = run_dir / "eval"
-    out_dir.mkdir(exist_ok=True)
-    step = read_state(ckpt)["step"]
-    record = {
-        "checkpoint": str(ckpt),
-        "step": step,
-        "heldout_size": len(plan.heldout),
-        "eval": to_dict(cfg)["eval"],
-        "results": results,
-    }
-    path = out_dir / f"{ckpt.name}.json"
-    atomic_write_json(path, record)
-    (out_dir / f"{ckpt.name}.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return {**record, "path": str(path)}

@@ -1,16 +1,19 @@
-"""`mhpo train`: parse the flags and overrides into a config, then :func:`mhpo.trainer.train.run_training`."""
+"""`mhpo train`: parse the flags and overrides into a config, then :func:`mhpo.trainer.loop.run_training`."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from mhpo.errors import UsageError
 from mhpo.trainer.config import Config, ConfigError, commented_yaml, load_config
-from mhpo.trainer.train import CONFIG_FILE, load_run_config, print_summary, run_training
+from mhpo.trainer.loop import run_training
+from mhpo.trainer.progress import print_summary
+from mhpo.trainer.run_dir import CONFIG_FILE, load_run_config
 
 
 def add_arguments(parser) -> None:
@@ -37,6 +40,13 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR (only --steps may change)")
     parser.add_argument(
+        "--engine",
+        choices=("mhpo", "trl"),
+        default="mhpo",
+        help="mhpo: the built-in trainer; trl: the same config through TRL's GRPOTrainer (mhpo.integrations."
+        "trl.MHPOTrainer), scaled out with torchrun / accelerate launch (see mhpo.integrations.trl_engine)",
+    )
+    parser.add_argument(
         "--print-config",
         action="store_true",
         help="print the config as commented YAML, with the values the run will use for null/auto keys, and exit",
@@ -44,6 +54,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    trl = getattr(args, "engine", "mhpo") == "trl"
+    if trl and args.resume:
+        raise UsageError("--resume continues mhpo's own runs; --engine trl runs are not resumable by mhpo train")
     if args.resume:
         if args.config or args.preset or args.overrides or args.seed is not None or args.model or args.output_dir:
             raise UsageError("--resume DIR continues a run with its saved config; only --steps may be given with it")
@@ -63,12 +76,21 @@ def run(args) -> int:
     else:
         cfg = config_from_args(args)
         run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(cfg)
-        if (run_dir / CONFIG_FILE).exists():
+        if (run_dir / CONFIG_FILE).exists() and (not trl or os.environ.get("RANK", "0") == "0"):
             raise UsageError(
                 f"{str(run_dir)!r} already holds a run; continue it with --resume {run_dir} or pick another "
                 "--output-dir"
             )
-        summary = run_training(cfg, run_dir, resume="never")
+        if trl:
+            from mhpo.integrations.trl_engine import run_trl
+
+            if os.environ.get("WORLD_SIZE", "1") != "1" and not args.output_dir:
+                raise UsageError("--engine trl with several processes needs --output-dir (the same on every process)")
+            summary = run_trl(cfg, run_dir)  # every process trains; process 0 returns the summary
+            if not summary:
+                return 0
+        else:
+            summary = run_training(cfg, run_dir, resume="never")
     print_summary(summary)
     return 0
 

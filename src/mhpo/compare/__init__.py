@@ -135,7 +135,7 @@ def plan_jobs(base, specs, seeds: list[int], out: Path, threads: int = 0, runs: 
 def run_job(job: Job) -> dict:
     """Worker: one training run (stdout/stderr to the run's log file); returns its summary."""
     from mhpo.trainer.config import from_dict
-    from mhpo.trainer.train import run_training
+    from mhpo.trainer.loop import run_training
 
     Path(job.run_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(job.run_dir) / "train.log", "a", buffering=1) as log:

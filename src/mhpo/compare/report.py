@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mhpo.errors import UsageError
-from mhpo.trainer.metrics import read_jsonl
+from mhpo.files import read_jsonl
 
 SPIKE_FACTOR = 5.0
 GRAD_KEY = "grad_norm/max"  # per RL step: the largest grad norm (before clipping) of its optimizer steps
@@ -92,7 +92,7 @@ def run_label(objective: dict) -> str:
 def load_run(path: str | Path) -> Run:
     """Read a finished run directory (config.yaml, summary.json, evals.jsonl, metrics.jsonl)."""
     from mhpo.trainer.config import to_dict
-    from mhpo.trainer.train import load_run_config, read_summary
+    from mhpo.trainer.run_dir import load_run_config, read_summary
 
     path = Path(path)
     cfg = to_dict(load_run_config(path))

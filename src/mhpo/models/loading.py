@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from mhpo.models import align_special_tokens, neutral_generation_config
 from mhpo.models.sources import NAMED_MODELS, ensure_named_model, is_gguf, load_gguf
+from mhpo.models.tokens import align_special_tokens, neutral_generation_config
 
 
 def load_pretrained(

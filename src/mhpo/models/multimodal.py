@@ -183,6 +183,11 @@ def model_kwargs(
     return out
 
 
+def has_images(examples) -> bool:
+    """Whether a task's or benchmark's examples carry images (judged by the first: one modality per set)."""
+    return any(ex.columns.get(IMAGE_COLUMN) is not None for ex in list(examples)[:1])
+
+
 def text_tokenizer(tokenizer_or_processor):
     """The text tokenizer of a processor (``processor.tokenizer``), or the tokenizer itself."""
     return getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
@@ -288,7 +293,7 @@ class VisionPromptEncoder:
     Example i's images are ``example.columns[image_column]`` (one image or a list: paths, bytes,
     PIL images, see :func:`load_image`). Output keys: input_ids [B, P], attention_mask [B, P],
     pixel_values (Ragged), image_grid_thw (Ragged), mm_token_type_ids (TokenTypes), position_ids
-    (MODEL_POSITIONS). Same interface as :class:`mhpo.trainer.rollout.PromptEncoder` (``render``, call).
+    (MODEL_POSITIONS). Same interface as :class:`mhpo.generation.rollout.PromptEncoder` (``render``, call).
     """
 
     def __init__(

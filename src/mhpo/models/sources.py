@@ -24,6 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+TINY = "tiny"
+TINY_VLM = "tiny-vlm"  # the built-in tiny Qwen2.5-VL (see mhpo.models.vlm)
+BUILT_IN = (TINY, TINY_VLM)  # model names built locally (random init, warmed up by default)
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "mhpo_source.json"  # written last into a converted model dir: what it was made from
 
@@ -188,3 +191,52 @@ def ensure_named_model(name: str, log: Callable[[str], None] | None = None) -> P
         if not (target / SOURCE_FILE).is_file():
             raise
     return target
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_source(name_or_path: str) -> None:
+    """ValueError (one line) unless ``name_or_path`` is built in ('tiny', 'tiny-vlm'), an installed
+    named model (:data:`mhpo.models.sources.NAMED_MODELS`), a readable GGUF file, a model directory
+    with a tokenizer, or a hub id that can be fetched (in offline mode: already in the local Hugging
+    Face cache)."""
+    if name_or_path in BUILT_IN:
+        return
+    if name_or_path in NAMED_MODELS:
+        named_model_file(name_or_path)
+        return
+    path = Path(name_or_path).expanduser()
+    if is_gguf(name_or_path):
+        check_gguf(path)
+        return
+    local_looking = name_or_path.startswith((".", "/", "~")) or path.exists()
+    if local_looking:
+        if not path.is_dir():
+            raise ValueError(
+                f"model {name_or_path!r} is not a directory, a .gguf file or a named model ({', '.join(NAMED_MODELS)})"
+            )
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model directory {name_or_path!r} has no config.json (not a transformers model)")
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise ValueError(
+                f"model directory {name_or_path!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                f"save one into it with tokenizer.save_pretrained({name_or_path!r})"
+            )
+        return
+    parts = name_or_path.split("/")
+    if len(parts) > 2 or not all(parts):
+        raise ValueError(
+            f"model {name_or_path!r} is neither built in ({', '.join(BUILT_IN)}), a named model "
+            f"({', '.join(NAMED_MODELS)}), "
+            "a local directory, a .gguf file, nor a hub id like org/name"
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name_or_path, "config.json")
+        if not isinstance(found, str):
+            raise ValueError(
+                f"model {name_or_path!r} is not a local directory and not in the Hugging Face cache (HF_HUB_OFFLINE is "
+                "set)"
+            )

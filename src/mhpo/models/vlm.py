@@ -27,8 +27,9 @@ import torch
 from transformers import Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from mhpo.models import align_special_tokens, neutral_generation_config, seeded_init, tiny_text_config
 from mhpo.models.multimodal import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, text_tokenizer
+from mhpo.models.tiny import seeded_init, tiny_text_config
+from mhpo.models.tokens import align_special_tokens, neutral_generation_config
 
 VISION_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 
@@ -296,7 +297,7 @@ def load_pretrained_vlm(
 ):
     """(model, processor) of an image-text-to-text model (e.g. a Qwen2.5-VL checkpoint); the pad
     token and the end of a completion are aligned as for text models
-    (:func:`mhpo.models.align_special_tokens`)."""
+    (:func:`mhpo.models.tokens.align_special_tokens`)."""
     from transformers import AutoModelForImageTextToText
 
     processor = load_processor(path, trust_remote_code=trust_remote_code, **image_kwargs)

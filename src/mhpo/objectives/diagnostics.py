@@ -1,54 +1,45 @@
-"""Detached diagnostics of one objective evaluation, over masked-in tokens only.
+"""Detached diagnostics of one objective evaluation, over the n masked-in tokens only.
 
-    ratio/{mean,min,max,p1,p99}   r = exp(log r)  (percentiles: nearest rank)
-    log_ratio/abs_mean, abs_p99   mean and 99th percentile of |log r|
+    ratio/{mean,min,max}          r = exp(log r)
+    ratio/{p1,p99}                exp of the 1st / 99th percentile of log r (sampled, see below)
+    log_ratio/abs_mean, abs_p99   mean and (sampled) 99th percentile of |log r|
     clip_frac                     fraction of tokens with M(r) < 0.1 * M(1): gradient zeroed or
                                   damped below 10% of its on-policy value (generalised clip fraction)
     multiplier/mean               mean M(r) = (dJ/dlogp) / A
     mhpo/{psi,zeta,survival}_mean for the MHPO family (survival = exp(-zeta))
     kl                            mean k3 to the reference, when one is given
 
-How it stays cheap (:class:`ChunkStats`): the tensors are read in cache-sized chunks of the
-flattened [B, T] layout (inside the fused MHPO kernel, while its chunk is still in cache; see
-:mod:`mhpo.objectives.mhpo_fused`), means are float32 sums per chunk accumulated in float64, and
-the percentiles are exact order statistics found without sorting or copying every token:
+Means, min / max and the clip count are exact: :class:`ChunkStats` reduces the flattened [B, T]
+tensors in cache-sized chunks (inside the fused MHPO kernel, while its chunk is in cache; see
+:mod:`mhpo.objectives.mhpo_fused`), float32 sums per chunk accumulated in float64.
 
-    1. a strided sample of the masked log r gives thresholds lo < hi with, very likely, more than
-       1% + a margin of the tokens below lo and above hi;
-    2. each chunk keeps only its masked tokens outside [lo, hi] (a few % of them);
-    3. the k-th smallest log r is the k-th smallest kept value when at least k kept values are
-       < lo (every token < lo was kept), and likewise for the top and for |log r|; when a check
-       fails the statistic is computed from all masked tokens instead (exact either way).
+The percentiles are nearest-rank quantiles of a deterministic sample of the masked log r:
 
-The values are those of a float64 computation over the masked tokens up to float32 rounding of
-the sums (relative ~1e-7); the percentiles and min / max are exactly the same numbers.
+    q-quantile of s values  = the k-th smallest,  k = 1 + round(q (s - 1))
+    sample                  = the masked tokens at positions 0, d, 2d, ... of the flattened [B, T]
+    d                       = ceil(n / SAMPLE), raised until coprime to T (the walk crosses columns)
+
+so s ~ n / d tokens: all n (exact) when n <= SAMPLE; else about SAMPLE at most and, where d is
+raised by at most 1 (any power-of-two T), SAMPLE / 3 at least. One standard deviation of the
+estimate's rank, sqrt(q (1 - q) / s), is then under 0.1 percentile at q = 0.01 or 0.99; a test
+holds the rank error under 0.5 percentile on 1M heavy-tailed tokens.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 
 DAMPED = 0.1  # a token counts as clipped when its multiplier is below this share of M(1)
 CHUNK = 1 << 18  # tokens per chunk on CPU (an accelerator takes the whole tensor at once)
-SAMPLE = 1 << 15  # positions in the strided sample that sets the tail thresholds
-MIN_SAMPLE = 512  # with fewer masked tokens in the sample, every masked token is kept
+SAMPLE = 1 << 15  # masked tokens in the percentile sample (at most about this many)
 Q_LOW, Q_HIGH = 0.01, 0.99
 _MHPO = ("psi", "zeta", "survival")
-_KEYS = [
-    "ratio/mean",
-    "ratio/min",
-    "ratio/max",
-    "ratio/p1",
-    "ratio/p99",
-    "log_ratio/abs_mean",
-    "log_ratio/abs_p99",
-    "clip_frac",
-    "multiplier/mean",
-]
+_ORDER_KEYS = ("ratio/min", "ratio/max", "ratio/p1", "ratio/p99", "log_ratio/abs_p99")
+_KEYS = ("ratio/mean", "log_ratio/abs_mean", "clip_frac", "multiplier/mean", *_ORDER_KEYS)
 
 
 def nearest_rank(q: float, n: int) -> int:
@@ -56,48 +47,69 @@ def nearest_rank(q: float, n: int) -> int:
     return 1 + round(q * (n - 1))
 
 
-def masked_quantiles(x: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
-    """Nearest-rank quantiles of a 1-D tensor (exact; numpy's introselect on CPU, kthvalue elsewhere)."""
+def quantiles(x: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
+    """Nearest-rank q-quantiles of the values of a 1-D tensor (exact over x; 0.0 when x is empty)."""
+    return [kth_smallest(x, nearest_rank(q, x.numel())) if x.numel() else 0.0 for q in qs]
+
+
+def kth_smallest(x: torch.Tensor, k: int) -> float:
+    """The k-th smallest (1-based) of a 1-D tensor: the largest of its k smallest or the smallest of
+    its n - k + 1 largest, whichever end is nearer (a top-k: ~2x kthvalue, ~10x a sort on CPU)."""
     n = x.numel()
-    if n == 0:
-        return [0.0 for _ in qs]
-    ranks = [nearest_rank(q, n) for q in qs]
-    if x.device.type == "cpu":
-        part = np.partition(x.detach().numpy(), [r - 1 for r in ranks])
-        return [float(part[r - 1]) for r in ranks]
-    return [float(x.kthvalue(r).values) for r in ranks]
+    if k <= n - k + 1:
+        return float(x.topk(k, largest=False, sorted=False).values.max())
+    return float(x.topk(n - k + 1, sorted=False).values.min())
+
+
+def count(mask: torch.Tensor) -> int:
+    """True entries of a bool tensor (numpy's count on CPU: several times faster than torch's)."""
+    if mask.device.type == "cpu":
+        return int(np.count_nonzero(mask.numpy()))
+    return int(torch.count_nonzero(mask))
 
 
 def _exp(v: float) -> float:
+    """exp in float64, capped at e^700 (finite)."""
     return math.exp(min(v, 700.0))
 
 
-def sample_positions(numel: int, width: int, size: int | None = None) -> slice:
-    """A strided slice of about ``size`` (default SAMPLE) positions of a flattened [*, width]
-    tensor; the stride is coprime to the row width, so the sample walks across columns."""
-    stride = max(numel // max(SAMPLE if size is None else size, 1), 1)
+def sample_positions(numel: int, width: int, n: int) -> slice:
+    """Every d-th position of a flattened [*, width] tensor holding n masked tokens, d = ceil(n / SAMPLE)
+    raised until coprime to the width: about min(n, SAMPLE) of them are masked; d = 1 for n <= SAMPLE."""
+    stride = max(-(-n // SAMPLE), 1)
     while stride > 1 and math.gcd(stride, max(width, 1)) != 1:
         stride += 1
     return slice(0, numel, stride)
 
 
-def tail_bounds(sample: torch.Tensor, n: int) -> tuple[float, float] | None:
-    """(lo, hi) from a 1-D sample of the masked log r such that, with high probability, more than
-    rank(p1) tokens are < lo, more than n - rank(p99) + 1 are > hi and as many |log r| exceed
-    max(-lo, hi); None when the sample is too small to tell (keep every token).
+def log_ratio_sample(
+    values_at: Callable[[slice | torch.Tensor], torch.Tensor], mask: torch.Tensor, n: int
+) -> torch.Tensor:
+    """The masked log r at :func:`sample_positions` (1-D); ``values_at(index)`` gives the log r at an
+    index (slice or index tensor) of the flattened [B, T] layout, ``mask`` is [B, T] bool with n True.
 
-    Margin: 5 binomial standard deviations of the sample count plus 5, so a miss (which only costs
-    the slower exact path) has probability ~1e-6 per tail for a sample drawn at random."""
-    s = sample.numel()
-    if s < MIN_SAMPLE:
-        return None
-    need = max(nearest_rank(Q_LOW, n), n - nearest_rank(Q_HIGH, n) + 1) / n  # share needed in each tail
-    i = math.ceil(s * need + 5.0 * math.sqrt(s * need * (1.0 - need)) + 5.0)
-    if 2 * i >= s:
-        return None
-    low, high, big = _kth(sample, i + 1), _kth(sample, s - i), _kth(sample.abs(), s - i)
-    lo, hi = max(low, -big), min(high, big)  # keep x < lo or x > hi: a superset of all three tails
-    return (lo, hi) if lo < hi else None
+    A mask periodic with the stride (e.g. every other token) can put far fewer or more than
+    min(n, SAMPLE) masked tokens at those positions; then it is every d-th masked token instead
+    (d = ceil(n / SAMPLE): at most SAMPLE of them)."""
+    width = mask.shape[-1] if mask.dim() else 1
+    flat = mask.reshape(-1)
+    pos = sample_positions(flat.numel(), width, n)
+    sample = values_at(pos)[flat[pos]]
+    if not min(n, SAMPLE) <= 4 * sample.numel() <= 8 * SAMPLE:
+        idx = flat.nonzero().squeeze(1)  # [n]
+        sample = values_at(idx[:: max(-(-n // SAMPLE), 1)])
+    return sample
+
+
+def masked_extrema(x: torch.Tensor, mf: torch.Tensor, fill: float, out: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of x where mf = 1, with masked-out positions read as ``fill`` (a masked value):
+
+        fill * (1 - mf) + x * mf   exact in floating point for mf in {0, 1}
+
+    x, mf, out: [n] of one dtype (out a scratch). ~3x faster than torch.where(mask, x, fill) on CPU."""
+    y = torch.mul(mf, -fill, out=out).add_(fill).addcmul_(x, mf)  # 0 or fill, exactly; then + x * mf
+    lo, hi = torch.aminmax(y)
+    return float(lo), float(hi)
 
 
 class ChunkStats:
@@ -107,31 +119,28 @@ class ChunkStats:
     ``multiplier(m)``, ``mean(key, x)``, ``zeta(u, a)`` with that chunk's values (1-D, contiguous,
     of that dtype; they are only read); ``result()`` at the end.
 
-    mask           [B, T] bool
-    clip_thr       0.1 * M(1): a 0-d tensor, or [B, T] / broadcastable (per advantage sign)
-    bounds         (lo, hi) from :func:`tail_bounds`, or None to keep every masked log r
-    log_ratio_all  callable -> all masked log r (1-D), for the rare exact fallback
-    m_scale        reported M = m_scale * the kernel's M (mhpo-rescaled)
-    keys           mean keys to report even when no chunk gave them
+    mask      [B, T] bool
+    clip_thr  0.1 * M(1): a 0-d tensor, or [B, T] / broadcastable (per advantage sign)
+    sample    masked log r at the sample (1-D, :func:`log_ratio_sample`), for the percentiles
+    m_scale   reported M = m_scale * the kernel's M (mhpo-rescaled)
+    keys      mean keys to report even when no chunk gave them
+    n         masked tokens (counted when None)
     """
 
-    def __init__(
-        self, mask: torch.Tensor, clip_thr, bounds, log_ratio_all, m_scale: float = 1.0, keys=(), n: int | None = None
-    ):
+    def __init__(self, mask: torch.Tensor, clip_thr, sample: torch.Tensor, m_scale=1.0, keys=(), n=None):
         self.mask = mask.reshape(-1)
-        self.n = int(torch.count_nonzero(self.mask)) if n is None else n
+        self.n = count(mask) if n is None else n
         if torch.is_tensor(clip_thr):
             clip_thr = clip_thr.expand(mask.shape).reshape(-1) if clip_thr.numel() > 1 else clip_thr.reshape(())
         self.clip_thr = clip_thr
-        self.bounds = bounds
-        self.log_ratio_all = log_ratio_all
+        self.sample = sample
+        self.fill = float(sample[0]) if sample.numel() else None  # a masked log r, see masked_extrema
         self.m_scale = m_scale
         self.keys = tuple(keys)
         self.cpu = self.mask.device.type == "cpu"
         self.sums: dict[str, float] = {}
-        self.kept: list[torch.Tensor] = []
+        self.lo, self.hi = math.inf, -math.inf  # min / max masked log r
         self.clipped = 0
-        self.ratio_overflow = False
         self._buf: dict[str, torch.Tensor] = {}  # chunk-sized scratch, reused across chunks
         self._s = self._e = 0
 
@@ -148,50 +157,25 @@ class ChunkStats:
         self._m = self.mask[s:e]
         # bool -> float through uint8: ~5x faster than .to(float) on CPU
         self._mf = self._scratch("mf", dtype).copy_(self._m.view(torch.uint8))
-        if self.cpu:
-            self._m_np = self._m.numpy()
 
-    def _add(self, key: str, masked_sum: torch.Tensor) -> None:
+    def _add(self, key: str, masked_sum: torch.Tensor | float) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + float(masked_sum)
 
     def mean(self, key: str, x: torch.Tensor) -> None:
-        """Add the masked sum of x to ``key`` (reported as sum / tokens)."""
+        """Add the masked sum of x to ``key`` (reported as sum / n)."""
         self._add(key, torch.dot(x, self._mf))
 
-    def _kept(self, x: torch.Tensor, dist: torch.Tensor, cut: float) -> torch.Tensor:
-        """The masked x whose ``dist`` (|x| or |x - mid|, a scratch) exceeds ``cut`` (a copy)."""
-        if self.cpu:
-            b = self._bool()
-            np.greater(dist.numpy(), cut, out=b)
-            np.logical_and(b, self._m_np, out=b)
-            return torch.from_numpy(np.take(x.numpy(), np.flatnonzero(b)))
-        return x[(dist > cut) & self._m]
-
-    def _bool(self) -> np.ndarray:
-        size = self._e - self._s
-        b = getattr(self, "_bool_buf", None)
-        if b is None or b.size < size:
-            b = self._bool_buf = np.empty(size, dtype=bool)
-        return b[:size]
-
     def log_ratio(self, x: torch.Tensor) -> None:
-        """ratio and |log r| sums, and the masked log r outside [lo, hi] (the tails)."""
+        """Masked sums of r = exp(x) and |x|, and the masked min / max of x."""
         buf = self._scratch("a", x.dtype)
-        ratio = torch.dot(torch.exp(x, out=buf), self._mf)
-        self.ratio_overflow |= not bool(torch.isfinite(ratio))
+        ratio = float(torch.dot(torch.exp(x, out=buf), self._mf))
+        if not math.isfinite(ratio):  # exp overflowed the compute dtype: this chunk in float64, r <= e^700
+            ratio = float(torch.dot(x.double().clamp_(max=700.0).exp_(), self._mf.double()))
         self._add("ratio/mean", ratio)
-        dist = torch.abs(x, out=buf)
-        self._add("log_ratio/abs_mean", torch.dot(dist, self._mf))
-        if self.bounds is None:
-            self.kept.append(x[self._m].clone())
-            return
-        lo, hi = self.bounds
-        shrink = 1.0 - 1e-6  # float rounding of the distance may only ever keep more
-        if lo < 0.0 < hi:  # x < lo or x > hi  implies  |x| > min(-lo, hi): the |x| just summed serves
-            self.kept.append(self._kept(x, dist, min(-lo, hi) * shrink))
-        else:  # |x - mid| > half  iff  x < lo or x > hi
-            mid, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
-            self.kept.append(self._kept(x, torch.sub(x, mid, out=buf).abs_(), half * shrink))
+        self._add("log_ratio/abs_mean", torch.dot(torch.abs(x, out=buf), self._mf))
+        if self.fill is not None:
+            lo, hi = masked_extrema(x, self._mf, self.fill, buf)
+            self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
 
     def multiplier(self, m: torch.Tensor) -> None:
         """M mean and the clipped count (masked M < clip_thr)."""
@@ -201,10 +185,9 @@ class ChunkStats:
         thr = self.clip_thr
         if torch.is_tensor(thr) and thr.dim():
             thr = thr[self._s : self._e]
-        if self.cpu:
-            b = self._bool()
-            np.less(m.numpy(), thr.numpy() if torch.is_tensor(thr) else thr, out=b)
-            self.clipped += int(np.count_nonzero(np.logical_and(b, self._m_np, out=b)))
+        if self.cpu:  # numpy's bool kernels: ~50x faster than torch's on CPU
+            b = np.less(m.numpy(), thr.numpy() if torch.is_tensor(thr) else thr)
+            self.clipped += int(np.count_nonzero(np.logical_and(b, self._m.numpy(), out=b)))
         else:
             self.clipped += int(torch.count_nonzero(torch.lt(m, thr) & self._m))
 
@@ -214,7 +197,7 @@ class ChunkStats:
 
     def zeta(self, u: torch.Tensor, a: float) -> None:
         """zeta = a * u and survival = exp(-zeta), from the fused kernel's u = zeta / a."""
-        self._add("mhpo/zeta_mean", torch.dot(u, self._mf) * a)
+        self._add("mhpo/zeta_mean", float(torch.dot(u, self._mf)) * a)
         self.mean("mhpo/survival_mean", torch.mul(u, -a, out=self._scratch("a", u.dtype)).exp_())
 
     def add_full(self, key: str, t: torch.Tensor, dtype: torch.dtype) -> None:
@@ -232,73 +215,35 @@ class ChunkStats:
         if n == 0:
             stats.update({k: 0.0 for k in (*_KEYS, *self.keys, *self.sums)})
             return stats
-        for key in self.keys:
-            stats[key] = 0.0
-        for key, total in self.sums.items():
-            stats[key] = total / n
-        if self.ratio_overflow:  # exp overflowed in the compute dtype: clamp in float64 as before
-            stats["ratio/mean"] = float(self.log_ratio_all().double().clamp(max=700.0).exp().mean())
+        stats.update({key: 0.0 for key in self.keys})
+        stats.update({key: total / n for key, total in self.sums.items()})
         stats["clip_frac"] = self.clipped / n
-        lo_v, p1, p99, hi_v, abs_p99 = self._order_stats()
-        stats["ratio/min"], stats["ratio/max"] = _exp(lo_v), _exp(hi_v)
-        stats["ratio/p1"], stats["ratio/p99"] = _exp(p1), _exp(p99)
-        stats["log_ratio/abs_p99"] = abs_p99
+        stats.update(order_stats(self.sample, self.lo, self.hi))
         return stats
 
-    def _order_stats(self) -> tuple[float, float, float, float, float]:
-        """(min, p1, p99, max, |.|p99) of the masked log r, exact (see the module docstring)."""
-        n = self.n
-        k1, k99 = nearest_rank(Q_LOW, n), nearest_rank(Q_HIGH, n)
-        kept = torch.cat(self.kept) if self.kept else torch.zeros(0)
-        if self.bounds is None:  # every masked token was kept
-            v = kept
-            (p1, p99), (mn, mx) = masked_quantiles(v, (Q_LOW, Q_HIGH)), (float(v.min()), float(v.max()))
-            return mn, p1, p99, mx, masked_quantiles(v.abs(), (Q_HIGH,))[0]
-        lo, hi = self.bounds
-        low, high = kept[kept < lo], kept[kept > hi]  # every masked token < lo (> hi) is in low (high)
-        big = kept.abs()
-        big = big[big > max(-lo, hi)]  # and every |log r| > max(-lo, hi) in big
-        out: list[float | None] = [None] * 5
-        if low.numel() >= k1:  # every token < lo is in `low`, so its order statistics are the global ones
-            out[0], out[1] = float(low.min()), _kth(low, k1)
-        top = n - k99 + 1  # p99 is the top-th largest
-        if high.numel() >= top:
-            out[3], out[2] = float(high.max()), _kth(high, high.numel() - top + 1)
-        top_abs = n - nearest_rank(Q_HIGH, n) + 1
-        if big.numel() >= top_abs:
-            out[4] = _kth(big, big.numel() - top_abs + 1)
-        if any(v is None for v in out):  # a threshold missed: the exact path over every masked token
-            v = self.log_ratio_all()
-            exact = [
-                float(v.min()),
-                *masked_quantiles(v, (Q_LOW, Q_HIGH)),
-                float(v.max()),
-                masked_quantiles(v.abs(), (Q_HIGH,))[0],
-            ]
-            out = [exact[i] if out[i] is None else out[i] for i in range(5)]
-        return out[0], out[1], out[2], out[3], out[4]
 
-
-def _kth(x: torch.Tensor, k: int) -> float:
-    """The k-th smallest (1-based) of a 1-D tensor."""
-    if x.device.type == "cpu":
-        return float(np.partition(x.numpy(), k - 1)[k - 1])
-    return float(x.kthvalue(k).values)
+def order_stats(sample: torch.Tensor, lo: float, hi: float) -> dict[str, float]:
+    """ratio/{min,max} = exp(lo), exp(hi) and ratio/{p1,p99}, log_ratio/abs_p99 from the log r sample."""
+    p1, p99 = quantiles(sample, (Q_LOW, Q_HIGH))
+    (abs_p99,) = quantiles(sample.abs(), (Q_HIGH,))
+    return {
+        "ratio/min": _exp(lo),
+        "ratio/max": _exp(hi),
+        "ratio/p1": _exp(p1),
+        "ratio/p99": _exp(p99),
+        "log_ratio/abs_p99": abs_p99,
+    }
 
 
 def log_ratio_order_stats(values: torch.Tensor) -> dict[str, float]:
-    """ratio/{min,max,p1,p99} and log_ratio/abs_p99 of the masked log r ``values`` (1-D), exact:
-    what objective_stats reports for one batch, here for several batches' tokens together."""
-    if values.numel() == 0:
-        return {k: 0.0 for k in ("ratio/min", "ratio/max", "ratio/p1", "ratio/p99", "log_ratio/abs_p99")}
-    p1, p99 = masked_quantiles(values, (Q_LOW, Q_HIGH))
-    return {
-        "ratio/min": _exp(float(values.min())),
-        "ratio/max": _exp(float(values.max())),
-        "ratio/p1": _exp(p1),
-        "ratio/p99": _exp(p99),
-        "log_ratio/abs_p99": masked_quantiles(values.abs(), (Q_HIGH,))[0],
-    }
+    """ratio/{min,max,p1,p99} and log_ratio/abs_p99 of the masked log r ``values`` (1-D), as
+    objective_stats reports them for one batch (min / max exact, percentiles over every d-th value,
+    d = ceil(n / SAMPLE)), here for several batches' tokens together."""
+    n = values.numel()
+    if n == 0:
+        return dict.fromkeys(_ORDER_KEYS, 0.0)
+    lo, hi = torch.aminmax(values)
+    return order_stats(values[sample_positions(n, 1, n)], float(lo), float(hi))
 
 
 def masked_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -311,14 +256,12 @@ def chunk_len(device: torch.device, numel: int) -> int:
     return max(min(CHUNK if device.type == "cpu" else numel, numel), 1)
 
 
-def make_chunk_stats(
-    log_r_sample: torch.Tensor, mask: torch.Tensor, clip_thr, log_ratio_all, m_scale: float = 1.0, keys=()
-) -> ChunkStats:
-    """A ChunkStats whose tail thresholds come from ``log_r_sample`` (masked log r at
-    :func:`sample_positions`)."""
-    n = int(torch.count_nonzero(mask))
-    bounds = tail_bounds(log_r_sample, n) if n else None
-    return ChunkStats(mask, clip_thr, bounds, log_ratio_all, m_scale, keys, n=n)
+def make_chunk_stats(values_at, mask: torch.Tensor, clip_thr, m_scale: float = 1.0, keys=()) -> ChunkStats:
+    """A ChunkStats over ``mask`` ([B, T] bool) whose percentile sample is read through
+    ``values_at(index)``: the log r at an index of the flattened [B, T] (see :func:`log_ratio_sample`)."""
+    n = count(mask)
+    sample = log_ratio_sample(values_at, mask, n) if n else torch.zeros(0)
+    return ChunkStats(mask, clip_thr, sample, m_scale, keys, n=n)
 
 
 @torch.no_grad()
@@ -331,15 +274,11 @@ def objective_stats(
     kl: torch.Tensor | None = None,  # [B, T]
 ) -> dict[str, float]:
     """The diagnostics of the module docstring from whole [B, T] tensors (the unfused objectives)."""
-    width = log_r.shape[-1] if log_r.dim() else 1
     lr = log_r.detach().contiguous().reshape(-1)
-    m = mask.reshape(-1)
-    pos = sample_positions(lr.numel(), width)
-    thr = DAMPED * on_policy_multiplier
     flat = {f"mhpo/{k}_mean": extras[k].detach().contiguous().reshape(-1) for k in _MHPO if k in extras}
     if kl is not None:
         flat["kl"] = kl.detach().contiguous().reshape(-1)
-    acc = make_chunk_stats(lr[pos][m[pos]], mask, thr, lambda: lr[m], keys=flat)
+    acc = make_chunk_stats(lr.__getitem__, mask, DAMPED * on_policy_multiplier, keys=flat)
     mult = multiplier.detach().contiguous().reshape(-1)
     step = chunk_len(lr.device, lr.numel())
     for s in range(0, lr.numel(), step):

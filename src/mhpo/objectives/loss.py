@@ -20,7 +20,7 @@ import torch
 
 from mhpo.objectives import Objective, Terms, get_objective
 from mhpo.objectives.aggregation import check_agg, row_weights
-from mhpo.objectives.diagnostics import DAMPED, ChunkStats, make_chunk_stats, objective_stats, sample_positions
+from mhpo.objectives.diagnostics import DAMPED, ChunkStats, make_chunk_stats, objective_stats
 from mhpo.objectives.kl import k3
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -131,18 +131,18 @@ class _Prepared:
     def log_r(self) -> torch.Tensor:  # [B, T] logp - old_logp, 0 outside the mask; carries the gradient
         return torch.where(self.keep, self.lp - self.old, torch.zeros_like(self.lp))
 
-    def fast(self, coef: torch.Tensor, want_stats: bool, per_token: bool):
+    def fast(self, coef: torch.Tensor, diagnostics: bool, per_token: bool):
         """The objective's fused path with per-token coefficients coef, or None; the second item
-        is the diagnostics: a ChunkStats the eager kernel filled, Terms (compiled), or None."""
+        is the diagnostics (when asked for): a ChunkStats the eager kernel filled, Terms (compiled), or None."""
         if self.impl == "reference" or self.objective.fused is None:
             return None
         compiled = use_compiled_kernel(self.impl, self.lp.device)
-        sink = self.chunk_stats() if want_stats and not compiled else None
+        sink = self.chunk_stats() if diagnostics and not compiled else None
         out = self.objective.fast(
             self.lp,
             self.old,
             coef,
-            sink if sink is not None else want_stats,
+            sink if sink is not None else diagnostics,
             compiled=compiled,
             per_token=per_token,
             **self.hp,
@@ -151,7 +151,7 @@ class _Prepared:
             return None
         value, parts = out
         terms = sink
-        if want_stats and sink is None:  # parts = (psi, zeta, M)
+        if diagnostics and sink is None:  # parts = (psi, zeta, M)
             terms = Terms(value, parts[2], {"psi": parts[0], "zeta": parts[1], "survival": torch.exp(-parts[1])})
         return value, terms
 
@@ -163,12 +163,10 @@ class _Prepared:
         return DAMPED * torch.where(self.adv > 0, ref_m[0], ref_m[1])  # [B, 1] or [B, T]
 
     def chunk_stats(self) -> ChunkStats:
-        """A diagnostics sink for the fused kernel, its tail thresholds from a strided sample of log r."""
-        lp, old, m = self.lp.detach().reshape(-1), self.old.reshape(-1), self.keep.reshape(-1)
-        pos = sample_positions(lp.numel(), self.lp.shape[-1])
-        sample = (lp[pos] - old[pos])[m[pos]]
+        """A diagnostics sink for the fused kernel; its percentile sample of log r is read here, before it."""
+        lp, old = self.lp.detach().reshape(-1), self.old.reshape(-1)
         keys = [f"mhpo/{k}_mean" for k in ("psi", "zeta", "survival")]
-        return make_chunk_stats(sample, self.keep, self.clip_threshold(), lambda: (lp - old)[m], keys=keys)
+        return make_chunk_stats(lambda i: lp[i] - old[i], self.keep, self.clip_threshold(), keys=keys)
 
     def kl(self) -> torch.Tensor | None:
         if self.ref is None:

@@ -74,17 +74,17 @@ def _mhpo_hparams(c=1.5, k_pos=1.5, lambda_pos=1.0, k_neg=2.0, lambda_neg=0.8, s
 
 
 def _mhpo_fast(
-    logp, old_logp, coef, *, want_stats, compiled=False, per_token=False, lfm=True, dhp=True, rescale=False, **hp
+    logp, old_logp, coef, *, diagnostics, compiled=False, per_token=False, lfm=True, dhp=True, rescale=False, **hp
 ):
     """The fused path (see mhpo_fused) for LFM and DHP both on; None otherwise."""
     if not (lfm and dhp) or hp["c"] > MAX_LOG_RATIO:
         return None
     scale = 1.0 / on_policy_weight(hp["k_pos"], hp["lambda_pos"], hp["k_neg"], hp["lambda_neg"]) if rescale else 1.0
     coef = coef * scale if rescale else coef
-    if rescale and not isinstance(want_stats, bool):  # a diagnostics sink: M is reported times the scale
-        want_stats.m_scale = scale
+    if rescale and not isinstance(diagnostics, bool):  # a diagnostics sink: M is reported times the scale
+        diagnostics.m_scale = scale
     loss, parts = mhpo_fused_loss(
-        logp, old_logp, coef, want_stats=want_stats, compiled=compiled, per_token=per_token, **hp
+        logp, old_logp, coef, diagnostics=diagnostics, compiled=compiled, per_token=per_token, **hp
     )
     if parts is not None and rescale:
         parts = (parts[0], parts[1], parts[2] * scale)

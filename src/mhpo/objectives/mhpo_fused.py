@@ -14,10 +14,15 @@ tanh, one softplus (exp + log1p) and one exp: the transcendental floor of the fo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from mhpo.objectives.mhpo_formula import dhp, lfm, power
+
+if TYPE_CHECKING:
+    from mhpo.objectives.diagnostics import ChunkStats
 
 CHUNK = 1 << 18  # tokens per chunk: a float32 temporary is 1 MiB, so a dozen fit a 32 MiB L3 (not a 2 MiB L2)
 
@@ -36,9 +41,7 @@ def _chunk(x, coef, *, c, k_pos, lambda_pos, k_neg, lambda_neg, out, stats, valu
     if stats is not None:
         stats[0].copy_(psi)
         torch.mul(u, a, out=stats[1])
-    if (
-        sink is not None
-    ):  # diagnostics reduced here, while the chunk is in cache (mhpo.objectives.diagnostics.ChunkStats)
+    if sink is not None:  # diagnostics reduced here, while the chunk is in cache (diagnostics.ChunkStats)
         sink.mean("mhpo/psi_mean", psi)
         sink.zeta(u, a)
     w = psi.sub_(u, alpha=a).exp_()  # exp(psi - zeta)
@@ -57,11 +60,11 @@ def _chunk(x, coef, *, c, k_pos, lambda_pos, k_neg, lambda_neg, out, stats, valu
     return part
 
 
-def whole_kernel(logp, old_logp, coef, *, c, k_pos, lambda_pos, k_neg, lambda_neg, want_stats, per_token):
+def whole_kernel(logp, old_logp, coef, *, c, k_pos, lambda_pos, k_neg, lambda_neg, diagnostics, per_token):
     """The formula of :mod:`mhpo.objectives.mhpo_formula` as one whole-tensor expression, for
     torch.compile to fuse into a single loop.
 
-    Returns (sum coef*w or the [N] vector -coef*w, coef*M) and, with want_stats, (psi, zeta, M).
+    Returns (sum coef*w or the [N] vector -coef*w, coef*M) and, with diagnostics (a bool here), (psi, zeta, M).
     """
     psi = lfm(logp - old_logp, c)
     t = psi / c  # tanh(log r / c)
@@ -70,7 +73,7 @@ def whole_kernel(logp, old_logp, coef, *, c, k_pos, lambda_pos, k_neg, lambda_ne
     m = w * (1.0 - t * t)
     cw = coef * w
     out = (-cw if per_token else cw.sum(dtype=torch.float64), coef * m)
-    return out + ((psi, zeta, m) if want_stats else ())
+    return out + ((psi, zeta, m) if diagnostics else ())
 
 
 _COMPILED = None
@@ -90,17 +93,17 @@ class MHPOLoss(torch.autograd.Function):
     Gradient flows to logp only: d/dlogp = -coef * M, the one saved tensor (negated)."""
 
     @staticmethod
-    def forward(ctx, logp, old_logp, coef, hp, want_stats, compiled, per_token):  # [N] contiguous
+    def forward(ctx, logp, old_logp, coef, hp, diagnostics, compiled, per_token):  # [N] contiguous
         if compiled:
             value, grad, *stats = compiled_kernel()(
-                logp, old_logp, coef, **hp, want_stats=want_stats, per_token=per_token
+                logp, old_logp, coef, **hp, diagnostics=diagnostics, per_token=per_token
             )
         else:
-            value, grad, stats = _chunked(logp, old_logp, coef, hp, want_stats, per_token)
+            value, grad, stats = _chunked(logp, old_logp, coef, hp, diagnostics, per_token)
         ctx.save_for_backward(grad)
         outs = (value if per_token else -value.to(logp.dtype), *stats)
         ctx.mark_non_differentiable(*outs[1:])
-        return outs if want_stats is True else outs[0]
+        return outs if diagnostics is True else outs[0]
 
     @staticmethod
     def backward(ctx, g, *_stats_grads):
@@ -114,23 +117,23 @@ def chunk_size(device: torch.device, n: int) -> int:
     return max(min(CHUNK if device.type == "cpu" else n, n), 1)
 
 
-def _chunked(logp, old_logp, coef, hp, want_stats, per_token):
+def _chunked(logp, old_logp, coef, hp, diagnostics: bool | ChunkStats, per_token):
     """The chunk loop: (sum coef*w or [N] -coef*w, coef*M [N], [psi, zeta, M] or []).
 
-    want_stats: True for the [N] tensors psi, zeta, M; or a sink (mhpo.objectives.diagnostics.ChunkStats)
+    diagnostics: True for the [N] tensors psi, zeta, M; or a sink (mhpo.objectives.diagnostics.ChunkStats)
     that reduces them chunk by chunk, with no [N] outputs; or False."""
     n = logp.numel()
     chunk = chunk_size(logp.device, n)
     grad = torch.empty_like(logp)  # coef * M = -d loss / d logp
-    sink = None if isinstance(want_stats, bool) else want_stats
-    stats = [torch.empty_like(logp) for _ in range(3)] if want_stats is True else []  # psi, zeta, M
+    sink = None if isinstance(diagnostics, bool) else diagnostics
+    stats = [torch.empty_like(logp) for _ in range(3)] if diagnostics is True else []  # psi, zeta, M
     values = torch.empty_like(logp) if per_token else None
     buf = torch.empty(chunk, dtype=logp.dtype, device=logp.device)
     total = torch.zeros((), dtype=torch.float64, device=logp.device)  # sum over chunks of coef * w, in float64
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         x = torch.sub(logp[s:e], old_logp[s:e], out=buf[: e - s])
-        chunk_stats = [b[s:e] for b in stats] if want_stats is True else None
+        chunk_stats = [b[s:e] for b in stats] if diagnostics is True else None
         if sink is not None:
             sink.tokens(s, e, x.dtype)
             sink.log_ratio(x)  # before _chunk overwrites x
@@ -149,19 +152,19 @@ def mhpo_fused_loss(
     lambda_pos,
     k_neg,
     lambda_neg,
-    want_stats=False,
+    diagnostics: bool | ChunkStats = False,
     compiled=False,
     per_token=False,
 ):
     """Fused MHPO on [B, T] tensors: the loss -sum coef*w (per_token: the [B, T] matrix -coef*w),
-    and with want_stats=True also (psi, zeta, M) as [B, T] tensors; want_stats may instead be a
+    and with diagnostics=True also (psi, zeta, M) as [B, T] tensors; diagnostics may instead be a
     sink (mhpo.objectives.diagnostics.ChunkStats) fed chunk by chunk (eager kernel only), parts then None."""
     shape = logp.shape
     flat = [t.contiguous().view(-1) for t in (logp, old_logp.to(logp.dtype), coef.to(logp.dtype))]
     hp = {"c": c, "k_pos": k_pos, "lambda_pos": lambda_pos, "k_neg": k_neg, "lambda_neg": lambda_neg}
-    if compiled and want_stats and want_stats is not True:
+    if compiled and not isinstance(diagnostics, bool):
         raise ValueError("mhpo_fused_loss: a stats sink needs the eager kernel (compiled=False)")
-    out = MHPOLoss.apply(flat[0], flat[1], flat[2].detach(), hp, want_stats, compiled, per_token)
-    value, parts = (out[0], out[1:]) if want_stats is True else (out, None)
+    out = MHPOLoss.apply(flat[0], flat[1], flat[2].detach(), hp, diagnostics, compiled, per_token)
+    value, parts = (out[0], out[1:]) if diagnostics is True else (out, None)
     value = value.view(shape) if per_token else value
     return value, (tuple(t.view(shape) for t in parts) if parts is not None else None)

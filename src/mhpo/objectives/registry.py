@@ -15,11 +15,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from mhpo.errors import did_you_mean
 from mhpo.rules import RULES
+
+if TYPE_CHECKING:
+    from mhpo.objectives.diagnostics import ChunkStats
 
 Tensor = torch.Tensor
 
@@ -51,9 +55,10 @@ class Objective:
     hparams: Mapping[str, HParam]
     formula: str
     fixed: Mapping[str, object] = field(default_factory=dict)  # passed to fn, not user-settable
-    # Optional fast path: fused(logp, old_logp, coef, *, want_stats, compiled, per_token, **hparams)
+    # Optional fast path: fused(logp, old_logp, coef, *, diagnostics, compiled, per_token, **hparams)
     # -> (loss, parts) or None where it does not apply. coef = w * A; the loss is -sum coef * j/A
-    # (per_token: the [B, T] matrix -coef * j/A); parts = (psi, zeta, M) when want_stats.
+    # (per_token: the [B, T] matrix -coef * j/A); parts = (psi, zeta, M) when diagnostics is True;
+    # diagnostics may instead be a ChunkStats sink (mhpo.objectives.diagnostics) the kernel fills.
     fused: Callable | None = None
 
     @property
@@ -82,12 +87,20 @@ class Objective:
         return self.fn(logp, log_r, adv, mask, **hp, **self.fixed)
 
     def fast(
-        self, logp: Tensor, old_logp: Tensor, coef: Tensor, want_stats: bool, compiled=False, per_token=False, **hp
+        self,
+        logp: Tensor,
+        old_logp: Tensor,
+        coef: Tensor,
+        diagnostics: bool | ChunkStats,
+        compiled=False,
+        per_token=False,
+        **hp,
     ):
+        """The fused path, or None; ``diagnostics``: False, True (parts returned) or a ChunkStats sink."""
         if self.fused is None:
             return None
         return self.fused(
-            logp, old_logp, coef, want_stats=want_stats, compiled=compiled, per_token=per_token, **hp, **self.fixed
+            logp, old_logp, coef, diagnostics=diagnostics, compiled=compiled, per_token=per_token, **hp, **self.fixed
         )
 
 

@@ -20,7 +20,7 @@ class Example:
     """One problem. ``prompt`` is a string or a list of chat messages ({"role", "content"}).
 
     ``columns`` holds everything else a reward function may ask for by name (TRL's ``**columns``),
-    and, for vision-language tasks, raw model inputs such as ``image``; see :mod:`mhpo.trainer.rollout`.
+    and, for vision-language tasks, raw model inputs such as ``image``; see :mod:`mhpo.generation.rollout`.
     """
 
     prompt: Any

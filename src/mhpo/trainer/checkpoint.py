@@ -44,6 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mhpo.errors import UsageError
+from mhpo.files import atomic_write_text, file_sha256, publish_dir
 
 STATE_FILE = "trainer_state.json"
 PENDING_FILE = "pending.safetensors"
@@ -138,60 +139,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, js: dict, tensors: di
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic files and directories.
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new content, never a mix."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """fsync ``tmp`` and rename it to ``final`` (replacing an existing ``final``)."""
-    _fsync_tree(tmp)
-    if final.exists():
-        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(final.parent)
-
-
-# ---------------------------------------------------------------------------------------------
 # Checkpoints.
 
 
@@ -258,14 +205,6 @@ def save_checkpoint(
 
 # ---------------------------------------------------------------------------------------------
 # Integrity: a manifest of sizes and checksums, and a checksum of the state JSON itself.
-
-
-def file_sha256(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def manifest(ckpt: Path) -> dict[str, dict[str, Any]]:

@@ -8,7 +8,7 @@ them (dotted keys, ``+key=value``, ``${a.b}`` interpolation, as in verl and Hydr
 then checked against the dataclasses: an unknown key, a value of the wrong type or out of range
 raises :class:`ConfigError` with one line naming the key, the bad value and the valid choices.
 Semantic checks that need the registries (objective hparams, task and reward names, model path)
-live in :func:`mhpo.trainer.train.validate`, which also runs before any work.
+live in :func:`mhpo.trainer.setup.prepare_run`, which also runs before any work.
 """
 
 from __future__ import annotations

@@ -11,16 +11,16 @@ directory's config.yaml records and what a resume reads back.
     rollout.max_new_tokens null   the task's budget (a dataset task: 256, TRL's max_completion_length)
     eval.size, eval.pass_k null   200 and 8 for the built-in tiny models, 32 and 0 for a pretrained model
     eval.max_new_tokens   null    the rollout's
-    model.dtype           auto    the precision this machine gives (mhpo.models.resolve_precision)
+    model.dtype           auto    the precision this machine gives (mhpo.models.device.resolve_precision)
     train.threads         0       1 for the built-in tiny models, else the usable cores up to 8
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
-from mhpo.models import BUILT_IN, resolve_device, resolve_precision
+from mhpo.models.device import resolve_device, resolve_precision, usable_cores
+from mhpo.models.sources import BUILT_IN
 from mhpo.trainer.config import Config
 
 # Per kind of model: (lr, held-out size, pass@k). See the module docstring for where they come from.
@@ -49,11 +49,7 @@ def default_threads(cfg: Config) -> int:
     busy cores a step measured ~30x slower than with 1); otherwise the usable cores, at most 8."""
     if model_kind(cfg) == "built-in":
         return 1
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))
+    return max(1, min(usable_cores(), 8))
 
 
 def resolve_defaults(cfg: Config, task_max_new_tokens: int | None) -> Config:
@@ -84,7 +80,7 @@ def resolve_defaults(cfg: Config, task_max_new_tokens: int | None) -> Config:
 def config_warnings(cfg: Config) -> list[str]:
     """Settings that run but are likely a mistake: a tiny-model learning rate on a pretrained model
     (full-parameter RL), bf16 sampling on a CPU without native bf16 matmuls (~100x slower)."""
-    from mhpo.models import cpu_has_bf16
+    from mhpo.models.device import cpu_has_bf16
 
     out = []
     if model_kind(cfg) == "pretrained" and cfg.optim.lr is not None and cfg.optim.lr >= TOY_LR:

@@ -16,30 +16,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mhpo.files import atomic_write_text, read_jsonl
+
 TIMING_PREFIXES = ("time/", "throughput/")
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The complete JSON lines of ``path`` (a torn last line is skipped); [] if it does not exist."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def truncate_jsonl(path: str | Path, max_step: int) -> None:
     """Keep only the records with ``step <= max_step`` (rewritten atomically)."""
-    from mhpo.trainer.checkpoint import atomic_write_text
-
     path = Path(path)
     if path.exists():
         keep = [r for r in read_jsonl(path) if r.get("step", 0) <= max_step]

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mhpo.generation.rollout import Rollout
 from mhpo.rewards import Scores
-from mhpo.trainer.rollout import Rollout
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mhpo.trainer.metrics import read_jsonl
+from mhpo.files import read_jsonl
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from mhpo.generation.rollout import Rollout, forward_inputs
 from mhpo.models.logprobs import model_logprobs
 from mhpo.models.multimodal import model_kwargs
 from mhpo.objectives.aggregation import global_counts
 from mhpo.objectives.diagnostics import log_ratio_order_stats, masked_log_ratio
 from mhpo.objectives.loss import policy_loss
-from mhpo.trainer.rollout import Rollout, forward_inputs
 
 
 def rollout_logprobs(
@@ -198,10 +198,11 @@ _SUM_KEYS = ("loss", "tokens")
 
 def combine_micro(stats: list[dict[str, float]], log_ratios: torch.Tensor | None = None) -> dict[str, float]:
     """One optimizer step's stats from its micro-batches: loss and tokens summed, the rest
-    token-weighted means, and the ratio's min / max / p1 / p99 and |log r| p99 recomputed exactly
-    over all the step's masked tokens when ``log_ratios`` (their log r, concatenated) is given;
-    without it, min / max are exact and p1 / p99 are the extreme micro-batch's (a bound, not the
-    step's percentile)."""
+    token-weighted means. When ``log_ratios`` (the step's masked log r, concatenated) is given, the
+    ratio's min / max are recomputed over all of them and p1 / p99 and |log r| p99 re-estimated
+    from a sample of them (every d-th, at most SAMPLE; exact up to SAMPLE tokens; see
+    mhpo.objectives.diagnostics); without it, min / max are exact and p1 / p99 are the extreme
+    micro-batch's (a bound, not the step's percentile)."""
     if len(stats) == 1:
         return dict(stats[0])
     total = sum(s.get("tokens", 0.0) for s in stats) or 1.0

@@ -34,13 +34,15 @@ from pathlib import Path
 import torch
 
 from mhpo import __version__
-from mhpo.models import BUILT_IN
-from mhpo.models.multimodal import text_tokenizer
+from mhpo.evaluation.heldout import evaluate
+from mhpo.files import atomic_write_json, publish_dir
+from mhpo.generation.policy import wrap_policy
+from mhpo.generation.prompts import PromptEncoder
+from mhpo.generation.rollout import pack
+from mhpo.models.device import Precision
+from mhpo.models.sources import BUILT_IN
 from mhpo.seeding import derive_seed
-from mhpo.trainer.checkpoint import atomic_write_json, publish_dir
 from mhpo.trainer.config import Config, config_hash
-from mhpo.trainer.evaluation import evaluate
-from mhpo.trainer.rollout import PromptEncoder, build_encoder, eos_token_ids, pack
 from mhpo.trainer.update import completion_logprobs
 
 INFO_FILE = "warmup.json"
@@ -150,9 +152,14 @@ def run_warmup(
     ``processor`` is the model's tokenizer, or its processor for a vision-language model."""
     w = cfg.warmup
     t0 = time.perf_counter()
-    encoder = build_encoder(processor, chat_template=cfg.model.chat_template, system_prompt=cfg.task.system_prompt)
-    tokenizer = text_tokenizer(processor)
-    eos_ids = eos_token_ids(model, tokenizer)
+    policy = wrap_policy(
+        model,
+        processor,
+        precision=Precision(next(model.parameters()).dtype),  # the warm-up trains in the weights' dtype
+        chat_template=cfg.model.chat_template,
+        system_prompt=cfg.task.system_prompt,
+    )
+    encoder, tokenizer = policy.encoder, policy.tokenizer
     probe = task.heldout(w.eval_size, derive_seed(cfg.seed, "warmup-probe"), heldout_keys)  # held-out distribution
     source = task.train_source(derive_seed(cfg.seed, "warmup-data"), heldout_keys | {ex.key for ex in probe})
     torch.manual_seed(derive_seed(cfg.seed, "warmup-torch"))
@@ -172,13 +179,10 @@ def run_warmup(
         sched.step()
         if step % w.eval_every == 0 or step == w.max_steps:
             results, _ = evaluate(
-                model,
-                tokenizer,
-                encoder,
+                policy,
                 scorer,
                 probe,
                 max_new_tokens=max_new_tokens,
-                eos_ids=eos_ids,
                 pass_k=0,
                 temperature=1.0,
                 batch_size=cfg.eval.batch_size,

@@ -17,10 +17,10 @@ sampler saw them. Prompts with extra model inputs use ``model.generate`` with th
 
 Extra model inputs (e.g. ``pixel_values`` of a vision-language model) travel in
 ``Rollout.model_inputs`` into generate and every forward pass; the prompt encoder produces them
-(:class:`PromptEncoder` for text, :class:`mhpo.models.multimodal.VisionPromptEncoder` for images). They are
-batch-major tensors or the per-sequence / derived values of :mod:`mhpo.models.multimodal`, and are always
-sliced, repeated and turned into keyword arguments by its ``select_inputs`` / ``repeat_inputs`` /
-``model_kwargs``, so text-only and image batches take the same code path.
+(:class:`mhpo.generation.prompts.PromptEncoder` for text, :class:`mhpo.models.multimodal.VisionPromptEncoder`
+for images). They are batch-major tensors or the per-sequence / derived values of
+:mod:`mhpo.models.multimodal`, and are always sliced, repeated and turned into keyword arguments by
+its ``select_inputs`` / ``repeat_inputs`` / ``model_kwargs``, so text-only and image batches take the same code path.
 """
 
 from __future__ import annotations
@@ -32,84 +32,7 @@ from typing import Any
 import torch
 
 from mhpo.generation import decode, generate_with_logprobs, position_ids
-from mhpo.generation import sampling_config as sampling_config  # re-exported (tests, benchmarks)
 from mhpo.models.multimodal import cut_at_placeholders, model_kwargs, placeholder_ids, repeat_inputs, select_inputs
-from mhpo.tasks.base import Example
-
-# ---------------------------------------------------------------------------------------------
-# Prompts.
-
-
-class PromptEncoder:
-    """Examples -> left-padded prompt tensors (+ extra model inputs), chat template when asked.
-
-    Text only; for prompts with images see :func:`build_encoder`.
-    """
-
-    def __init__(self, tokenizer, *, chat: bool, system_prompt: str | None = None):
-        self.tokenizer = tokenizer
-        self.chat = chat
-        self.system_prompt = system_prompt
-
-    def render(self, example: Example) -> str:
-        """The prompt text the model sees (chat template applied when ``chat``)."""
-        prompt = example.prompt
-        if not self.chat:
-            if not isinstance(prompt, str):
-                raise ValueError("a prompt given as chat messages needs a tokenizer with a chat template")
-            return prompt
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if self.system_prompt and messages[0].get("role") != "system":
-            messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        texts = [self.render(ex) for ex in examples]
-        tok = self.tokenizer
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not self.chat)
-        finally:
-            tok.padding_side = side
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-def build_encoder(tokenizer_or_processor, *, chat_template: str, system_prompt: str | None = None):
-    """The prompt encoder for a model's tokenizer (:class:`PromptEncoder`) or its image processor
-    (:class:`mhpo.models.multimodal.VisionPromptEncoder`, for a processor with an ``image_processor``);
-    ``chat_template`` is model.chat_template (auto | on | off)."""
-    chat = use_chat_template(chat_template, tokenizer_or_processor)
-    if getattr(tokenizer_or_processor, "image_processor", None) is not None:
-        from mhpo.models.multimodal import VisionPromptEncoder
-
-        return VisionPromptEncoder(tokenizer_or_processor, chat=chat, system_prompt=system_prompt)
-    return PromptEncoder(tokenizer_or_processor, chat=chat, system_prompt=system_prompt)
-
-
-def use_chat_template(mode: str, tokenizer) -> bool:
-    """model.chat_template: 'auto' = when the tokenizer has a template; 'on' requires one."""
-    has = bool(getattr(tokenizer, "chat_template", None))
-    if mode == "on" and not has:
-        raise ValueError("model.chat_template=on but the tokenizer has no chat template")
-    return has if mode == "auto" else mode == "on"
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every token that ends a completion: the generation config's EOS id(s) and the tokenizer's."""
-    ids: list[int] = []
-    gen = getattr(model, "generation_config", None)
-    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
-        if value is None:
-            continue
-        ids.extend(value if isinstance(value, (list, tuple)) else [value])
-    if not ids:
-        raise ValueError("the tokenizer and the model's generation config define no EOS token")
-    return list(dict.fromkeys(int(i) for i in ids))
-
-
-# ---------------------------------------------------------------------------------------------
-# The batch.
 
 
 @dataclass
@@ -129,6 +52,11 @@ class Rollout:
     @property
     def lengths(self) -> torch.Tensor:  # [N] completion tokens (EOS included)
         return self.completion_mask.sum(-1)
+
+    def ended(self, eos_ids: Sequence[int]) -> torch.Tensor:  # [N] bool
+        """Which completions contain an end token (the others ran into max_new_tokens)."""
+        ids = self.completion_ids
+        return (torch.isin(ids, torch.as_tensor(list(eos_ids), device=ids.device)) & self.completion_mask).any(-1)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

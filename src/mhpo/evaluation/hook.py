@@ -24,12 +24,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mhpo.benchmarks.loading import DEFAULT_TEMPLATE
-from mhpo.benchmarks.metrics import benchmark_metrics, macro_average
-from mhpo.benchmarks.protocol import Generator, Settings, batch_seed, batches, sample_rows
-from mhpo.benchmarks.report import RENAME
-from mhpo.benchmarks.scoring import AnswerScorer
-from mhpo.benchmarks.specs import get_spec
+from mhpo.evaluation.loading import DEFAULT_TEMPLATE
+from mhpo.evaluation.metrics import benchmark_metrics, macro_average
+from mhpo.evaluation.protocol import Generator, Settings, batch_seed, batches, sample_rows
+from mhpo.evaluation.report import RENAME
+from mhpo.evaluation.scoring import AnswerScorer
+from mhpo.evaluation.specs import get_spec
 
 
 def check_config(eval_cfg) -> None:
@@ -42,7 +42,7 @@ class BenchmarkHook:
     """``hook(model, tokenizer, encoder, eos_ids, step) -> {bench/...: value}``; ``close()`` at the end."""
 
     def __init__(self, eval_cfg, run_dir: str | Path, *, max_new_tokens: int, timeout_s: float = 10.0):
-        from mhpo.benchmarks.runner import load_benchmarks
+        from mhpo.evaluation.runner import load_benchmarks
 
         self.settings = Settings(
             samples=eval_cfg.benchmark_samples,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mhpo.benchmarks.specs import GOLD_PARSERS, PROBLEM_CLEANERS, BenchmarkSpec
+from mhpo.evaluation.specs import GOLD_PARSERS, PROBLEM_CLEANERS, BenchmarkSpec
 from mhpo.tasks.base import Example
 
 DEFAULT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."

@@ -3,7 +3,7 @@
     settings = Settings(samples=32, temperature=0.6, top_p=0.95, max_new_tokens=2048, seed=0)
     summary = run_protocol(model, processor, {"math500": problems}, settings, "out/", scorer=scorer)
 
-Sampling is :func:`mhpo.trainer.rollout.sample` with ``group_size=K``: each prompt is prefilled once and
+Sampling is :func:`mhpo.generation.rollout.sample` with ``group_size=K``: each prompt is prefilled once and
 its KV cache repeated for its K completions, and one generate call takes
 ``max(1, batch_size // K)`` problems of a benchmark (batches span problems). Temperature
 sampling with ``top_p`` and no top-k (``top_k=0``), no other logits processors; temperature 0
@@ -21,8 +21,8 @@ Outputs (``out_dir``):
                     (no EOS within max_new_tokens); with ``greedy``: greedy_completion,
                     greedy_answer, greedy_score
     settings.json   the settings and model of the first run; a rerun with different ones stops
-    summary.json    per benchmark and ``macro``, see :func:`mhpo.benchmarks.report.summarize`
-    summary.md      the paper-shaped table, see :func:`mhpo.benchmarks.report.render_markdown`
+    summary.json    per benchmark and ``macro``, see :func:`mhpo.evaluation.report.summarize`
+    summary.md      the paper-shaped table, see :func:`mhpo.evaluation.report.render_markdown`
 
 A rerun skips the problems already in samples.jsonl (a torn last line is ignored and redone).
 """
@@ -37,12 +37,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from mhpo.benchmarks.answers import MODES
-from mhpo.benchmarks.loading import DEFAULT_TEMPLATE, Problem
-from mhpo.benchmarks.metrics import report_ks
-from mhpo.benchmarks.scoring import AnswerScorer
+from mhpo.evaluation.answers import MODES
+from mhpo.evaluation.loading import DEFAULT_TEMPLATE, Problem
+from mhpo.evaluation.metrics import report_ks
+from mhpo.evaluation.scoring import AnswerScorer
+from mhpo.progress import progress_bar
 
 SAMPLES_FILE, SETTINGS_FILE, SUMMARY_JSON, SUMMARY_MD = "samples.jsonl", "settings.json", "summary.json", "summary.md"
 
@@ -121,19 +120,13 @@ class Generator:
     stats: dict = field(default_factory=lambda: {"completion_tokens": 0, "generate_seconds": 0.0})
 
 
-def _ended(rollout, eos_ids) -> torch.Tensor:
-    """[N] bool: the completion contains an EOS token (else it ran into max_new_tokens)."""
-    ids = rollout.completion_ids
-    return (torch.isin(ids, torch.as_tensor(list(eos_ids), device=ids.device)) & rollout.completion_mask).any(-1)
-
-
 def sample_rows(
     gen: Generator, problems: Sequence[Problem], settings: Settings, scorer: AnswerScorer, seed: int
 ) -> list[dict]:
     """samples.jsonl rows of ``problems``: K samples each (one generate pass, shared prefill),
     plus the greedy completion when asked, scored in the worker."""
-    from mhpo.trainer.evaluation import seeded
-    from mhpo.trainer.rollout import sample
+    from mhpo.generation.rollout import sample
+    from mhpo.seeding import seeded
 
     K = settings.samples
     device = next(gen.model.parameters()).device
@@ -159,7 +152,7 @@ def sample_rows(
             greedy = sample(gen.model, gen.tokenizer, prompts, group_size=1, do_sample=False, **common)
     gen.stats["generate_seconds"] += time.perf_counter() - t0
     gen.stats["completion_tokens"] += int(roll.lengths.sum()) + (int(greedy.lengths.sum()) if greedy is not None else 0)
-    ended = _ended(roll, gen.eos_ids)
+    ended = roll.ended(gen.eos_ids)
     lengths = (roll.lengths - ended.long()).tolist()
     golds = [p.gold for p in problems for _ in range(K)]
     choices = [p.choices for p in problems for _ in range(K)]
@@ -213,7 +206,7 @@ def batch_seed(settings: Settings, benchmark: str, start: int) -> int:
 
 def read_rows(path: Path) -> list[dict]:
     """Complete rows of samples.jsonl (a torn last line is skipped); [] when absent."""
-    from mhpo.trainer.metrics import read_jsonl
+    from mhpo.files import read_jsonl
 
     return read_jsonl(path)
 
@@ -222,7 +215,7 @@ def check_resume(out_dir: Path, record: dict, *, write: bool = True) -> None:
     """Write settings.json on the first run; on a rerun, ValueError naming every setting that
     differs from the recorded one (the samples already written were drawn with those). Sections
     missing from ``record`` (e.g. "model" before it is loaded) are not compared."""
-    from mhpo.trainer.checkpoint import atomic_write_json
+    from mhpo.files import atomic_write_json
 
     path = Path(out_dir) / SETTINGS_FILE
     if not path.is_file():
@@ -259,8 +252,8 @@ def run_protocol(
     log: Callable[[str], None] = lambda _m: None,
 ) -> dict:
     """Sample, score and write every problem not yet in samples.jsonl, then write the summaries."""
-    from mhpo.benchmarks.report import render_markdown, summarize
-    from mhpo.trainer.checkpoint import atomic_write_json, atomic_write_text
+    from mhpo.evaluation.report import render_markdown, summarize
+    from mhpo.files import atomic_write_json, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -332,24 +325,9 @@ class _Progress:
     def __enter__(self):
         if self.enabled:
             from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
 
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[speed]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
+            self._progress = progress_bar(
+                "[bold]{task.description}", "{task.fields[speed]}", console=Console(stderr=True)
             )
             self._progress.__enter__()
             self._task = self._progress.add_task("eval", total=self.total, speed="")

@@ -13,9 +13,9 @@
 See docs/evaluation.md.
 """
 
-from mhpo.benchmarks.loading import DEFAULT_TEMPLATE, Problem, load_problems
-from mhpo.benchmarks.metrics import TIE_RULE, avg_at_k, majority, pass_at_k, report_ks
-from mhpo.benchmarks.specs import BENCHMARKS, BenchmarkSpec, benchmark_names, get_spec
+from mhpo.evaluation.loading import DEFAULT_TEMPLATE, Problem, load_problems
+from mhpo.evaluation.metrics import TIE_RULE, avg_at_k, majority, pass_at_k, report_ks
+from mhpo.evaluation.specs import BENCHMARKS, BenchmarkSpec, benchmark_names, get_spec
 
 __all__ = [
     "BENCHMARKS",

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mhpo.benchmarks.metrics import TIE_RULE, benchmark_metrics, macro_average
-from mhpo.benchmarks.specs import PAPER_ORDER
+from mhpo.evaluation.metrics import TIE_RULE, benchmark_metrics, macro_average
+from mhpo.evaluation.specs import PAPER_ORDER
 
 RENAME = {"length": "mean_length", "truncated": "truncation_rate", "no_answer": "no_answer_rate"}
 EXTRACTION_RULES = {

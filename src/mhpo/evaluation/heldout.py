@@ -12,50 +12,34 @@ training RNG untouched (so evaluating does not change the training run).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 
+from mhpo.evaluation.metrics import pass_at_k
+from mhpo.generation.policy import LoadedPolicy
+from mhpo.generation.rollout import sample
 from mhpo.rewards import RewardScorer
+from mhpo.seeding import seeded
 from mhpo.tasks.base import Example
-from mhpo.trainer.rollout import PromptEncoder, sample
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n - c, k) / C(n, k) (computed as a
-    running product, :func:`mhpo.benchmarks.metrics.pass_at_k`)."""
-    from mhpo.benchmarks.metrics import pass_at_k as estimator
-
-    return estimator(n, c, k)
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device):
-    """Run a block under a private torch RNG seeded with ``seed`` (the outer state is restored)."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 @torch.no_grad()
 def evaluate(
-    model,
-    tokenizer,
-    encoder: PromptEncoder,
+    policy: LoadedPolicy,
     scorer: RewardScorer,
     examples: Sequence[Example],
     *,
     max_new_tokens: int,
-    eos_ids: Sequence[int],
     pass_k: int,
     temperature: float,
     batch_size: int,
     seed: int,
 ) -> tuple[dict[str, float], list[dict]]:
-    """(results, samples): the metrics above and one record per example (greedy completion)."""
-    device = next(model.parameters()).device
+    """(results, samples): the metrics above and one record per example (greedy completion). Runs in
+    the caller's autocast (``with policy.autocast():``)."""
+    model, tokenizer, encoder, eos_ids = policy.model, policy.tokenizer, policy.encoder, policy.eos_ids
+    device = policy.device
     prompts = encoder(examples)
     greedy = sample(
         model,

@@ -159,7 +159,7 @@ def is_local(name: str) -> bool:
 def local_spec(path: str, split: str = "train") -> BenchmarkSpec:
     """The spec of a local file or saved dataset: named after the file's stem, default columns
     problem / answer / id (``problem`` falls back to ``question`` or ``prompt`` when absent, an
-    absent ``id`` to the row index, see :func:`mhpo.benchmarks.loading.resolve_columns`)."""
+    absent ``id`` to the row index, see :func:`mhpo.evaluation.loading.resolve_columns`)."""
     stem = Path(path).name
     for suffix in LOCAL_SUFFIXES:
         if stem.endswith(suffix):

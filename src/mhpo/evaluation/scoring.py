@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mhpo.benchmarks.answers import MODES
+from mhpo.evaluation.answers import MODES
 
 ANSWERS_FILE = Path(__file__).with_name("answers.py")
 
