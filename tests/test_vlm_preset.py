@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from mhpo.cli import main
 from mhpo.cli.train import add_arguments, config_from_args
 from mhpo.errors import UsageError
 from mhpo.trainer.config import ConfigError, load_config, packaged_configs
@@ -21,19 +22,26 @@ def _args(*argv):
     return parser.parse_args(list(argv))
 
 
-def test_preset_and_config_name_resolve_to_the_packaged_file():
+def test_a_packaged_config_resolves_by_name():
     assert {"default", "vlm"} <= set(packaged_configs())
-    by_preset = config_from_args(_args("--preset", "vlm", "--seed", "3"))
+    by_flag = config_from_args(_args("--config", "vlm", "--seed", "3"))
     by_name = load_config("vlm", ["seed=3"])
-    assert by_preset == by_name
+    assert by_flag == by_name
     assert by_name.model.name_or_path == "tiny-vlm" and by_name.task.name == "count_shapes"
     assert load_config(None).model.name_or_path == "tiny"  # the default is untouched
-    with pytest.raises(UsageError, match="unknown preset 'vlmm'; valid presets: .*vlm"):
-        config_from_args(_args("--preset", "vlmm"))
-    with pytest.raises(UsageError, match="either --preset NAME or --config FILE"):
-        config_from_args(_args("--preset", "vlm", "--config", "vlm"))
+    with pytest.raises(UsageError, match="'vlmm' is neither a file nor a packaged config .*did you mean 'vlm'"):
+        config_from_args(_args("--config", "vlmm"))
     with pytest.raises(ConfigError, match="'vlmm' is neither a file nor a packaged config .*did you mean 'vlm'"):
         load_config("vlmm")
+
+
+def test_the_old_preset_flag_of_train_names_its_replacement(capsys):
+    """`mhpo train --preset NAME` (before 0.1.0) stops with one line that gives the new command."""
+    with pytest.raises(UsageError, match=r"--preset is now --config: run `mhpo train --config vlm`.*vlm"):
+        config_from_args(_args("--preset", "vlm"))
+    assert main(["train", "--preset", "smollm2-short-answers", "--resume", "somewhere"]) == 2
+    err = capsys.readouterr().err
+    assert "mhpo train --config smollm2-short-answers" in err and "Traceback" not in err
 
 
 # The preset, shortened: fewer RL steps, a smaller held-out set, no pass@k. Measured with this seed:

@@ -1,4 +1,4 @@
-"""`mhpo train --engine trl` (mhpo.integrations.trl_engine): the config -> TRL mapping, the settings that do
+"""`mhpo train --engine trl` (mhpo.engines.trl): the config -> TRL mapping, the settings that do
 not carry over, and a real 2-process CPU run under torchrun (gloo) with the built-in tiny model."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 
 pytest.importorskip("trl", reason="TRL is not installed: pip install 'mhpo[trl]' (scripts/setup.sh --dev)")
 
+from mhpo.engines.trl import check_carries, mhpo_metrics, rl_examples, trl_args
 from mhpo.errors import UsageError
 from mhpo.integrations.trl import MHPOConfig
-from mhpo.integrations.trl_engine import check_carries, mhpo_metrics, rl_examples, trl_args
 from mhpo.seeding import derive_seed
 from mhpo.tasks import build_task
 from mhpo.trainer.config import load_config

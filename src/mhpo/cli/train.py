@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 
 from mhpo.errors import UsageError
-from mhpo.trainer.config import Config, ConfigError, commented_yaml, load_config
+from mhpo.trainer.config import Config, ConfigError, commented_yaml, load_config, packaged_configs
 from mhpo.trainer.loop import run_training
 from mhpo.trainer.progress import print_summary
 from mhpo.trainer.run_dir import CONFIG_FILE, load_run_config
@@ -21,13 +22,14 @@ def add_arguments(parser) -> None:
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. objective.name=grpo"
     )
     parser.add_argument(
-        "--config", metavar="FILE", help="YAML config (keys as in --print-config), or a packaged config's name"
+        "--config",
+        metavar="FILE_OR_NAME",
+        help="YAML config (keys as in --print-config), or a packaged config's name: default, vlm (tiny "
+        "vision-language demo), smollm2-short-answers (real model)",
     )
-    parser.add_argument(
-        "--preset",
-        metavar="NAME",
-        help="a packaged config: default, vlm (tiny vision-language demo), smollm2-short-answers (real model)",
-    )
+    # Before 0.1.0 `mhpo train --preset NAME` named a packaged config, while `mhpo compare --preset` names
+    # objectives plus overrides: one word, two meanings. `train` now takes the name with --config.
+    parser.add_argument("--preset", metavar="NAME", help=argparse.SUPPRESS)
     parser.add_argument(
         "--output-dir", metavar="DIR", help="run directory (default: runs/<task>-<objective>-s<seed>-<time>)"
     )
@@ -44,7 +46,7 @@ def add_arguments(parser) -> None:
         choices=("mhpo", "trl"),
         default="mhpo",
         help="mhpo: the built-in trainer; trl: the same config through TRL's GRPOTrainer (mhpo.integrations."
-        "trl.MHPOTrainer), scaled out with torchrun / accelerate launch (see mhpo.integrations.trl_engine)",
+        "trl.MHPOTrainer), scaled out with torchrun / accelerate launch (see mhpo.engines.trl)",
     )
     parser.add_argument(
         "--print-config",
@@ -54,11 +56,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    check_no_preset(args)
     trl = getattr(args, "engine", "mhpo") == "trl"
     if trl and args.resume:
         raise UsageError("--resume continues mhpo's own runs; --engine trl runs are not resumable by mhpo train")
     if args.resume:
-        if args.config or args.preset or args.overrides or args.seed is not None or args.model or args.output_dir:
+        if args.config or args.overrides or args.seed is not None or args.model or args.output_dir:
             raise UsageError("--resume DIR continues a run with its saved config; only --steps may be given with it")
         run_dir = Path(args.resume)
         cfg = load_run_config(run_dir)
@@ -82,7 +85,7 @@ def run(args) -> int:
                 "--output-dir"
             )
         if trl:
-            from mhpo.integrations.trl_engine import run_trl
+            from mhpo.engines.trl import run_trl
 
             if os.environ.get("WORLD_SIZE", "1") != "1" and not args.output_dir:
                 raise UsageError("--engine trl with several processes needs --output-dir (the same on every process)")
@@ -95,21 +98,24 @@ def run(args) -> int:
     return 0
 
 
+def check_no_preset(args) -> None:
+    """The migration message for the old flag (see add_arguments)."""
+    if getattr(args, "preset", None) is not None:
+        raise UsageError(
+            f"mhpo train --preset is now --config: run `mhpo train --config {args.preset}` (a packaged config's "
+            f"name or a YAML file; packaged: {', '.join(packaged_configs())})"
+        )
+
+
 def config_from_args(args) -> Config:
+    check_no_preset(args)
     overrides = list(args.overrides or [])
     for flag, key in (("steps", "train.steps"), ("seed", "seed"), ("model", "model.name_or_path")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
-    if args.preset and args.config:
-        raise UsageError("give either --preset NAME or --config FILE, not both (add KEY=VALUE overrides instead)")
     try:
-        if args.preset:
-            from mhpo.trainer.config import packaged_configs
-
-            if args.preset not in packaged_configs():
-                raise UsageError(f"unknown preset {args.preset!r}; valid presets: {', '.join(packaged_configs())}")
-        return load_config(args.preset or args.config, overrides)
+        return load_config(args.config, overrides)
     except ConfigError as err:
         raise UsageError(str(err)) from None
 

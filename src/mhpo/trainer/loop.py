@@ -28,6 +28,7 @@ from rich.console import Console
 from mhpo.errors import Interrupted, UsageError
 from mhpo.evaluation.heldout import evaluate
 from mhpo.evaluation.hook import open_hook
+from mhpo.files import atomic_write_json
 from mhpo.generation.policy import quiet_transformers
 from mhpo.seeding import derive_seed
 from mhpo.trainer import checkpoint as ckpt
@@ -326,5 +327,5 @@ class TrainingRun:
         summary = make_summary(
             self.cfg, self.run_dir, self.before, after, self.warm_info, self.wall_seconds(), plots, final
         )
-        ckpt.atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
+        atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
         return summary

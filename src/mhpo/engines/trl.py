@@ -91,7 +91,7 @@ TRL_DIR = "trl"  # TRL's output_dir inside the run directory
 ADVANTAGE_EPS = 1e-4  # TRL 1.16's constant in (R - mean) / (std + eps)
 METRICS_FILE = "metrics.jsonl"
 EVALS_FILE = "evals.jsonl"
-ENGINE_HEADER = "# Trained with mhpo train --engine trl (mhpo.integrations.trl_engine).\n"
+ENGINE_HEADER = "# Trained with mhpo train --engine trl (mhpo.engines.trl).\n"
 
 # TRL's logged key -> mhpo's metrics.jsonl key (objective/<k> -> policy/<k> and rewards/<f>/mean ->
 # reward/<f> are renamed by rule in :func:`mhpo_metrics`).
