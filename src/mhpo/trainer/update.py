@@ -224,7 +224,7 @@ def combine_micro(stats: list[dict[str, float]], log_ratios: torch.Tensor | None
 
 def mean_stats(stats: list[dict[str, float]]) -> dict[str, float]:
     """One RL step's stats from its optimizer steps: ratio min / p1 as the minimum and max / p99
-    as the maximum over the optimizer steps (the most extreme step's exact percentile: each step
+    as the maximum over the optimizer steps (the most extreme step's percentile: each step
     has its own policy, so no single percentile covers them), the rest as means."""
     keys = dict.fromkeys(k for s in stats for k in s)
     out = {}
