@@ -82,8 +82,8 @@ from mhpo.trainer.checkpoint import save_checkpoint
 from mhpo.trainer.config import Config, to_yaml
 from mhpo.trainer.defaults import config_warnings, resolve_defaults
 from mhpo.trainer.plots import plot_run
-from mhpo.trainer.run_dir import CHECKPOINTS, CONFIG_FILE, SUMMARY_FILE, config_header, make_summary
-from mhpo.trainer.setup import model_loader, prepare_run, run_precision, warmup_stage
+from mhpo.trainer.run_dir import CHECKPOINTS, CONFIG_FILE, SUMMARY_FILE, config_header, make_summary, save_samples
+from mhpo.trainer.setup import model_loader, prepare_run, run_policy, warmup_stage
 
 __all__ = ["METRIC_NAMES", "check_carries", "mhpo_metrics", "run_trl", "trl_args", "trl_dataset", "trl_rewards"]
 
@@ -432,34 +432,15 @@ class _Evaluator:
             raise UsageError(str(err).splitlines()[0]) from None
 
     def __call__(self, step: int, stage: str) -> dict:
-        from mhpo.evaluation.heldout import evaluate
+        from mhpo.trainer.evaluate_run import heldout_results
 
-        plan, pol, cfg = self.plan, self.policy, self.plan.cfg
-        results, records = {}, []
-        if plan.heldout:
-            with pol.autocast():
-                results, records = evaluate(
-                    pol,
-                    plan.scorer,
-                    plan.heldout,
-                    max_new_tokens=plan.eval_max_new_tokens,
-                    pass_k=plan.pass_k,
-                    temperature=cfg.eval.temperature,
-                    batch_size=cfg.eval.batch_size,
-                    seed=derive_seed(cfg.eval.seed, "pass@k"),
-                )
-        if self.bench is not None:
-            with pol.autocast():
-                results.update(self.bench(pol.model, pol.tokenizer, pol.encoder, pol.eos_ids, step))
+        results, records = heldout_results(self.plan, self.policy, self.bench, step)
         if not results:
             return results
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in results.items()}
         with open(self.run_dir / EVALS_FILE, "a") as fh:
             fh.write(json.dumps({"step": step, "stage": stage, **clean}) + "\n")
-        if records:
-            samples = self.run_dir / "samples"
-            samples.mkdir(exist_ok=True)
-            (samples / f"step_{step:06d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        save_samples(self.run_dir, step, records)
         return results
 
     def close(self) -> None:
@@ -537,7 +518,7 @@ def run_trl(cfg: Config, output_dir, *, console=None) -> dict:
     from accelerate.utils import gather_object
     from rich.console import Console
 
-    from mhpo.generation.policy import quiet_transformers, wrap_policy
+    from mhpo.generation.policy import quiet_transformers
     from mhpo.integrations.trl import MHPOConfig, MHPOTrainer
     from mhpo.models.multimodal import has_images
 
@@ -568,16 +549,7 @@ def run_trl(cfg: Config, output_dir, *, console=None) -> dict:
             load = model_loader(_loading_config(cfg), log=lambda m: console.print(f"[bold]mhpo train[/]: {m}"))
             source, warm = warmup_stage(plan, run_dir, load, console)
             model, processor = load(source)
-            try:
-                policy = wrap_policy(
-                    model,
-                    processor,
-                    precision=run_precision(cfg),
-                    chat_template=cfg.model.chat_template,
-                    system_prompt=cfg.task.system_prompt,
-                )
-            except ValueError as err:
-                raise UsageError(str(err)) from None
+            policy = run_policy(cfg, model, processor)
             if cfg.objective.beta > 0:
                 model.config._name_or_path = _reference_source(model, source, Path(scratch))
             examples = rl_examples(cfg, plan.task, plan.heldout)

@@ -26,7 +26,31 @@ from mhpo.seeding import derive_seed
 from mhpo.trainer.checkpoint import read_state
 from mhpo.trainer.config import Config, ConfigError, check_override, to_dict, with_overrides
 from mhpo.trainer.run_dir import CONFIG_FILE, check_intact, is_run_dir, load_run_config, resolve_checkpoint
-from mhpo.trainer.setup import prepare_run, run_precision
+from mhpo.trainer.setup import Plan, prepare_run, run_precision
+
+
+def heldout_results(plan: Plan, policy, bench=None, step: int = 0) -> tuple[dict, list[dict]]:
+    """(results, sample records) of ``policy`` under the run's evaluation settings: held-out greedy
+    accuracy and pass@k (:func:`mhpo.evaluation.heldout.evaluate`; pass@k sampled with the seed
+    derive_seed(eval.seed, "pass@k"), the same at every evaluation), then eval.benchmarks through
+    ``bench`` (:func:`mhpo.evaluation.hook.open_hook`) when given."""
+    cfg = plan.cfg
+    results, records = {}, []
+    with policy.autocast():
+        if plan.heldout:
+            results, records = evaluate(
+                policy,
+                plan.scorer,
+                plan.heldout,
+                max_new_tokens=plan.eval_max_new_tokens,
+                pass_k=plan.pass_k,
+                temperature=cfg.eval.temperature,
+                batch_size=cfg.eval.batch_size,
+                seed=derive_seed(cfg.eval.seed, "pass@k"),
+            )
+        if bench is not None:
+            results.update(bench(policy.model, policy.tokenizer, policy.encoder, policy.eos_ids, step))
+    return results, records
 
 
 def eval_config(run_dir: Path, overrides) -> Config:
@@ -67,17 +91,7 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str | None = None, override
                 trust_remote_code=cfg.model.trust_remote_code,
             )
             t0 = time.perf_counter()
-            with policy.autocast():
-                results, records = evaluate(
-                    policy,
-                    plan.scorer,
-                    plan.heldout,
-                    max_new_tokens=plan.eval_max_new_tokens,
-                    pass_k=plan.pass_k,
-                    temperature=cfg.eval.temperature,
-                    batch_size=cfg.eval.batch_size,
-                    seed=derive_seed(cfg.eval.seed, "pass@k"),
-                )
+            results, records = heldout_results(plan, policy)
             results["time/seconds"] = time.perf_counter() - t0
         except ValueError as err:
             raise UsageError(str(err)) from None

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import time
 from collections import deque
 from pathlib import Path
@@ -26,7 +25,6 @@ import torch
 from rich.console import Console
 
 from mhpo.errors import Interrupted, UsageError
-from mhpo.evaluation.heldout import evaluate
 from mhpo.evaluation.hook import open_hook
 from mhpo.files import atomic_write_json
 from mhpo.generation.policy import quiet_transformers
@@ -34,6 +32,7 @@ from mhpo.seeding import derive_seed
 from mhpo.trainer import checkpoint as ckpt
 from mhpo.trainer.config import Config, save_config, to_dict
 from mhpo.trainer.defaults import config_warnings
+from mhpo.trainer.evaluate_run import heldout_results
 from mhpo.trainer.interrupts import Interrupts
 from mhpo.trainer.metrics import RunLogger
 from mhpo.trainer.pending import from_state, to_state
@@ -49,6 +48,7 @@ from mhpo.trainer.run_dir import (
     make_summary,
     read_summary,
     resumed_config,
+    save_samples,
 )
 from mhpo.trainer.setup import Plan, build_policy, model_loader, prepare_run, warmup_stage
 from mhpo.trainer.step import rl_step
@@ -261,30 +261,10 @@ class TrainingRun:
 
     def evaluate(self, step: int, stage: str) -> dict:
         """Held-out evaluation (and eval.benchmarks) of the current policy; logged, samples saved."""
-        plan, pol, cfg = self.plan, self.pol, self.cfg
-        results, records = {}, []
-        if plan.heldout:
-            with pol.autocast():
-                results, records = evaluate(
-                    pol,
-                    plan.scorer,
-                    plan.heldout,
-                    max_new_tokens=plan.eval_max_new_tokens,
-                    pass_k=plan.pass_k,
-                    temperature=cfg.eval.temperature,
-                    batch_size=cfg.eval.batch_size,
-                    seed=derive_seed(cfg.eval.seed, "pass@k"),
-                )
-        if self.bench is not None:
-            with pol.autocast():
-                results.update(self.bench(pol.model, pol.tokenizer, pol.encoder, pol.eos_ids, step))
-        if not results:
-            return results
-        self.logger.log_eval(step, stage, results)
-        if records:
-            samples = self.run_dir / "samples"
-            samples.mkdir(exist_ok=True)
-            (samples / f"step_{step:06d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        results, records = heldout_results(self.plan, self.pol, self.bench, step)
+        if results:
+            self.logger.log_eval(step, stage, results)
+            save_samples(self.run_dir, step, records)
         return results
 
     def save(self, step: int, kind: str = "full") -> Path:

@@ -223,3 +223,11 @@ def check_intact(run_dir: Path, ckpt: Path) -> None:
             f"checkpoint {ckpt} is damaged ({problem}); intact checkpoints: {', '.join(others) or 'none'} "
             "(--checkpoint NAME)"
         )
+
+
+def save_samples(run_dir: Path, step: int, records: list[dict]) -> None:
+    """An evaluation's completions (one JSON object per problem) -> RUN_DIR/samples/step_NNNNNN.jsonl."""
+    if records:
+        samples = run_dir / "samples"
+        samples.mkdir(exist_ok=True)
+        (samples / f"step_{step:06d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -220,16 +220,7 @@ def build_policy(cfg: Config, load, source: str, initial: str) -> Policy:
     if cfg.objective.beta > 0 or cfg.objective.log_kl:
         reference, _ = load(initial)
         reference.eval().requires_grad_(False)
-    try:
-        loaded = wrap_policy(
-            model,
-            processor,
-            precision=run_precision(cfg),
-            chat_template=cfg.model.chat_template,
-            system_prompt=cfg.task.system_prompt,
-        )
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    loaded = run_policy(cfg, model, processor)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.optim.lr,
@@ -239,6 +230,21 @@ def build_policy(cfg: Config, load, source: str, initial: str) -> Policy:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim, cfg.train.steps))
     return Policy(**vars(loaded), optimizer=optimizer, scheduler=scheduler, reference=reference)
+
+
+def run_policy(cfg: Config, model, processor) -> LoadedPolicy:
+    """``model`` and ``processor`` with the run's precision, chat template and system prompt
+    (:func:`mhpo.generation.policy.wrap_policy`); UsageError when the tokenizer cannot serve the run."""
+    try:
+        return wrap_policy(
+            model,
+            processor,
+            precision=run_precision(cfg),
+            chat_template=cfg.model.chat_template,
+            system_prompt=cfg.task.system_prompt,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def lr_factor(step: int, optim, total: int) -> float:
