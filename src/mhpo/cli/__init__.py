@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("mhpo.cli.report", "re-render a comparison report from finished runs"),
     "objectives": ("mhpo.cli.objectives", "list the registered objectives: formula and defaults"),
     "plot-multipliers": ("mhpo.cli.plot_multipliers", "plot the gradient multiplier M(r) of every objective"),
+    "verl-overrides": (
+        "mhpo.cli.verl_overrides",
+        "print verl's Hydra overrides for a config's objective and batch",
+    ),
 }
 
 
