@@ -23,10 +23,9 @@ ENVELOPE_OBJECTIVES=mhpo,grpo,cispo,sapo,reinforce
 STALENESS=${STALENESS:-0,2,4,8}
 # The training-inference mismatch: the only change is bf16 sampling (its log-probs are the behaviour policy),
 # the update stays float32; the mismatch itself is logged. At staleness 0 (mismatch alone) and 8 (mismatch on
-# top of staleness). Objectives cut to MHPO and the clipping baseline to fit the time budget (objectives before
-# seeds); MISMATCH_OBJECTIVES=mhpo,grpo,reinforce adds the negative control.
+# top of staleness). Objectives cut to MHPO, the clipping baseline and the negative control (no ratio control).
 MISMATCH=(rollout.precision=bf16 rollout.log_mismatch=true)
-MISMATCH_OBJECTIVES=${MISMATCH_OBJECTIVES:-mhpo,grpo}
+MISMATCH_OBJECTIVES=${MISMATCH_OBJECTIVES:-mhpo,grpo,reinforce}
 
 study() {  # NAME COMPARE-ARGS...: run (or resume) the comparison into runs/evidence/NAME
   local name=$1; shift
