@@ -247,8 +247,12 @@ def test_gradient_checkpointing_can_be_enabled_on_a_peft_model():
 
 
 STEPS = 8
-RUN = [
+RUN = [  # one-digit sums, a warm-up to ~20% and hot sampling: groups with mixed rewards, so the adapters train
     *SMALL,
+    "task.args={digits: 1}",
+    "warmup.max_steps=300",
+    "warmup.eval_every=25",
+    "rollout.temperature=2.0",
     "model.lora.rank=8",
     "model.lora.target_modules=[all-linear]",
     "optim.lr=1e-2",
@@ -292,7 +296,8 @@ def test_a_killed_lora_run_resumes_to_the_uninterrupted_adapters_and_metrics(tmp
     assert [m["step"] for m in b] == list(range(1, STEPS + 1))
     for x, y in zip(a, b):
         assert strip_timing(x) == strip_timing(y), x["step"]
-    assert all(m["grad_norm"] > 0 for m in b)
+    assert sum(m["grad_norm"] > 0 for m in b) >= STEPS - 1  # step 1 may have no signal (equal rewards, KL 0)
+    assert b[-1]["policy/kl"] > 0  # the reference (adapters disabled) stayed the base model
     final = f"step_{STEPS:06d}"
     wa = load_file(str(ref / "checkpoints" / final / ADAPTER_WEIGHTS))
     wb = load_file(str(run / "checkpoints" / final / ADAPTER_WEIGHTS))
@@ -300,7 +305,7 @@ def test_a_killed_lora_run_resumes_to_the_uninterrupted_adapters_and_metrics(tmp
     assert all(wa[k].abs().sum() > 0 for k in wa if "lora_B" in k)  # the adapters trained
     assert not (run / "checkpoints" / final / "model.safetensors").exists()
     opt = load_file(str(run / "checkpoints" / final / "optimizer.safetensors"))
-    assert len(opt) == 2 * len(wa)  # AdamW moments of the adapters only
+    assert {int(k.split(".")[1]) for k in opt} == set(range(len(wa)))  # AdamW state of the adapters only
 
     # `mhpo eval RUN_DIR`: the run's base (its warm-up) + the adapters give the after-RL completions
     ev = mhpo_cli("eval", str(run), "eval.pass_k=0", timeout=600)
