@@ -17,6 +17,7 @@ from _train_helpers import ENV, SMALL, jsonl, mhpo_cli
 from mhpo.errors import UsageError
 from mhpo.generation.decode import decode, prefill
 from mhpo.generation.rollout import sample
+from mhpo.models.logprobs import decoder
 from mhpo.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, enable_gradient_checkpointing, is_peft, merged
 from mhpo.tasks import build_task
 from mhpo.trainer.checkpoint import read_state, save_checkpoint
@@ -195,6 +196,8 @@ def test_gradient_checkpointing_keeps_the_cache_and_the_gradients(lora):
     cache, _ = prefill(ckpt.model, prompts["input_ids"], prompts["attention_mask"], 4)
     assert cache.get_seq_length() == prompts["input_ids"].shape[1]  # the prompt's keys and values are cached
     ckpt.model.train()
+    calls = []
+    decoder(ckpt.model).register_forward_hook(lambda *_: calls.append(1))
     grads = []
     for pol in (plain, ckpt):
         pol.model.zero_grad()
@@ -208,6 +211,7 @@ def test_gradient_checkpointing_keeps_the_cache_and_the_gradients(lora):
             name
         )  # float rounding: the shared prompt pass vs one pass
     assert any(g.abs().sum() > 0 for g in grads[1].values())
+    assert len(calls) == 1  # checkpointed layers drop a KV cache: no shared-prompt pass, which would be wasted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,8 +344,6 @@ def test_merge_writes_a_plain_final_model(tmp_path):
 def test_decode_on_a_peft_model_without_the_unwrap_would_not_see_hidden_states():
     """Why decode and log-probs go through models.logprobs.decoder: a peft model's ``.model`` is the
     whole causal LM (logits, no last_hidden_state)."""
-    from mhpo.models.logprobs import decoder
-
     _, pol = _policy("model.lora.rank=4")
     wrapped = getattr(pol.model, pol.model.base_model_prefix)
     assert type(wrapped).__name__.endswith("ForCausalLM")
