@@ -118,7 +118,7 @@ def _worker(args: argparse.Namespace) -> dict:
     trainable = sum(p.numel() for p in pol.model.parameters() if p.requires_grad)
     return {
         "peak_mb": peak_kb / 1024,
-        "steps_peak_mb": (peak_kb - base_kb) / 1024 if can_reset else None,
+        "steps_peak_mb": max(peak_kb - base_kb, 0) / 1024 if can_reset else None,
         "step_s": times,
         "trainable": trainable,
         "threads": torch.get_num_threads(),
