@@ -295,3 +295,32 @@ def test_end_of_turn_mismatch_is_fixed_and_warned_once(model_dir, capsys):
         assert tok.pad_token == "<|im_end|>"
     err = capsys.readouterr().err
     assert err.count("warning") == 1 and "'<|im_start|>' (id 1)" in err and "'<|im_end|>' (id 2)" in err
+
+
+@needs_model
+def test_lora_run_adapters_reload_through_mhpo_eval_with_the_same_greedy_completions(model_dir, tmp_path):
+    """Two LoRA RL steps (smollm2-short-answers, rank 16): the checkpoint holds
+    the adapters only, and `mhpo eval RUN_DIR` (base model + adapters) gives token for token the greedy
+    completions the in-memory model gave at the end of training, which differ from the untrained
+    model's (so the adapters are really loaded)."""
+    from mhpo.trainer.config import load_config
+    from mhpo.trainer.evaluate_run import evaluate_run
+    from mhpo.trainer.loop import run_training
+
+    run = tmp_path / "lora"
+    overrides = ["train.steps=2", "eval.size=8", "model.lora.rank=16"]
+    overrides += ["optim.lr=1e-2", "train.progress=false", "train.plots=false", "train.report_to=[]"]
+    summary = run_training(load_config("smollm2-short-answers", overrides), run, resume="never")
+    ckpt = Path(summary["checkpoint"])
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    assert (ckpt / "adapter_model.safetensors").stat().st_size < 10_000_000  # adapters, not 0.5 GB of weights
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["grad_norm"] > 0 for r in lines)  # a step whose groups all have equal rewards has none
+
+    record = evaluate_run(run)
+    assert record["step"] == 2
+    evaluated = [json.loads(x) for x in (run / "eval" / "step_000002.samples.jsonl").read_text().splitlines()]
+    in_memory = [json.loads(x) for x in (run / "samples" / "step_000002.jsonl").read_text().splitlines()]
+    untrained = [json.loads(x) for x in (run / "samples" / "step_000000.jsonl").read_text().splitlines()]
+    assert [s["completion"] for s in evaluated] == [s["completion"] for s in in_memory]
+    assert [s["completion"] for s in in_memory] != [s["completion"] for s in untrained]

@@ -147,6 +147,10 @@ def check_carries(cfg: Config, num_processes: int | None = None) -> None:
         raise _fail("objective.log_kl", True, "false (or objective.beta > 0)", "TRL computes the KL only when beta > 0")
     if cfg.model.name_or_path == TINY_VLM:
         raise _fail("model.name_or_path", TINY_VLM, "a text model (tiny, a name, a path)", "VLMs are not wired here")
+    if cfg.model.lora.rank > 0:
+        raise _fail("model.lora.rank", cfg.model.lora.rank, "0", "LoRA is wired into mhpo's own trainer only")
+    if cfg.model.gradient_checkpointing:
+        raise _fail("model.gradient_checkpointing", True, "false", "use TRL's own gradient_checkpointing")
     if cfg.train.steps == 0:
         raise _fail("train.steps", 0, ">= 1", "nothing for TRL to run; evaluate with mhpo eval")
     _batch_shape(cfg, _world_size() if num_processes is None else num_processes)

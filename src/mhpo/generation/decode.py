@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from mhpo.generation.sampling import pick_tokens
-from mhpo.models.logprobs import prompt_prefix_cache
+from mhpo.models.logprobs import decoder, prompt_prefix_cache
 
 # Compact the batch once this fraction of its rows is done: a compaction copies the KV cache once
 # (as DynamicCache's own append does every step), a done row costs a forward row every step.
@@ -115,8 +115,7 @@ def prefill(model, input_ids, attention_mask, group_size: int):
     pos = position_ids(attention_mask)  # [U, P]
     rows = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(group_size)  # [B]
     if group_size > 1 and input_ids.shape[1] > 1:
-        base = getattr(model, model.base_model_prefix)
-        cache = prompt_prefix_cache(base, input_ids, attention_mask, pos, rows)
+        cache = prompt_prefix_cache(decoder(model), input_ids, attention_mask, pos, rows)
         if cache is not None:
             out = model(
                 input_ids=input_ids[rows, -1:],

@@ -22,6 +22,7 @@ import torch
 from mhpo.generation.prompts import build_encoder, eos_token_ids
 from mhpo.models.device import Precision
 from mhpo.models.loading import load_pretrained
+from mhpo.models.lora import adapter_base, load_adapter
 from mhpo.models.multimodal import text_tokenizer
 
 
@@ -59,10 +60,22 @@ def load_weights(
     attn_implementation: str | None = None,
     builders: dict[str, Callable[[], tuple[Any, Any]]] | None = None,
     log: Callable[[str], None] | None = None,
+    base: str | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer or processor) of ``source`` in ``precision.weights`` on ``device``: a name in
     ``builders`` builds it, anything else goes to :func:`mhpo.models.loading.load_pretrained` (a named
-    model, a GGUF file, a model or checkpoint directory, a hub id). ValueError (one line) when it fails."""
+    model, a GGUF file, a model or checkpoint directory, a hub id). A directory of LoRA adapters (a LoRA
+    run's checkpoint: adapter_config.json) loads its base model, ``base`` or else the one its adapter
+    config names, and attaches the adapters (a peft model). ValueError (one line) when it fails."""
+    named_base = adapter_base(source)
+    if named_base is not None:
+        kwargs = dict(precision=precision, device=device, trust_remote_code=trust_remote_code)
+        kwargs.update(attn_implementation=attn_implementation, builders=builders, log=log)
+        model, processor = load_weights(base or named_base, **kwargs)
+        try:
+            return load_adapter(model, source), processor
+        except (OSError, ValueError) as err:
+            raise ValueError(f"adapters {source!r} could not be loaded: {str(err).splitlines()[0]}") from None
     try:
         if builders and source in builders:
             model, processor = builders[source]()
@@ -101,6 +114,7 @@ def load_policy(
     attn_implementation: str | None = None,
     builders: dict[str, Callable[[], tuple[Any, Any]]] | None = None,
     log: Callable[[str], None] | None = None,
+    base: str | None = None,
 ) -> LoadedPolicy:
     """:func:`load_weights` then :func:`wrap_policy`. ValueError (one line) on any problem."""
     model, processor = load_weights(
@@ -111,6 +125,7 @@ def load_policy(
         attn_implementation=attn_implementation,
         builders=builders,
         log=log,
+        base=base,
     )
     return wrap_policy(model, processor, precision=precision, chat_template=chat_template, system_prompt=system_prompt)
 

@@ -139,7 +139,7 @@ def model_logprobs(
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or logits_postprocessed(model):
         logits = _completion_logits(model, input_ids, attention_mask, prompt_width, model_inputs)  # [B, L-P, V]
         return logits_logprobs(logits, targets, temperature=temperature, entropy=entropy)
-    base = getattr(model, model.base_model_prefix)
+    base = decoder(model)
     hidden = None
     if share_prompts:
         hidden = _shared_prompt_hidden(base, input_ids, attention_mask, prompt_width, model_inputs)
@@ -155,6 +155,13 @@ def model_logprobs(
         entropy=entropy,
         chunk_size=chunk_size,
     )
+
+
+def decoder(model):
+    """The transformer body under a causal LM's head (``model.model`` for Qwen2 / Llama), through a peft
+    wrapper too (whose own ``.model`` is the whole causal LM): it returns ``last_hidden_state``."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, inner.base_model_prefix)
 
 
 def prompt_prefix_cache(base, input_ids, attention_mask, position_ids, rows: torch.Tensor):
@@ -187,6 +194,8 @@ def _shared_prompt_hidden(base, input_ids, attention_mask, prompt_width, model_i
     """
     P = prompt_width
     pos = model_inputs.get("position_ids")
+    if getattr(base, "gradient_checkpointing", False) and base.training:
+        return None  # checkpointed layers drop the KV cache (transformers' GradientCheckpointingLayer)
     if P < 2 or set(model_inputs) - {"position_ids"} or (pos is not None and not isinstance(pos, torch.Tensor)):
         return None
     key = torch.cat([input_ids[:, :P], attention_mask[:, :P].to(input_ids.dtype)], dim=1)  # [B, 2P]

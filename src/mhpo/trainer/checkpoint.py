@@ -12,6 +12,10 @@
                                    ("checksum")   (written last)
     <run>/checkpoints/latest       name of the newest complete checkpoint
 
+A LoRA run's checkpoints (model.lora.rank > 0) hold adapter_model.safetensors and adapter_config.json
+(:mod:`mhpo.models.lora`; the config names the base model) in place of the model files, and the
+optimizer state is over the adapters only; everything else is the same.
+
 Kinds: "full" (the above; ``save_optimizer=False`` leaves out optimizer.safetensors, and a resume
 from such a checkpoint restarts AdamW with zero moments, with a warning) and "model" (the HF model
 and tokenizer files and a trainer_state.json with step, kind and manifest only: loadable by
@@ -45,6 +49,7 @@ from safetensors.torch import load_file, save_file
 
 from mhpo.errors import UsageError
 from mhpo.files import atomic_write_text, file_sha256, publish_dir
+from mhpo.models.lora import save_weights
 
 STATE_FILE = "trainer_state.json"
 PENDING_FILE = "pending.safetensors"
@@ -173,7 +178,7 @@ def save_checkpoint(
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp)
+    save_weights(model, tmp)
     tokenizer.save_pretrained(tmp)
     full: dict[str, Any] = {"format": FORMAT, "step": step, "kind": kind}
     if kind == "full":

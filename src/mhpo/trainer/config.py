@@ -64,6 +64,21 @@ class TinyVisionConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = _f(0, ">=0", "LoRA rank r (0: off, full fine-tuning); only the adapters train")
+    alpha: float | None = _f(
+        None, ">0", "LoRA updates are scaled by alpha / rank (null: 2 x rank, a scale of 2 at any rank)"
+    )
+    dropout: float = _f(0.0, "[0,1)", "dropout on the adapters' input")
+    target_modules: list = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        help="names of the linear modules that get adapters (matched against the last part of each module "
+        "name), or [all-linear] (every linear layer but the output head)",
+    )
+    merge: bool = _f(False, help="write the final checkpoint as merged full weights (kind model: a plain HF model)")
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = _f(
         "tiny",
@@ -81,6 +96,10 @@ class ModelConfig:
     attn_implementation: str | None = _f(None, help="passed to from_pretrained (e.g. sdpa, eager)")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     vision: TinyVisionConfig = field(default_factory=TinyVisionConfig)  # tiny-vlm's vision tower
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = _f(
+        False, help="recompute activations in the update's backward pass (less memory, about one more forward)"
+    )
 
 
 @dataclass

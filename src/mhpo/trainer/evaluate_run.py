@@ -5,7 +5,8 @@
         -> RUN_DIR/eval/<checkpoint>.json (results) and <checkpoint>.samples.jsonl (greedy completions)
 
 The checkpoint is verified against its manifest before it loads; the task, model settings and
-reward functions are the run's own (only ``eval.*`` keys may be overridden).
+reward functions are the run's own (only ``eval.*`` keys may be overridden). A LoRA run's checkpoint
+(adapters only) loads onto the run's RL-initial policy: its warm-up dir, or model.name_or_path.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from mhpo.errors import UsageError
 from mhpo.evaluation.heldout import evaluate
 from mhpo.evaluation.runner import evaluate_benchmarks as evaluate_model
 from mhpo.files import atomic_write_json
-from mhpo.generation.policy import load_policy, quiet_transformers
-from mhpo.models.device import resolve_device
+from mhpo.generation.policy import quiet_transformers
+from mhpo.models.lora import adapter_base
 from mhpo.seeding import derive_seed
 from mhpo.trainer.checkpoint import read_state
 from mhpo.trainer.config import Config, ConfigError, check_override, to_dict, with_overrides
 from mhpo.trainer.run_dir import CONFIG_FILE, check_intact, is_run_dir, load_run_config, resolve_checkpoint
-from mhpo.trainer.setup import Plan, prepare_run, run_precision
+from mhpo.trainer.setup import Plan, initial_source, model_loader, prepare_run, run_policy
 
 
 def heldout_results(plan: Plan, policy, bench=None, step: int = 0) -> tuple[dict, list[dict]]:
@@ -82,14 +83,8 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str | None = None, override
         try:
             torch.set_num_threads(plan.cfg.train.threads)
             quiet_transformers()
-            policy = load_policy(
-                str(ckpt),
-                precision=run_precision(plan.cfg),
-                device=resolve_device(cfg.model.device),
-                chat_template=cfg.model.chat_template,
-                system_prompt=cfg.task.system_prompt,
-                trust_remote_code=cfg.model.trust_remote_code,
-            )
+            base = initial_source(plan.cfg, run_dir) if adapter_base(ckpt) else None  # a LoRA run's base model
+            policy = run_policy(plan.cfg, *model_loader(plan.cfg)(str(ckpt), base=base))
             t0 = time.perf_counter()
             results, records = heldout_results(plan, policy)
             results["time/seconds"] = time.perf_counter() - t0

@@ -28,6 +28,7 @@ from mhpo.errors import Interrupted, UsageError
 from mhpo.evaluation.hook import open_hook
 from mhpo.files import atomic_write_json
 from mhpo.generation.policy import quiet_transformers
+from mhpo.models.lora import is_peft, merged
 from mhpo.seeding import derive_seed
 from mhpo.trainer import checkpoint as ckpt
 from mhpo.trainer.config import Config, save_config, to_dict
@@ -148,8 +149,9 @@ class TrainingRun:
         if not resuming:
             save_config(cfg, run_dir / CONFIG_FILE, header=config_header())
         load = model_loader(cfg, log=lambda m: console.print(f"[bold]mhpo train[/]: {m}", highlight=False))
-        # The RL-initial policy is only needed when starting, or as the KL reference.
+        # The RL-initial policy is only needed when starting, as the KL reference, or as LoRA's base.
         needs_initial = self.resume_from is None or cfg.objective.beta > 0 or cfg.objective.log_kl
+        needs_initial = needs_initial or cfg.model.lora.rank > 0
         initial, self.warm_info = (
             warmup_stage(plan, run_dir, load, console) if needs_initial else (cfg.model.name_or_path, {})
         )
@@ -242,8 +244,10 @@ class TrainingRun:
         return self.save(self.trained)
 
     def finish(self) -> tuple[dict, Path | None]:
-        """(evaluation after RL, final checkpoint or None; train.final_checkpoint: full | model | none)."""
+        """(evaluation after RL, final checkpoint or None; train.final_checkpoint: full | model | none;
+        model.lora.merge: the adapters merged into a plain model, kind model)."""
         steps, kind = self.cfg.train.steps, self.cfg.train.final_checkpoint
+        kind = "model" if kind != "none" and self.cfg.model.lora.rank > 0 and self.cfg.model.lora.merge else kind
         done = self.last_eval is not None and self.last_eval[0] == steps
         after = self.last_eval[1] if done else self.evaluate(steps, "after")
         final = None
@@ -283,7 +287,7 @@ class TrainingRun:
             path = ckpt.save_checkpoint(
                 self.ckpt_root,
                 step,
-                model=pol.model,
+                model=self.saved_model(kind),
                 tokenizer=pol.processor,
                 optimizer=pol.optimizer,
                 scheduler=pol.scheduler,
@@ -295,6 +299,13 @@ class TrainingRun:
             )
             self.saved_step = step if kind == "full" else self.saved_step
         return path
+
+    def saved_model(self, kind: str):
+        """The model a checkpoint of ``kind`` holds: the policy (a LoRA policy's adapters), or with
+        model.lora.merge the final (kind model) checkpoint's adapters merged into plain weights."""
+        if kind == "model" and self.cfg.model.lora.merge and is_peft(self.pol.model):
+            return merged(self.pol.model)
+        return self.pol.model
 
     def wall_seconds(self) -> float:
         """Wall time of the whole run, the stretches before a resume included."""

@@ -9,6 +9,7 @@ policy, its optimizer, lr schedule and reference (:func:`build_policy`), run the
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from mhpo.errors import UsageError
 from mhpo.evaluation.hook import check_config as check_benchmarks
 from mhpo.generation.policy import LoadedPolicy, load_weights, wrap_policy
 from mhpo.models.device import resolve_device, resolve_precision
+from mhpo.models.lora import apply_lora, enable_gradient_checkpointing
 from mhpo.models.multimodal import has_images
 from mhpo.models.sources import BUILT_IN, TINY, TINY_VLM, check_model_source
 from mhpo.models.tiny import build_tiny
@@ -32,7 +34,7 @@ from mhpo.trainer.config import Config
 from mhpo.trainer.defaults import resolve_defaults
 from mhpo.trainer.progress import Progress
 from mhpo.trainer.trackers import check_report_to
-from mhpo.trainer.warmup import ensure_warmup, warmup_enabled
+from mhpo.trainer.warmup import ensure_warmup, warmup_enabled, warmup_path
 
 # ---------------------------------------------------------------------------------------------
 # Validation: everything that can be checked without loading a model.
@@ -81,6 +83,7 @@ def prepare_run(cfg: Config) -> Plan:
         check_report_to(cfg.train.report_to)
         check_model_source(cfg.model.name_or_path)
         resolve_device(cfg.model.device)
+        check_lora(cfg.model.lora)
         if cfg.update.num_minibatches > cfg.rollout.prompts_per_step * cfg.rollout.group_size:
             raise ValueError(
                 f"update.num_minibatches={cfg.update.num_minibatches} exceeds the rollout batch "
@@ -117,6 +120,17 @@ def prepare_run(cfg: Config) -> Plan:
     return Plan(cfg, task, hparams, cfg.rollout.max_new_tokens, heldout, scorer, pass_k, cfg.eval.max_new_tokens)
 
 
+def check_lora(lora) -> None:
+    """ValueError unless model.lora.target_modules is a non-empty list of names (when LoRA is on); the
+    names are checked against the model when it loads (:func:`mhpo.models.lora.check_target_modules`)."""
+    targets = lora.target_modules
+    if lora.rank > 0 and (not targets or not all(isinstance(t, str) and t for t in targets)):
+        raise ValueError(
+            f"config key 'model.lora.target_modules' must be a non-empty list of module names "
+            f"(e.g. [q_proj, v_proj] or [all-linear]), got {targets!r}"
+        )
+
+
 def check_modality(cfg: Config, heldout: list) -> None:
     """ValueError when a task with images meets the built-in text-only model."""
     if cfg.model.name_or_path == TINY and has_images(heldout):
@@ -137,7 +151,13 @@ class Policy(LoadedPolicy):
 
     optimizer: Any = None
     scheduler: Any = None
-    reference: Any = None  # frozen RL-initial policy, when beta > 0 or log_kl
+    reference: Any = None  # frozen RL-initial policy, when beta > 0 or log_kl (with LoRA: the policy itself)
+
+    def reference_scope(self):
+        """The context in which ``reference`` is the RL-initial policy: a LoRA policy's adapters disabled."""
+        if self.reference is not None and self.reference is self.model:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
 
 
 def _build_tiny(cfg: Config):
@@ -167,14 +187,16 @@ def model_loader(cfg: Config, log=None):
     """source -> (model, tokenizer or processor): a built-in name (:data:`BUILDERS`) builds the
     seeded tiny model, anything else is loaded with from_pretrained (a named model, a GGUF file, a
     model dir, a hub id, a warm-up dir or a checkpoint dir; a vision-language model comes with its
-    processor). Weights come in the dtype of :func:`run_precision` (float32 under bf16-mixed)."""
+    processor). Weights come in the dtype of :func:`run_precision` (float32 under bf16-mixed). A LoRA
+    checkpoint loads onto ``base`` (:func:`mhpo.generation.policy.load_weights`)."""
     device, precision = resolve_device(cfg.model.device), run_precision(cfg)
     builders = {name: (lambda build=build: build(cfg)) for name, build in BUILDERS.items()}
 
-    def load(source: str):
+    def load(source: str, base: str | None = None):
         try:
             return load_weights(
                 source,
+                base=base,
                 precision=precision,
                 device=device,
                 trust_remote_code=cfg.model.trust_remote_code,
@@ -211,18 +233,37 @@ def warmup_stage(plan: Plan, run_dir: Path, load, console) -> tuple[str, dict]:
     return str(path), {**{k: v for k, v in info.items() if k != "history"}, "path": str(path)}
 
 
+def initial_source(cfg: Config, run_dir: Path) -> str:
+    """Where a run's RL-initial policy comes from: its cached warm-up dir when the warm-up is enabled,
+    else model.name_or_path (the base of a LoRA run's adapters)."""
+    return str(warmup_path(cfg, run_dir)) if warmup_enabled(cfg) else cfg.model.name_or_path
+
+
 def build_policy(cfg: Config, load, source: str, initial: str) -> Policy:
     """Load the policy from ``source`` (the initial policy or a checkpoint), its optimizer, lr
-    schedule and, if the objective needs one, the frozen reference (loaded from ``initial``)."""
-    model, processor = load(source)
+    schedule and, if the objective needs one, the frozen reference (loaded from ``initial``).
+
+    With LoRA (model.lora.rank > 0) the policy is ``initial`` with adapters (fresh ones, or a LoRA
+    checkpoint's), only the adapters train, and the reference is that same model with its adapters
+    disabled (``Policy.reference_scope``): no second copy of the weights."""
+    lora = cfg.model.lora
+    if lora.rank > 0:
+        model, processor = load(source, base=initial) if source != initial else with_lora(cfg, *load(initial), initial)
+    else:
+        model, processor = load(source)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
     reference = None
     if cfg.objective.beta > 0 or cfg.objective.log_kl:
-        reference, _ = load(initial)
-        reference.eval().requires_grad_(False)
+        if lora.rank > 0:
+            reference = model
+        else:
+            reference, _ = load(initial)
+            reference.eval().requires_grad_(False)
     loaded = run_policy(cfg, model, processor)
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],
         lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         eps=cfg.optim.eps,
@@ -230,6 +271,33 @@ def build_policy(cfg: Config, load, source: str, initial: str) -> Policy:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim, cfg.train.steps))
     return Policy(**vars(loaded), optimizer=optimizer, scheduler=scheduler, reference=reference)
+
+
+def with_lora(cfg: Config, model, processor, base: str) -> tuple:
+    """(``model`` with fresh adapters as model.lora says, ``processor``); UsageError for target modules
+    that match nothing. ``base`` (the RL-initial policy's source) is recorded in the adapter config.
+    The adapters' random init is seeded from the run seed (the global generator is left as it was)."""
+    lora = cfg.model.lora
+    base = str(Path(base).resolve()) if Path(base).is_dir() else base
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, "lora"))
+            model = apply_lora(
+                model,
+                rank=lora.rank,
+                alpha=lora_alpha(lora),
+                dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                base=base,
+            )
+    except ValueError as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+    return model, processor
+
+
+def lora_alpha(lora) -> float:
+    """model.lora.alpha, or 2 x rank when unset."""
+    return float(lora.alpha) if lora.alpha is not None else 2.0 * lora.rank
 
 
 def run_policy(cfg: Config, model, processor) -> LoadedPolicy:

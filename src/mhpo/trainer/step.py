@@ -170,7 +170,7 @@ def update_batch(plan: Plan, pol: Policy, sb: ScoredBatch, timer):
     kept = sb.keep.nonzero().squeeze(-1)  # [n]
     ref_logp = None
     if pol.reference is not None:
-        with timer("logprobs"):
+        with timer("logprobs"), pol.reference_scope():
             r, micro = cfg.rollout, cfg.update.micro_batch_size
             ref_logp, _ = rollout_logprobs(pol.reference, sb.rollout, temperature=r.temperature, micro_batch_size=micro)
     return UpdateBatch(

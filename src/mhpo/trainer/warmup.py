@@ -60,10 +60,13 @@ def warmup_key(cfg: Config) -> dict:
     task = dataclasses.asdict(cfg.task)
     warm = dataclasses.asdict(cfg.warmup)
     warm.pop("cache_dir")
+    model = dataclasses.asdict(cfg.model)
+    for key in ("lora", "gradient_checkpointing"):  # RL-stage settings: the warm-up trains the full model
+        model.pop(key)
     return {
         "mhpo": __version__,
         "seed": cfg.seed,
-        "model": dataclasses.asdict(cfg.model),
+        "model": model,
         "task": task,
         "warmup": warm,
         "heldout": {"size": cfg.eval.size, "seed": cfg.eval.seed},  # excluded from warm-up data
