@@ -33,13 +33,15 @@ import subprocess
 import sys
 import time
 
+from logprobs import _reset_peak, _rss_kb  # the peak-RSS helpers of benchmarks/logprobs.py (this folder)
+from mhpo.models.device import machine_info
+
 CONFIGS = {
     "full": [],
     "lora": ["model.lora.rank={rank}"],
     "full+gc": ["model.gradient_checkpointing=true"],
     "lora+gc": ["model.lora.rank={rank}", "model.gradient_checkpointing=true"],
 }
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def main() -> None:
@@ -126,38 +128,10 @@ def _worker(args: argparse.Namespace) -> dict:
     }
 
 
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM, ru_maxrss) to the current RSS; False if not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_kb() -> int:
-    """Current resident set size in KiB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE_KB
-
-
-def _cpu_name() -> str:
-    """The CPU model name from /proc/cpuinfo (or 'unknown CPU')."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def _print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
     first = results["full"][0]
     print(
-        f"\nCPU: {_cpu_name()} ({os.cpu_count()} cores, torch threads {first['threads']}); "
+        f"\nCPU: {machine_info()['cpu']} ({os.cpu_count()} cores, torch threads {first['threads']}); "
         f"config {args.config} (dtype {first['precision']}); LoRA rank {args.rank}; "
         f"{args.rounds} process(es) x {args.steps} timed steps per configuration after 1 warm-up step\n"
     )
