@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mhpo.models.lora import unwrap
+
 # Logits held per chunk by default: 2048 tokens at V = 50k (~410 MB of float32 logits), i.e. fewer
 # tokens for larger vocabularies. Tuned on a 2-core CPU with benchmarks/logprobs.py (V = 50k, 8k
 # tokens, H = 896): chunks of 512 .. 4096 tokens all ran in 0.77-0.80x the naive wall time (CPU
@@ -160,7 +162,7 @@ def model_logprobs(
 def decoder(model):
     """The transformer body under a causal LM's head (``model.model`` for Qwen2 / Llama), through a peft
     wrapper too (whose own ``.model`` is the whole causal LM): it returns ``last_hidden_state``."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
     return getattr(inner, inner.base_model_prefix)
 
 
