@@ -150,12 +150,13 @@ def _setup(args, objective: str):
 
     from mhpo.trainer.config import load_config
     from mhpo.trainer.defaults import default_threads
-    from mhpo.trainer.setup import build_policy, model_loader, validate
+    from mhpo.trainer.setup import build_policy, model_loader, prepare_run
 
     prompts, group, max_new, lr, threads = JOBS[args.model]
     overrides = [
         f"objective.name={objective}",
         "warmup.enabled=off",
+        f"train.steps={args.warm + args.batches}",
         "train.report_to=[]",
         f"optim.lr={lr}",
         f"model.name_or_path={args.model}",
@@ -167,32 +168,36 @@ def _setup(args, objective: str):
         overrides += ["task.name=chat_addition", f"rollout.max_new_tokens={max_new}", "eval.size=0"]
     cfg = load_config(None, overrides)
     torch.set_num_threads(threads or default_threads(cfg))
-    plan = validate(cfg)
-    pol = build_policy(cfg, model_loader(cfg), args.model, args.model)
-    return cfg, plan, pol
+    plan = prepare_run(cfg)
+    pol = build_policy(plan.cfg, model_loader(plan.cfg), args.model, args.model)
+    return plan.cfg, plan, pol
 
 
 def worker_mhpo(args) -> dict:
+    from collections import deque
+
     from mhpo.seeding import derive_seed
     from mhpo.trainer.step import rl_step
 
     cfg, plan, pol = _setup(args, args.objective)
     source = plan.task.train_source(derive_seed(cfg.seed, "rl-data"), frozenset())
-    times, tokens, base = [], [], 0.0
+    times, tokens, stages, base = [], [], [], 0.0
     try:
         for i in range(args.warm + args.batches):
             if i == args.warm:
                 base = _reset_peak()
             t0 = time.perf_counter()
             with pol.autocast():
-                m = rl_step(plan, pol, source)
+                m = rl_step(plan, pol, source, deque(), i + 1)
             times.append(time.perf_counter() - t0)
             tokens.append(m["response_length/mean"] * cfg.rollout.prompts_per_step * cfg.rollout.group_size)
+            stages.append({k[5:]: v for k, v in m.items() if k.startswith("time/") and k != "time/step"})
     finally:
         plan.scorer.close()
     return {
         "batch_s": times[args.warm :],
         "tokens": tokens[args.warm :],
+        "stages": stages[args.warm :],
         "loop_mb": _peak_mb() - base,
         "peak_mb": _peak_mb(),
     }

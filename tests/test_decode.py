@@ -1,5 +1,5 @@
-"""The decode loop: the tokens of ``model.generate``, log-probs equal to the trainer's recompute, and the
-shortcuts (shared prompt prefill, dropping finished rows) really taken."""
+"""The decode loop: greedy tokens of ``model.generate``, its sampling distribution, log-probs (and entropy)
+equal to the trainer's recompute, and the shortcuts (shared prompt prefill, dropping finished rows) really taken."""
 
 from __future__ import annotations
 
@@ -109,19 +109,65 @@ def test_greedy_tokens_equal_generate(setup, arch, group_size):
         assert min(b for b, _ in log.shapes) < len(ref)  # ... and left the batch
 
 
+def _chi2_same(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
+    """Two-sample chi-square of equal-size count vectors: (sum (a - b)^2 / (a + b), degrees of freedom)."""
+    seen = (a + b) > 0
+    a, b = a[seen].double(), b[seen].double()
+    return float(((a - b) ** 2 / (a + b)).sum()), int(seen.sum()) - 1
+
+
 @pytest.mark.parametrize(
     "temperature, top_k, top_p", [(1.0, 0, 1.0), (1.3, 0, 1.0), (0.7, 5, 1.0), (0.8, 0, 0.9), (1.0, 10, 0.8)]
 )
-@pytest.mark.parametrize("group_size", [1, 4])
-def test_sampled_tokens_equal_generate_under_the_same_seed(setup, temperature, top_k, top_p, group_size):
-    """Without compaction the loop draws from the RNG exactly as generate does (multinomial on
-    softmax(truncated logits / T) over the whole batch), so one seed gives one set of completions."""
+def test_sampled_tokens_follow_generates_distribution(setup, temperature, top_k, top_p):
+    """The loop draws by inverse CDF (one uniform per row), generate by multinomial: different random
+    streams, one distribution. 6,000 completions of one prompt from each: the token counts at each of
+    the first three positions agree by a two-sample chi-square test (statistic below df + 6 sd)."""
     models, tok, prompts, stops = setup
     settings = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    one = {k: v[2:3] for k, v in prompts.items()}
+    n, vocab = 6000, len(tok)
     for arch in ("tiny", "llama"):
-        ref = _generate(models[arch], tok, prompts, group_size, stops[arch], seed=1, **settings)
-        out = _decode(models[arch], tok, prompts, group_size, stops[arch], seed=1, **settings)
-        assert torch.equal(out.tokens, ref)
+        cfg = sampling_config(models[arch], max_new_tokens=3, eos_ids=stops[arch], pad_id=tok.pad_token_id, **settings)
+        rows = repeat_rows(one, n)
+        torch.manual_seed(1)
+        ref = models[arch].generate(**rows, generation_config=cfg)[:, rows["input_ids"].shape[1] :]
+        torch.manual_seed(2)
+        out = decode(
+            models[arch],
+            **one,
+            group_size=n,
+            max_new_tokens=3,
+            eos_ids=stops[arch],
+            pad_id=tok.pad_token_id,
+            **settings,
+        ).tokens
+        assert out.shape == ref.shape == (n, 3)
+        for t in range(3):
+            ours, theirs = torch.bincount(out[:, t], minlength=vocab), torch.bincount(ref[:, t], minlength=vocab)
+            stat, df = _chi2_same(ours, theirs)
+            assert df >= 1 and stat < df + 6 * (2 * df) ** 0.5, (arch, t, stat, df)
+
+
+def test_draw_follows_the_softmax_and_never_picks_an_excluded_token():
+    """200,000 inverse-CDF draws from 40 logits (8 excluded, a few with p ~ 1e-3): counts match
+    softmax by a chi-square test against the exact probabilities; -inf entries never come out."""
+    from mhpo.generation.sampling import draw
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(40, generator=gen) * 2
+    z[[0, 5, 6, 17, 30, 37, 38, 39]] = float("-inf")
+    z[[1, 2]] = z.max() - 7.0  # rare, ~1e-3
+    probs = torch.softmax(z.double(), -1)
+    torch.manual_seed(3)
+    picks = torch.cat([draw(z.expand(50_000, -1)) for _ in range(4)])
+    counts = torch.bincount(picks, minlength=40).double()
+    assert counts[torch.isinf(z)].sum() == 0
+    expected = probs * len(picks)
+    kept = expected > 0
+    stat = float(((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum())
+    df = int(kept.sum()) - 1
+    assert stat < df + 6 * (2 * df) ** 0.5, stat
 
 
 @pytest.mark.parametrize("arch", ["tiny", "qwen2", "llama"])

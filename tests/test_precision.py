@@ -3,6 +3,8 @@ against float32 on the tiny model: log-probs within bf16 tolerance, a run that t
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import math
 
@@ -80,6 +82,71 @@ def test_bf16_mixed_logprobs_agree_with_float32():
     # bf16 keeps 8 bits of mantissa: per-matmul relative error ~2^-8; a 2-layer model's logits move
     # by a few hundredths of a nat, never by more than a tenth
     assert 0 < float(diff.max()) < 0.1 and float(diff.mean()) < 0.03, (float(diff.max()), float(diff.mean()))
+
+
+def test_bf16_mixed_forward_sees_weights_changed_inside_the_context():
+    """autocast's weight cache would keep the first bf16 copy of each weight until the context exits:
+    an RL step (one context) would then train every minibatch after the first with stale weights."""
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(3, 8)
+    with Precision(torch.float32, torch.bfloat16).context(CPU):
+        before = layer(x)
+        with torch.no_grad():
+            layer.weight.mul_(2.0)
+        after = layer(x)
+    with Precision(torch.float32, torch.bfloat16).context(CPU):
+        fresh = layer(x)
+    assert not torch.equal(before, after) and torch.equal(after, fresh)
+
+
+def test_decode_casts_the_weights_once_under_bf16_and_drops_the_copies():
+    """The decode loop caches each weight's bf16 copy for its own duration only: fewer casts than a
+    per-forward cast, and a forward after it (weights changed) uses the new weights."""
+    from torch.profiler import profile
+
+    decode_module = importlib.import_module("mhpo.generation.decode")
+
+    model, rollout = _tiny_rollout()
+    P = rollout.prompt_width
+    prompts = {"input_ids": rollout.input_ids[:, :P], "attention_mask": rollout.attention_mask[:, :P]}
+
+    def casts(cast_once) -> int:
+        decode_module.cast_weights_once = cast_once
+        try:
+            with Precision(torch.float32, torch.bfloat16).context(CPU), profile() as prof:
+                decode_module.decode(model, **prompts, max_new_tokens=6, eos_ids=[], pad_id=0, compact_fraction=None)
+        finally:
+            decode_module.cast_weights_once = device.cast_weights_once
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+    weights = sum(1 for p in model.parameters() if p.dim() == 2)
+    assert casts(device.cast_weights_once) + 4 * weights <= casts(lambda _device: contextlib.nullcontext())
+    ids = rollout.input_ids
+    with Precision(torch.float32, torch.bfloat16).context(CPU), torch.no_grad():
+        decode_module.decode(model, **prompts, max_new_tokens=3, eos_ids=[], pad_id=0)
+        model.lm_head.weight.mul_(3.0)
+        after = model(ids).logits
+    with Precision(torch.float32, torch.bfloat16).context(CPU), torch.no_grad():
+        assert torch.equal(after, model(ids).logits)
+
+
+def test_bf16_mixed_on_cpu_runs_attention_in_float32():
+    """A policy loaded for bf16-mixed on a CPU gets :mod:`mhpo.models.attention`'s float32 SDPA (CPU bf16
+    attention ran at half float32's speed); its logits agree with float32 to bf16 tolerance."""
+    from mhpo.generation.policy import load_weights
+    from mhpo.models.tiny import build_tiny
+    from mhpo.trainer.config import TinyModelConfig
+
+    build = {"tiny": lambda: build_tiny(TinyModelConfig(hidden_size=32, num_layers=2, intermediate_size=64), seed=3)}
+    mixed, _ = load_weights("tiny", precision=Precision(torch.float32, torch.bfloat16), device=CPU, builders=build)
+    plain, _ = load_weights("tiny", precision=Precision(torch.float32), device=CPU, builders=build)
+    assert mixed.config._attn_implementation == "float32_sdpa" and plain.config._attn_implementation == "sdpa"
+    ids = torch.randint(3, 20, (2, 9))
+    with torch.no_grad():
+        ref = plain(ids).logits
+        with Precision(torch.float32, torch.bfloat16).context(CPU):
+            out = mixed(ids).logits
+    assert 0 < float((out.float() - ref).abs().max()) < 0.1
 
 
 def test_a_bf16_mixed_run_trains_with_finite_metrics(tmp_path):

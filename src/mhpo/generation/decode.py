@@ -4,16 +4,18 @@
               (G > 1: each prompt's positions 0 .. P-2 run once and their keys / values are repeated
               G times (:func:`mhpo.models.logprobs.prompt_prefix_cache`); only the last prompt token
               runs per row)
-    step t    y_t, logp_t = pick_tokens(logits)               one forward of [n, 1] tokens per step
+    step t    y_t, logp_t, H_t = pick_tokens(logits)          one forward of [n, 1] tokens per step
               rows that sampled an EOS are done: pad and log-prob 0 from then on
     compact   when ``compact_fraction`` of the rows still in the batch are done, they leave it (their
               cache rows too), so finished rows stop costing forward passes
     stop      when every row is done, or after ``max_new_tokens`` steps
 
 Position ids are those ``generate`` uses for left-padded rows: cumsum(attention_mask) - 1, then +1
-per new token. The cache is transformers' ``DynamicCache``. Without compaction, the forward passes
-and the RNG draws are those of ``model.generate`` with the same settings, so the same seed gives the
-same tokens (tested); a compaction changes which rows later draws go to, not the distribution.
+per new token. The cache is transformers' ``DynamicCache``. The forward passes are those of
+``model.generate`` with the same settings (greedy decoding gives its tokens, tested); sampling draws
+from the same distribution with one uniform number per row (:func:`mhpo.generation.sampling.draw`;
+tested against ``generate``'s token frequencies), so a seed gives other tokens than ``generate``.
+Under bf16 autocast the weights are cast once per call, not once per step.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from mhpo.generation.sampling import pick_tokens
+from mhpo.models.device import cast_weights_once
 from mhpo.models.logprobs import decoder, prompt_prefix_cache
 
 # Compact the batch once this fraction of its rows is done: a compaction copies the KV cache once
@@ -36,6 +39,7 @@ COMPACT_FRACTION = 0.25
 class Decoded:
     tokens: torch.Tensor  # [B, C] sampled ids, pad after a row's EOS; C = steps run (<= max_new_tokens)
     logprobs: torch.Tensor  # [B, C] float32 log softmax(logits / T)[token], 0 after a row's EOS
+    entropy: torch.Tensor | None = None  # [B, C] float32 entropy of softmax(logits / T), 0 after EOS (if asked)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -59,45 +63,51 @@ def decode(
     top_k: int = 0,
     top_p: float = 1.0,
     compact_fraction: float | None = COMPACT_FRACTION,  # None: never compact
+    entropy: bool = False,
 ) -> Decoded:
     """``group_size`` completions per prompt (rows i*G .. i*G+G-1 for prompt i) of a causal LM."""
-    pick = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    pick = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, entropy=entropy)
     B, P = input_ids.shape[0] * group_size, input_ids.shape[1]
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)  # [B, C]
     logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=input_ids.device)  # [B, C]
+    ent = torch.zeros_like(logprobs) if entropy else None  # [B, C]
     if max_new_tokens == 0 or B == 0:
-        return Decoded(tokens, logprobs)
-    cache, logits = prefill(model, input_ids, attention_mask, group_size)  # logits [B, V]
-    if not compactable(cache):
-        compact_fraction = None
-    attn = torch.cat([attention_mask.repeat_interleave(group_size, 0), attention_mask.new_ones(B, max_new_tokens)], 1)
-    pos = position_ids(attention_mask)[:, -1:].repeat_interleave(group_size, 0) + 1  # [B, 1] of the first new token
-    rows = torch.arange(B, device=input_ids.device)  # [n] output row of each row still in the batch
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # [n]
-    eos = torch.as_tensor(list(eos_ids), device=input_ids.device)
-    steps = max_new_tokens
-    for t in range(max_new_tokens):
-        tok, lp = pick_tokens(logits, **pick)  # [n], [n]
-        tok, lp = tok.masked_fill(done, pad_id), lp.masked_fill(done, 0.0)
-        tokens[rows, t], logprobs[rows, t] = tok, lp
-        done |= torch.isin(tok, eos)
-        if t + 1 == max_new_tokens or bool(done.all()):
-            steps = t + 1
-            break
-        if compact_fraction is not None and int(done.sum()) >= max(compact_fraction * len(done), 1):
-            keep = (~done).nonzero().squeeze(1)  # [n']
-            cache.batch_select_indices(keep)
-            rows, attn, pos, tok, done = rows[keep], attn[keep], pos[keep], tok[keep], done[keep]
-        out = model(
-            input_ids=tok.unsqueeze(1),
-            attention_mask=attn[:, : P + t + 1],
-            position_ids=pos,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        cache, logits = out.past_key_values, out.logits[:, -1]
-        pos += 1
-    return Decoded(tokens[:, :steps], logprobs[:, :steps])
+        return Decoded(tokens, logprobs, ent)
+    with cast_weights_once(input_ids.device):  # bf16 autocast: cast the weights once, not per step
+        cache, logits = prefill(model, input_ids, attention_mask, group_size)  # logits [B, V]
+        if not compactable(cache):
+            compact_fraction = None
+        attn = attention_mask.repeat_interleave(group_size, 0)  # [B, P]
+        attn = torch.cat([attn, attn.new_ones(B, max_new_tokens)], 1)  # [B, P + C]
+        pos = position_ids(attention_mask)[:, -1:].repeat_interleave(group_size, 0) + 1  # [B, 1] first new token
+        rows = torch.arange(B, device=input_ids.device)  # [n] output row of each row still in the batch
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # [n]
+        eos = torch.as_tensor(list(eos_ids), device=input_ids.device)
+        steps = max_new_tokens
+        for t in range(max_new_tokens):
+            tok, lp, h = pick_tokens(logits, **pick)  # [n], [n], [n] or None
+            tok, lp = tok.masked_fill(done, pad_id), lp.masked_fill(done, 0.0)
+            tokens[rows, t], logprobs[rows, t] = tok, lp
+            if ent is not None:
+                ent[rows, t] = h.masked_fill(done, 0.0)
+            done |= torch.isin(tok, eos)
+            if t + 1 == max_new_tokens or bool(done.all()):
+                steps = t + 1
+                break
+            if compact_fraction is not None and int(done.sum()) >= max(compact_fraction * len(done), 1):
+                keep = (~done).nonzero().squeeze(1)  # [n']
+                cache.batch_select_indices(keep)
+                rows, attn, pos, tok, done = rows[keep], attn[keep], pos[keep], tok[keep], done[keep]
+            out = model(
+                input_ids=tok.unsqueeze(1),
+                attention_mask=attn[:, : P + t + 1],
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache, logits = out.past_key_values, out.logits[:, -1]
+            pos += 1
+    return Decoded(tokens[:, :steps], logprobs[:, :steps], ent[:, :steps] if ent is not None else None)
 
 
 def compactable(cache) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from mhpo.generation.sampling import token_logprobs
+from mhpo.models.device import cast_weights_once
 
 
 def sampling_config(
@@ -98,6 +99,7 @@ def generate_with_logprobs(
         pad_id=pad_id,
     )
     recorder = LogprobRecorder(temperature)
-    out = model.generate(**model_inputs, generation_config=cfg, logits_processor=LogitsProcessorList([recorder]))
+    with cast_weights_once(next(model.parameters()).device):
+        out = model.generate(**model_inputs, generation_config=cfg, logits_processor=LogitsProcessorList([recorder]))
     tokens = out[:, model_inputs["input_ids"].shape[1] :]  # [n, C]
     return tokens, recorder.finish(out)

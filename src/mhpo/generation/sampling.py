@@ -1,18 +1,23 @@
-"""One decoding step on logits: pick the next token and its log-prob under the tempered policy.
+"""One decoding step on logits: pick the next token, its log-prob and the entropy under the tempered policy.
 
     z          = logits / T                                   [n, V] float32 (no division when T = 1)
     logp(y)    = z[y] - logsumexp(z)                          the full distribution, before any truncation
-    sampling:    y ~ softmax(truncate(z))                     torch.multinomial, as ``model.generate`` draws
+    H          = logsumexp(z) - sum_v softmax(z)_v z_v        (when asked)
+    sampling:    y ~ softmax(truncate(z))                     inverse CDF: :func:`draw`
     greedy:      y = argmax(logits)
 
 ``truncate`` keeps the top-k logits (``torch.topk``, no sort) and then the smallest set of the
 highest logits whose probability reaches top_p (a sort: of the k kept values when top_k is set, of
 the whole vocabulary otherwise); either filter is skipped when off (top_k = 0, top_p = 1). The
-kept sets are those of transformers' ``TopKLogitsWarper`` / ``TopPLogitsWarper`` up to ties, so
-with the same RNG state the same tokens come out as from ``generate``.
+kept sets are those of transformers' ``TopKLogitsWarper`` / ``TopPLogitsWarper`` up to ties.
+
+Sampling draws one uniform number per row (``model.generate``'s ``torch.multinomial`` draws an
+exponential variate per vocabulary entry: a quarter of a SmolLM2 decode step on a 2-core CPU). The
+distribution is the same; the random stream is not, so a seed gives other tokens than ``generate``.
 
 The log-prob is that of the full tempered distribution, whatever truncation sampled: it is what
-the trainer recomputes (:func:`mhpo.models.logprobs.model_logprobs` at temperature T).
+the trainer recomputes (:func:`mhpo.models.logprobs.model_logprobs` at temperature T), and so is
+the entropy.
 """
 
 from __future__ import annotations
@@ -27,16 +32,36 @@ def pick_tokens(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:  # ([n] long, [n] float32)
-    """(next tokens, their log-probs log softmax(logits / T)[token]) for one decoding step."""
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # ([n] long, [n] float32, [n] float32 or None)
+    """(next tokens, their log-probs log softmax(logits / T)[token], the entropy of softmax(logits / T)
+    when ``entropy``) for one decoding step."""
     logits = logits.float()  # no copy when already float32
     z = logits if temperature == 1.0 else logits / temperature  # [n, V]
     if do_sample:
-        probs = torch.softmax(truncate(z, top_k, top_p), dim=-1)  # [n, V]
-        tokens = torch.multinomial(probs, num_samples=1).squeeze(1)  # [n]
+        tokens = draw(truncate(z, top_k, top_p))  # [n]
     else:
         tokens = logits.argmax(-1)  # [n]; on the raw logits: dividing by T can create ties
-    return tokens, token_logprobs(z, tokens)
+    lse = torch.logsumexp(z, dim=-1)  # [n]
+    logp = z.gather(1, tokens.unsqueeze(1)).squeeze(1) - lse  # [n]
+    ent = lse - (torch.softmax(z, dim=-1) * z).nan_to_num_(0.0).sum(-1) if entropy else None  # [n]
+    return tokens, logp, ent
+
+
+def draw(z: torch.Tensor) -> torch.Tensor:
+    """[n, V] logits (-inf where excluded) -> [n] long: one token per row from softmax(z), by inverse CDF.
+
+        w = exp(z - max z),  c = cumsum(w) (float64),  y = min{ i : c_i >= (1 - u) c_V },  u ~ U[0, 1)
+
+    (1 - u) is in (0, 1], so the chosen entry has w_y > 0: an excluded token is never drawn. The sums
+    run in float64 so that rare tokens keep their probability (a float32 running sum near 1 cannot
+    resolve increments below 6e-8).
+    """
+    w = (z - z.max(dim=-1, keepdim=True).values).exp_()  # [n, V], 0 where z = -inf
+    cdf = w.cumsum(dim=-1, dtype=torch.float64)  # [n, V]
+    u = torch.rand(z.shape[0], 1, dtype=torch.float64, device=z.device)  # [n, 1]
+    tokens = torch.searchsorted(cdf, (1.0 - u) * cdf[:, -1:])  # [n, 1]
+    return tokens.squeeze(1).clamp_(max=z.shape[-1] - 1)
 
 
 def token_logprobs(z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -45,10 +45,30 @@ class Precision:
         return str(self.weights).removeprefix("torch.")
 
     def context(self, device: torch.device):
-        """The autocast context for ``device`` (a no-op context when not mixed)."""
+        """The autocast context for ``device`` (a no-op context when not mixed).
+
+        Its weight-cast cache is off: autocast's cache keeps the first low-precision copy of every
+        weight until the outermost context exits, so an RL step run inside one context would compute
+        every minibatch after the first with the weights from before the optimizer steps. Each
+        forward casts the current weights instead; a no-grad pass that runs many forwards on fixed
+        weights (the decode loop) caches its casts with :func:`cast_weights_once`."""
         if self.autocast is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast)
+        return torch.autocast(device_type=device.type, dtype=self.autocast, cache_enabled=False)
+
+
+@contextlib.contextmanager
+def cast_weights_once(device: torch.device):
+    """Inside an enabled autocast: cache each weight's low-precision copy for the block (weights must
+    not change inside it) and drop the copies at its end. Elsewhere: nothing."""
+    if not torch.is_autocast_enabled(device.type):
+        yield
+        return
+    try:
+        with torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=True):
+            yield
+    finally:
+        torch.clear_autocast_cache()
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "bf16-mixed")

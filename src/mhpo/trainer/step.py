@@ -75,7 +75,9 @@ def sampling_precision(cfg: Config, pol: Policy):
     device = next(pol.model.parameters()).device
     if cfg.rollout.precision == "same":
         return contextlib.nullcontext()  # rl_step runs under the run's autocast already
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.rollout.precision == "bf16")
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=cfg.rollout.precision == "bf16", cache_enabled=False
+    )
 
 
 class StepTimer:
