@@ -16,7 +16,7 @@ def _run(tmp_path, name: str, *overrides: str) -> list[dict]:
 
 
 def test_sampler_logprobs_match_the_trainer_at_the_same_precision(tmp_path):
-    metrics = _run(tmp_path, "same", "rollout.behaviour_logprobs=sampler", "model.dtype=float32")
+    metrics = _run(tmp_path, "same", "rollout.behaviour_logprobs=sampler", "rollout.log_mismatch=true")
     for m in metrics:
         assert m["mismatch/abs_log_ratio_max"] < 1e-4
         assert 0 <= m["mismatch/abs_log_ratio_mean"] <= m["mismatch/abs_log_ratio_p99"]
@@ -29,10 +29,33 @@ def test_bf16_sampling_with_sampler_logprobs_is_a_measured_mismatch(tmp_path):
     assert all(m["mismatch/abs_log_ratio_p99"] <= m["mismatch/abs_log_ratio_max"] for m in metrics)
 
 
-def test_without_the_mismatch_pass_nothing_is_recomputed(tmp_path):
+def test_without_the_mismatch_pass_nothing_is_recomputed(tmp_path, monkeypatch):
+    """No trainer pass: the entropy comes from the sampler, equal to the trainer's on the same samples."""
+    import mhpo.trainer.step as step
+
+    with_pass = _run(tmp_path, "on", "rollout.behaviour_logprobs=sampler", "rollout.log_mismatch=true")
+    calls = []
+    monkeypatch.setattr(step, "rollout_logprobs", lambda *a, **k: calls.append(1))
     metrics = _run(tmp_path, "off", "rollout.behaviour_logprobs=sampler", "rollout.log_mismatch=false")
-    assert not [k for k in metrics[0] if k.startswith("mismatch/")]
-    assert "entropy" not in metrics[0]  # no trainer pass: no entropy to report
+    assert not calls and not [k for k in metrics[0] if k.startswith("mismatch/")]
+    assert metrics[0]["reward/mean"] == with_pass[0]["reward/mean"]  # the same samples at step 1 ...
+    assert abs(metrics[0]["entropy"] - with_pass[0]["entropy"]) < 1e-5  # ... and the same entropy
+
+
+def test_auto_takes_the_samplers_logprobs_only_where_both_run_float32(tmp_path):
+    from mhpo.trainer.config import load_config
+    from mhpo.trainer.defaults import resolve_defaults
+
+    def resolved(*overrides):
+        r = resolve_defaults(load_config(None, list(overrides)), 4).rollout
+        return r.behaviour_logprobs, r.log_mismatch
+
+    assert resolved("model.dtype=float32") == ("sampler", False)
+    assert resolved("model.dtype=float32", "rollout.precision=bf16") == ("trainer", False)
+    assert resolved("model.dtype=bf16-mixed") == ("trainer", False)
+    assert resolved("model.dtype=float32", "rollout.behaviour_logprobs=trainer") == ("trainer", False)
+    assert resolved("rollout.behaviour_logprobs=sampler", "rollout.precision=bf16") == ("sampler", True)
+    assert resolved("model.dtype=float32", "rollout.log_mismatch=true") == ("sampler", True)
 
 
 @pytest.mark.parametrize("staleness", [1, 3])

@@ -142,11 +142,15 @@ def test_bf16_mixed_on_cpu_runs_attention_in_float32():
     plain, _ = load_weights("tiny", precision=Precision(torch.float32), device=CPU, builders=build)
     assert mixed.config._attn_implementation == "float32_sdpa" and plain.config._attn_implementation == "sdpa"
     ids = torch.randint(3, 20, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding: the mask must reach the attention (and decode steps see it too)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        ref = plain(ids).logits
+        ref = plain(ids, attention_mask=mask, position_ids=pos).logits
         with Precision(torch.float32, torch.bfloat16).context(CPU):
-            out = mixed(ids).logits
-    assert 0 < float((out.float() - ref).abs().max()) < 0.1
+            out = mixed(ids, attention_mask=mask, position_ids=pos).logits
+    real = mask.bool()
+    assert 0 < float((out.float() - ref)[real].abs().max()) < 0.1
 
 
 def test_a_bf16_mixed_run_trains_with_finite_metrics(tmp_path):

@@ -133,7 +133,7 @@ def check_carries(cfg: Config, num_processes: int | None = None) -> None:
     r, a, o = cfg.rollout, cfg.advantage, cfg.objective
     if r.staleness > 0:
         raise _fail("rollout.staleness", r.staleness, "0", "TRL samples every batch with the current weights")
-    if r.behaviour_logprobs != "trainer":
+    if r.behaviour_logprobs == "sampler":
         raise _fail(
             "rollout.behaviour_logprobs", r.behaviour_logprobs, "trainer", "TRL takes sampler log-probs only from vLLM"
         )
@@ -207,6 +207,13 @@ def _schedule(optim, total: int, per_step: int) -> dict[str, Any]:
     return {"lr_scheduler_type": "warmup_stable_decay", "warmup_steps": warmup, "lr_scheduler_kwargs": decay}
 
 
+def trainer_logprobs(cfg: Config) -> Config:
+    """rollout.behaviour_logprobs=auto is ``trainer`` here: TRL recomputes the old log-probs."""
+    if cfg.rollout.behaviour_logprobs != "auto":
+        return cfg
+    return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, behaviour_logprobs="trainer"))
+
+
 def _resolved(cfg: Config) -> Config:
     """``cfg`` with its unset (null / auto) values resolved as ``mhpo train`` resolves them."""
     if cfg.optim.lr is not None and cfg.rollout.max_new_tokens is not None and cfg.model.dtype != "auto":
@@ -230,7 +237,7 @@ def trl_args(cfg: Config, output_dir, *, num_processes: int | None = None) -> di
 
     world = _world_size() if num_processes is None else num_processes
     check_carries(cfg, world)
-    cfg = _resolved(cfg)
+    cfg = _resolved(trainer_logprobs(cfg))
     micro, accumulation, per_generation = _batch_shape(cfg, world)
     r, o, u, opt, t = cfg.rollout, cfg.objective, cfg.update, cfg.optim, cfg.train
     per_step = u.num_minibatches * u.epochs  # optimizer steps per RL step
@@ -531,6 +538,7 @@ def run_trl(cfg: Config, output_dir, *, console=None) -> dict:
     main = rank == 0
     console = console or Console(highlight=False, soft_wrap=True, quiet=not main)
     check_carries(cfg, world)
+    cfg = trainer_logprobs(cfg)
     run_dir = Path(output_dir)
     threads = torch.get_num_threads()
     with prepare_run(cfg) as plan, tempfile.TemporaryDirectory(prefix="mhpo-trl-") as scratch:

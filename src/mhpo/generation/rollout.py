@@ -7,6 +7,7 @@ Layout of a :class:`Rollout` (N rows = prompts x group size, groups contiguous):
     completion_mask [N, C]       tokens up to and including the first EOS (all C when none)
     logprobs        [N, C]       float32 log softmax(logits / T)[token] of each sampled token under the
                                  full tempered distribution (before top-k / top-p), 0 off completion_mask
+    entropy         [N, C]       float32 entropy of that distribution at each step (``sample(entropy=True)``)
 
 Sampling is :func:`mhpo.generation.decode` (text prompts: KV cache, one forward per new token for
 the whole batch, each prompt prefilled once per group, finished rows dropped) with nothing but
@@ -44,6 +45,7 @@ class Rollout:
     model_inputs: dict[str, Any] = field(default_factory=dict)  # extra forward inputs (see mhpo.models.multimodal)
     completions: list[str] = field(default_factory=list)
     logprobs: torch.Tensor | None = None  # [N, C] float32 sampler log-probs of sampled tokens, 0 off completion_mask
+    entropy: torch.Tensor | None = None  # [N, C] float32 entropy of the sampler's softmax(logits / T), when asked
 
     @property
     def completion_ids(self) -> torch.Tensor:  # [N, C]
@@ -70,6 +72,7 @@ class Rollout:
         idx = torch.as_tensor(rows, dtype=torch.long)
         ids, attn, cmask = self.input_ids[idx], self.attention_mask[idx], self.completion_mask[idx]
         logprobs = self.logprobs[idx] if self.logprobs is not None else None
+        entropy = self.entropy[idx] if self.entropy is not None else None
         extra = select_inputs(self.model_inputs, idx, self.input_ids.shape[0])
         comps = [self.completions[i] for i in idx.tolist()] if self.completions else []
         P = self.prompt_width
@@ -80,8 +83,9 @@ class Rollout:
             ids, attn = ids[:, left : P + width], attn[:, left : P + width]
             cmask = cmask[:, :width]
             logprobs = logprobs[:, :width] if logprobs is not None else None
+            entropy = entropy[:, :width] if entropy is not None else None
             P = P - left
-        return Rollout(ids, attn, cmask, P, extra, comps, logprobs)
+        return Rollout(ids, attn, cmask, P, extra, comps, logprobs, entropy)
 
 
 def completion_mask(tokens: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
@@ -121,8 +125,10 @@ def sample(
     top_p: float = 1.0,
     top_k: int = 0,
     batch_size: int | None = None,
+    entropy: bool = False,
 ) -> Rollout:
-    """``group_size`` completions per prompt, as a padded Rollout with the sampler's log-probs.
+    """``group_size`` completions per prompt, as a padded Rollout with the sampler's log-probs (and, with
+    ``entropy``, the entropy of each step's tempered distribution; text prompts only).
 
     Text prompts go through :func:`mhpo.generation.decode` in chunks of whole groups (``batch_size``
     rounded down to a multiple of G, at least one group): each prompt is prefilled once and its cache
@@ -150,33 +156,37 @@ def sample(
     model.eval()
     try:
         if set(prompts) == {"input_ids", "attention_mask"}:
-            chunks = _decode_text(model, prompts, group_size, batch_size, settings)
+            chunks = _decode_text(model, prompts, group_size, batch_size, {**settings, "entropy": entropy})
         else:
             chunks = _generate_rows(model, rows, batch_size, settings, device)
     finally:
         model.train(was_training)
-    C = max(t.shape[1] for t, _ in chunks)
+    C = max(c[0].shape[1] for c in chunks)
     pad = torch.nn.functional.pad
-    tokens = torch.cat([pad(t, (0, C - t.shape[1]), value=pad_id) for t, _ in chunks])  # [N, C]
-    logprobs = torch.cat([pad(lp, (0, C - lp.shape[1]), value=0.0) for _, lp in chunks])  # [N, C]
+    tokens = torch.cat([pad(c[0], (0, C - c[0].shape[1]), value=pad_id) for c in chunks])  # [N, C]
+    logprobs = torch.cat([pad(c[1], (0, C - c[1].shape[1]), value=0.0) for c in chunks])  # [N, C]
     cmask = cut_at_placeholders(tokens, completion_mask(tokens, eos_ids), cut_ids)  # [N, C]
     tokens, logprobs = tokens.masked_fill(~cmask, pad_id), logprobs.masked_fill(~cmask, 0.0)
+    ent = None
+    if all(len(c) > 2 and c[2] is not None for c in chunks):
+        ent = torch.cat([pad(c[2], (0, C - c[2].shape[1]), value=0.0) for c in chunks]).masked_fill(~cmask, 0.0)
     input_ids = torch.cat([rows["input_ids"], tokens], dim=1)
     attention_mask = torch.cat([rows["attention_mask"], cmask.long()], dim=1)
     extra = {k: v for k, v in rows.items() if k not in ("input_ids", "attention_mask")}
     texts = tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
-    return Rollout(input_ids, attention_mask, cmask, rows["input_ids"].shape[1], extra, texts, logprobs)
+    return Rollout(input_ids, attention_mask, cmask, rows["input_ids"].shape[1], extra, texts, logprobs, ent)
 
 
 def _decode_text(model, prompts, group_size: int, batch_size: int | None, settings: dict):
-    """[(tokens [b, c], log-probs [b, c])] of text prompts, decoded in chunks of whole groups."""
+    """[(tokens [b, c], log-probs [b, c], entropy [b, c] or None)] of text prompts, decoded in chunks of
+    whole groups."""
     n = prompts["input_ids"].shape[0]
     per = max((batch_size or n * group_size) // group_size, 1)  # prompts per chunk
     out = []
     for s in range(0, n, per):
         ids, attn = prompts["input_ids"][s : s + per], prompts["attention_mask"][s : s + per]
         d = decode(model, ids, attn, group_size=group_size, **settings)
-        out.append((d.tokens, d.logprobs))
+        out.append((d.tokens, d.logprobs, d.entropy))
     return out
 
 

@@ -33,9 +33,11 @@ def float32_sdpa(module, query, key, value, attention_mask, **kwargs):
 def use_float32_attention(model) -> bool:
     """Switch ``model`` (and its sub-models) from ``sdpa`` to :func:`float32_sdpa`; True when switched."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     if NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(NAME, float32_sdpa)
+        AttentionMaskInterface.register(NAME, sdpa_mask)  # without it transformers builds no mask at all
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
     model.set_attn_implementation(NAME)

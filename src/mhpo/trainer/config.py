@@ -144,18 +144,21 @@ class RolloutConfig:
     staleness: int = _f(
         0, ">=0", "asynchronous RL: train at step t on the batch sampled k steps earlier (mhpo.trainer.pending)"
     )
-    behaviour_logprobs: Literal["trainer", "sampler"] = _f(
-        "trainer",
+    behaviour_logprobs: Literal["auto", "trainer", "sampler"] = _f(
+        "auto",
         help="trainer: log pi_old recomputed by the trainer at sampling time; sampler: the sampling pass's own "
-        "(as async engines take them from the inference engine)",
+        "(as async engines take them from the inference engine); auto: sampler where both run float32 (equal "
+        "within rounding, and no extra pass), trainer otherwise",
     )
     precision: Literal["same", "float32", "bf16"] = _f(
         "same",
         help="sampling precision: same as the run's, or float32 / bf16 autocast (with behaviour_logprobs="
         "sampler: a training-inference mismatch)",
     )
-    log_mismatch: bool = _f(
-        True, help="with sampler log-probs: one no-grad trainer pass per batch to log |log pi_trainer - log pi_sampler|"
+    log_mismatch: bool | None = _f(
+        None,
+        help="with sampler log-probs: one no-grad trainer pass per batch to log |log pi_trainer - log pi_sampler| "
+        "(null: on unless sampler and trainer both run float32, where there is none to measure)",
     )
 
 

@@ -117,6 +117,7 @@ def sample_completions(plan: Plan, pol: Policy, examples):
         top_p=r.top_p,
         top_k=r.top_k,
         batch_size=r.batch_size,
+        entropy=r.behaviour_logprobs == "sampler" and not r.log_mismatch,  # no trainer pass gives it then
     )
 
 
@@ -127,16 +128,15 @@ def behaviour_logprobs(plan: Plan, pol: Policy, rollout, keep):
     run's precision. With staleness 0 the first minibatch's rows get theirs from their own forward
     pass in the update instead (the policy has not moved yet: ``UpdateBatch.first_epoch``; their
     entropy rows stay zero until the update returns them).
-    rollout.behaviour_logprobs = sampler: the sampling pass's own log-probs; with log_mismatch, one
-    trainer pass measures |log pi_trainer - log pi_sampler| (mean, p99, max over sampled tokens)."""
-    from mhpo.trainer.update import rollout_logprobs
-
+    rollout.behaviour_logprobs = sampler: the sampling pass's own log-probs and entropy; with
+    log_mismatch, one trainer pass measures |log pi_trainer - log pi_sampler| (mean, p99, max over
+    sampled tokens). (``auto`` is resolved before a run starts: :func:`mhpo.trainer.defaults.behaviour_source`.)"""
     cfg = plan.cfg
     temperature, micro = cfg.rollout.temperature, cfg.update.micro_batch_size
     mask = rollout.completion_mask
     if cfg.rollout.behaviour_logprobs == "sampler":
         if not cfg.rollout.log_mismatch:
-            return rollout.logprobs, None, None, {}
+            return rollout.logprobs, rollout.entropy, None, {}
         trainer_logp, entropy = rollout_logprobs(
             pol.model, rollout, temperature=temperature, entropy=True, micro_batch_size=micro
         )
