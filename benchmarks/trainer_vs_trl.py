@@ -62,14 +62,23 @@ def main() -> None:
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return
+    rates = machine_rates(args.precision, JOBS[args.model][4] or _cores())
+    print(
+        f"machine ({_cpu()}): matmul {rates['decode_gflops']:.0f} GFLOP/s at decode shape, "
+        f"{rates['update_gflops']:.0f} at update shape ({args.precision}); copy {rates['gb_s']:.1f} GB/s",
+        flush=True,
+    )
     results: dict[str, dict[str, list[float]]] = {e: {"batch_s": [], "loop_mb": [], "peak_mb": []} for e in WORKERS}
     tokens: list[float] = []
+    ours: list[dict] = []
     rollouts = JOBS[args.model][0] * JOBS[args.model][1]
     for rnd in range(args.rounds):
         for engine in WORKERS:
             out = _spawn(engine, args)
             results[engine]["batch_s"] += out["batch_s"]
             tokens += out.get("tokens", [])
+            if engine == "mhpo":
+                ours.append(out)
             results[engine]["loop_mb"].append(out["loop_mb"])
             results[engine]["peak_mb"].append(out["peak_mb"])
             print(
@@ -78,6 +87,7 @@ def main() -> None:
                 flush=True,
             )
     _print_table(results, args, statistics.median(tokens), rollouts)
+    _print_floors(ours, rates, args)
 
 
 def _parse():
@@ -181,7 +191,9 @@ def worker_mhpo(args) -> dict:
 
     cfg, plan, pol = _setup(args, args.objective)
     source = plan.task.train_source(derive_seed(cfg.seed, "rl-data"), frozenset())
-    times, tokens, stages, base = [], [], [], 0.0
+    times, tokens, stages, sizes, base = [], [], [], [], 0.0
+    probe = plan.task.train_source(derive_seed(cfg.seed, "rl-data"), frozenset()).next(cfg.rollout.prompts_per_step)
+    prompt_tokens = float(pol.encoder(probe)["attention_mask"].sum())  # the batch's unique prompt tokens
     try:
         for i in range(args.warm + args.batches):
             if i == args.warm:
@@ -192,12 +204,17 @@ def worker_mhpo(args) -> dict:
             times.append(time.perf_counter() - t0)
             tokens.append(m["response_length/mean"] * cfg.rollout.prompts_per_step * cfg.rollout.group_size)
             stages.append({k[5:]: v for k, v in m.items() if k.startswith("time/") and k != "time/step"})
+            sizes.append(_job_size(m, cfg, prompt_tokens))
     finally:
         plan.scorer.close()
     return {
         "batch_s": times[args.warm :],
         "tokens": tokens[args.warm :],
         "stages": stages[args.warm :],
+        "sizes": sizes[args.warm :],
+        "params": sum(p.numel() for p in pol.model.parameters()),
+        "matmul_params": _matmul_params(pol.model),
+        "behaviour_logprobs": cfg.rollout.behaviour_logprobs,
         "loop_mb": _peak_mb() - base,
         "peak_mb": _peak_mb(),
     }
@@ -212,6 +229,8 @@ def worker_trl(args) -> dict:
 
     cfg, plan, pol = _setup(args, "grpo")
     plan.scorer.close()
+    if pol.model.config._attn_implementation != "sdpa":
+        pol.model.set_attn_implementation("sdpa")  # TRL as users run it (ours runs CPU bf16 attention in float32)
     n_batches = args.warm + args.batches
     prompts, group = cfg.rollout.prompts_per_step, cfg.rollout.group_size
     source = plan.task.train_source(derive_seed(cfg.seed, "rl-data"), frozenset())
@@ -284,6 +303,112 @@ def worker_trl(args) -> dict:
 
 
 WORKERS = {"trl": worker_trl, "mhpo": worker_mhpo}
+
+
+# ---------------------------------------------------------------------------------------------
+# The step's floor: measured matmul throughput and memory bandwidth, the batch's FLOPs and bytes.
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _cpu() -> str:
+    from mhpo.models.device import machine_info
+
+    info = machine_info()
+    return f"{info.get('cpu', '?')}, {'native bf16' if info.get('cpu_bf16') else 'no native bf16'}"
+
+
+def machine_rates(precision: str, threads: int) -> dict[str, float]:
+    """Matmul GFLOP/s at the decode shape (32 x 576 @ 576 x 1536) and the update shape (2048 rows),
+    in the run's matmul dtype, and copy bandwidth (GB/s, read + write) of a 512 MB float32 tensor."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def gflops(m: int, reps: int) -> float:
+        a, b = torch.randn(m, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        return 2 * m * 576 * 1536 * reps / (time.perf_counter() - t0) / 1e9
+
+    x = torch.ones(2**27)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        y.copy_(x)
+    gb_s = 2 * x.numel() * 4 * 5 / (time.perf_counter() - t0) / 1e9
+    return {"decode_gflops": gflops(32, 300), "update_gflops": gflops(2048, 30), "gb_s": gb_s}
+
+
+def _matmul_params(model) -> int:
+    """Parameters a token's forward multiplies by: every weight matrix except the input embedding
+    (tied or not, the output embedding counts once as the LM head)."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    total = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+    return total - emb.numel() + (head.numel() if head is emb else 0)
+
+
+def _job_size(metrics: dict, cfg, prompt_tokens: float) -> dict[str, float]:
+    """Tokens of one batch: completions, decode steps, unique prompt tokens (those of the first batch)."""
+    rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    return {
+        "completion_tokens": metrics["response_length/mean"] * rows,
+        "decode_steps": metrics["response_length/max"],
+        "prompt_tokens": prompt_tokens,
+        "rows": rows,
+        "minibatches": cfg.update.num_minibatches,
+        "optimizer_steps": cfg.update.num_minibatches * cfg.update.epochs,
+    }
+
+
+def floors(size: dict, out: dict, rates: dict, precision: str) -> dict[str, float]:
+    """Seconds a batch cannot go below, per stage (no overlap of compute and memory assumed within a
+    decode step: the larger of the two):
+
+        rollout   = max(2 W C / F_decode, S * bytes(W) / BW) + 2 W P / F_update
+        logprobs  = 2 W (C + P) (M - 1) / M / F_update         (trainer log-probs only; 0 with the sampler's)
+        update    = 6 W (C + P) / F_update + O * 7 * 4 * N / BW      (AdamW: reads p, g, m, v; writes p, m, v)
+
+    W matmul parameters, N parameters, C completion tokens, S decode steps, P unique prompt tokens,
+    M minibatches, O optimizer steps, F measured GFLOP/s, BW measured copy GB/s."""
+    W, N = out["matmul_params"], out["params"]
+    C, S, P = size["completion_tokens"], size["decode_steps"], size["prompt_tokens"]
+    F_dec, F_upd, BW = rates["decode_gflops"] * 1e9, rates["update_gflops"] * 1e9, rates["gb_s"] * 1e9
+    weight_bytes = W * (2 if precision == "bf16" else 4)
+    rollout = max(2 * W * C / F_dec, S * weight_bytes / BW) + 2 * W * P / F_upd
+    M = size["minibatches"]
+    logprobs = 2 * W * (C + P) * (M - 1) / M / F_upd if out["behaviour_logprobs"] == "trainer" else 0.0
+    update = 6 * W * (C + P) / F_upd + size["optimizer_steps"] * 7 * 4 * N / BW
+    return {"rollout": rollout, "logprobs": logprobs, "update": update}
+
+
+def _print_floors(ours: list[dict], rates: dict, args) -> None:
+    """Our stages (medians over timed batches) beside their floors."""
+    rows = []
+    for out in ours:
+        for stage, size in zip(out["stages"], out["sizes"]):
+            rows.append((stage, floors(size, out, rates, args.precision)))
+    print(f"\nmhpo stages vs floor ({args.precision}; behaviour log-probs: {ours[0]['behaviour_logprobs']})")
+    print(f"{'stage':<10}{'s':>9}{'floor s':>9}{'x floor':>9}")
+    total, total_floor = [], []
+    for name in ("rollout", "reward", "logprobs", "update"):
+        spent = statistics.median(s.get(name, 0.0) for s, _ in rows)
+        floor = statistics.median(f.get(name, 0.0) for _, f in rows)
+        ratio = f"{spent / floor:.2f}" if floor > 0 else "-"
+        print(f"{name:<10}{spent:>9.2f}{floor:>9.2f}{ratio:>9}")
+    for s, f in rows:
+        total.append(sum(s.values()))
+        total_floor.append(sum(f.values()))
+    step, floor = statistics.median(total), statistics.median(total_floor)
+    print(f"{'step':<10}{step:>9.2f}{floor:>9.2f}{step / floor:>9.2f}")
 
 
 def _print_table(results, args, tokens: float, rollouts: int) -> None:
