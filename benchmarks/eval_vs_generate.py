@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/eval_vs_generate.py                      # smollm2-135m-instruct, 8 problems x K=8
     .venv/bin/python benchmarks/eval_vs_generate.py --model DIR --samples 16 --max-new-tokens 128 --rounds 5
 
-The job: the same model (loaded once, ``mhpo.models.loading.load_pretrained``), the same problems rendered
+The job: the same model (loaded once, as ``mhpo eval`` loads it: ``mhpo.generation.policy.load_weights``;
+the generate engines switch its attention back to transformers' ``sdpa`` where mhpo runs CPU bf16
+attention in float32), the same problems rendered
 by the same prompt encoder (chat template + the boxed-answer instruction), K completions each,
 temperature 0.6, top-p 0.95, top-k off, the same ``max_new_tokens``, EOS ids and torch threads.
 Engines:
@@ -108,14 +110,14 @@ ENGINES = {"mhpo": run_mhpo, "generate": run_generate, "generate-batched": run_g
 def setup(args) -> dict:
     from mhpo.evaluation.loading import DEFAULT_TEMPLATE, apply_template
     from mhpo.generation import sampling_config
+    from mhpo.generation.policy import load_weights
     from mhpo.generation.prompts import build_encoder, eos_token_ids
     from mhpo.models.device import resolve_device, resolve_precision
-    from mhpo.models.loading import load_pretrained
     from mhpo.tasks.base import Example
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.dtype, device)
-    model, tok = load_pretrained(args.model, dtype=precision.weights, device=device)
+    model, tok = load_weights(args.model, precision=precision, device=device)  # as `mhpo eval` loads it
     model.eval()
     enc = build_encoder(tok, chat_template="auto")
     examples = [Example(apply_template(DEFAULT_TEMPLATE, p), "") for p in problems(args.problems)]
@@ -155,6 +157,16 @@ def setup(args) -> dict:
     )
 
 
+def _attention(ctx, engine: str) -> None:
+    """mhpo's attention for mhpo's engine (what load_weights chose), transformers' sdpa for generate's."""
+    model = ctx["model"]
+    if "attn" not in ctx:
+        ctx["attn"] = model.config._attn_implementation
+    want = ctx["attn"] if engine == "mhpo" else "sdpa"
+    if model.config._attn_implementation != want:
+        model.set_attn_implementation(want)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -186,6 +198,7 @@ def main() -> None:
         for rnd in range(args.rounds + 1):
             order = engines if rnd % 2 == 0 else engines[::-1]
             for e in order:
+                _attention(ctx, e)
                 t0 = time.perf_counter()
                 n = ENGINES[e](ctx, seed=rnd)
                 dt = time.perf_counter() - t0

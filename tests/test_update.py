@@ -1,4 +1,5 @@
-"""The policy update: micro-batches sum to the minibatch gradient; ratios start at 1."""
+"""The policy update: micro-batches (split by completion length) sum to the minibatch gradient;
+ratios start at 1."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from mhpo.generation.prompts import PromptEncoder, eos_token_ids
 from mhpo.generation.rollout import sample
 from mhpo.models.tiny import build_tiny
 from mhpo.tasks import Example
+from mhpo.trainer import update as update_module
 from mhpo.trainer.config import ObjectiveConfig, TinyModelConfig, UpdateConfig
 from mhpo.trainer.update import UpdateBatch, policy_update, rollout_logprobs
 
@@ -41,21 +43,49 @@ def _grads(model, batch, micro, objective, agg):
     return captured, stats
 
 
-def test_micro_batches_give_the_full_minibatch_gradient():
+def test_micro_batches_give_the_full_minibatch_gradient(monkeypatch):
     model, batch = _setup()
     for objective, agg in (
         ("mhpo", "token-mean"),
         ("grpo", "seq-mean-token-mean"),
         ("mhpo", "seq-mean-token-sum-norm"),
     ):
-        full, s_full = _grads(model, batch, None, objective, agg)
-        micro, s_micro = _grads(model, batch, 5, objective, agg)
-        assert full.keys() == micro.keys() and full
-        for name in full:
-            assert torch.allclose(full[name], micro[name], atol=1e-6, rtol=1e-4), (objective, agg, name)
-        assert abs(s_full["policy/loss"] - s_micro["policy/loss"]) < 1e-5
+        with monkeypatch.context() as m:  # the reference: one forward over the whole minibatch
+            m.setattr(update_module, "micro_batches", lambda rollout, mb, max_rows: [torch.arange(len(mb))])
+            full, s_full = _grads(model, batch, None, objective, agg)
+        for size in (None, 5):  # split by length (automatic), and at most 5 rows each
+            micro, s_micro = _grads(model, batch, size, objective, agg)
+            assert full.keys() == micro.keys() and full
+            for name in full:
+                assert torch.allclose(full[name], micro[name], atol=1e-6, rtol=1e-4), (objective, agg, name)
+            assert abs(s_full["policy/loss"] - s_micro["policy/loss"]) < 1e-5
         # a fresh batch: the behaviour policy is the current one, so r = 1 on the first step
         assert abs(s_full["policy/ratio/mean"] - 1.0) < 1e-5
+
+
+def test_micro_batches_group_rows_by_length():
+    """Every row once, at most max_rows per micro-batch, and fewer padded positions than one batch
+    when lengths spread (rows of 5 to 64 tokens); equal lengths stay one micro-batch."""
+    from mhpo.generation.rollout import Rollout
+
+    def rollout(lengths, P=6):
+        m, C = len(lengths), 64
+        prompts = torch.arange(m // 2).repeat_interleave(2)[:, None].expand(m, P)  # groups of 2
+        cmask = torch.arange(C)[None] < torch.tensor(lengths)[:, None]
+        ids = torch.cat([prompts, torch.zeros(m, C, dtype=torch.long)], 1)
+        return Rollout(ids, torch.ones_like(ids), cmask, P)
+
+    spread = [64, 5, 64, 9, 33, 12, 64, 7, 20, 40, 6, 64, 10, 8, 50, 11]
+    r, mb = rollout(spread), torch.arange(16)
+    for cap in (None, 3):
+        parts = update_module.micro_batches(r, mb, cap)
+        assert sorted(torch.cat(parts).tolist()) == list(range(16))
+        assert cap is None or max(len(p) for p in parts) <= cap
+    parts = update_module.micro_batches(r, mb, None)
+    lengths = torch.tensor(spread)
+    padded = sum(len(p) * int(lengths[p].max()) for p in parts)
+    assert len(parts) > 1 and padded < 0.7 * 16 * 64
+    assert len(update_module.micro_batches(rollout([30] * 16), mb, None)) == 1
 
 
 def test_second_minibatch_sees_ratios_away_from_one():

@@ -182,7 +182,9 @@ class ObjectiveConfig:
 class UpdateConfig:
     num_minibatches: int = _f(2, ">=1", "optimizer steps per rollout batch and epoch")
     epochs: int = _f(1, ">=1", "passes over each rollout batch")
-    micro_batch_size: int | None = _f(None, ">=1", "rows per forward/backward (default: the minibatch)")
+    micro_batch_size: int | None = _f(
+        None, ">=1", "most rows per forward/backward (default: the minibatch; rows are grouped by completion length)"
+    )
     max_grad_norm: float = _f(1.0, ">0", "clip the global grad norm of each optimizer step to this")
 
 
