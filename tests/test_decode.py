@@ -243,6 +243,22 @@ def test_truncation_keeps_what_the_transformers_warpers_keep(top_k, top_p):
         assert out is z  # nothing to do: no copy, no sort
 
 
+@pytest.mark.parametrize("scale, sorts", [(8.0, False), (0.5, True)])
+def test_nucleus_from_the_largest_logits_without_a_sort(monkeypatch, scale, sorts):
+    """A 5,000-token vocabulary: for peaked logits the nucleus comes from torch.topk's 256 largest (no
+    sort of the vocabulary), for flat ones from a full sort; both keep what TopPLogitsWarper keeps."""
+    from mhpo.generation import sampling
+
+    z = torch.randn(8, 5000, generator=torch.Generator().manual_seed(1)) * scale
+    ref = TopPLogitsWarper(0.9)(None, z)
+    calls = []
+    real_sort = torch.sort
+    monkeypatch.setattr(sampling.torch, "sort", lambda *a, **k: calls.append(1) or real_sort(*a, **k))
+    out = truncate(z, 0, 0.9)
+    assert bool(calls) == sorts
+    assert torch.equal(out.isfinite(), ref.isfinite()) and 1 < int(out[0].isfinite().sum()) < 5000
+
+
 def test_select_carries_the_logprobs(setup):
     models, tok, prompts, stops = setup
     torch.manual_seed(0)

@@ -130,27 +130,38 @@ def test_decode_casts_the_weights_once_under_bf16_and_drops_the_copies():
         assert torch.equal(after, model(ids).logits)
 
 
-def test_bf16_mixed_on_cpu_runs_attention_in_float32():
-    """A policy loaded for bf16-mixed on a CPU gets :mod:`mhpo.models.attention`'s float32 SDPA (CPU bf16
-    attention ran at half float32's speed); its logits agree with float32 to bf16 tolerance."""
+def test_cpu_attention_equals_transformers_sdpa_and_runs_bf16_in_float32():
+    """A text policy loaded on a CPU gets :mod:`mhpo.models.attention`'s SDPA (grouped-query heads
+    shared in the kernel, float32 math under bf16 autocast) at either precision. With left padding
+    (the mask must reach it) its float32 logits and gradients equal transformers' ``sdpa`` (which
+    repeats the key / value heads), and bf16-mixed agrees with float32 to bf16 tolerance."""
     from mhpo.generation.policy import load_weights
     from mhpo.models.tiny import build_tiny
     from mhpo.trainer.config import TinyModelConfig
 
     build = {"tiny": lambda: build_tiny(TinyModelConfig(hidden_size=32, num_layers=2, intermediate_size=64), seed=3)}
     mixed, _ = load_weights("tiny", precision=Precision(torch.float32, torch.bfloat16), device=CPU, builders=build)
-    plain, _ = load_weights("tiny", precision=Precision(torch.float32), device=CPU, builders=build)
-    assert mixed.config._attn_implementation == "float32_sdpa" and plain.config._attn_implementation == "sdpa"
+    ours, _ = load_weights("tiny", precision=Precision(torch.float32), device=CPU, builders=build)
+    theirs, _ = build["tiny"]()
+    assert mixed.config._attn_implementation == ours.config._attn_implementation == "mhpo_cpu_sdpa"
+    assert theirs.config._attn_implementation == "sdpa" and theirs.config.num_key_value_heads < 4
     ids = torch.randint(3, 20, (2, 9))
     mask = torch.ones_like(ids)
-    mask[0, :4] = 0  # left padding: the mask must reach the attention (and decode steps see it too)
+    mask[0, :4] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        ref = plain(ids, attention_mask=mask, position_ids=pos).logits
-        with Precision(torch.float32, torch.bfloat16).context(CPU):
-            out = mixed(ids, attention_mask=mask, position_ids=pos).logits
     real = mask.bool()
-    assert 0 < float((out.float() - ref)[real].abs().max()) < 0.1
+    out, ref = (
+        ours(ids, attention_mask=mask, position_ids=pos).logits,
+        theirs(ids, attention_mask=mask, position_ids=pos).logits,
+    )
+    assert float((out - ref).detach()[real].abs().max()) < 1e-5
+    out[real].square().sum().backward()
+    ref[real].square().sum().backward()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+    with torch.no_grad(), Precision(torch.float32, torch.bfloat16).context(CPU):
+        low = mixed(ids, attention_mask=mask, position_ids=pos).logits
+    assert 0 < float((low.float() - ref.detach())[real].abs().max()) < 0.1
 
 
 def test_a_bf16_mixed_run_trains_with_finite_metrics(tmp_path):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mhpo.generation.prompts import build_encoder, eos_token_ids
-from mhpo.models.attention import use_float32_attention
+from mhpo.models.attention import use_cpu_attention
 from mhpo.models.device import Precision
 from mhpo.models.loading import load_pretrained
 from mhpo.models.lora import adapter_base, load_adapter
@@ -67,8 +67,8 @@ def load_weights(
     ``builders`` builds it, anything else goes to :func:`mhpo.models.loading.load_pretrained` (a named
     model, a GGUF file, a model or checkpoint directory, a hub id). A directory of LoRA adapters (a LoRA
     run's checkpoint: adapter_config.json) loads its base model, ``base`` or else the one its adapter
-    config names, and attaches the adapters (a peft model). Under bf16 autocast on a CPU, attention runs
-    in float32 (:mod:`mhpo.models.attention`). ValueError (one line) when it fails."""
+    config names, and attaches the adapters (a peft model). On a CPU a text model's attention is
+    :mod:`mhpo.models.attention`'s. ValueError (one line) when it fails."""
     named_base = adapter_base(source)
     if named_base is not None:
         kwargs = dict(precision=precision, device=device, trust_remote_code=trust_remote_code)
@@ -94,8 +94,8 @@ def load_weights(
     except (OSError, ValueError, ImportError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"model {source!r} could not be loaded: {first}") from None
-    if precision.autocast is not None and device.type == "cpu":
-        use_float32_attention(model)  # CPU bf16 attention ran at half float32's speed (mhpo.models.attention)
+    if device.type == "cpu":
+        use_cpu_attention(model)  # no repeated KV heads; float32 under bf16 (mhpo.models.attention)
     return model, processor
 
 
