@@ -162,6 +162,9 @@ def test_cpu_attention_equals_transformers_sdpa_and_runs_bf16_in_float32():
     with torch.no_grad(), Precision(torch.float32, torch.bfloat16).context(CPU):
         low = mixed(ids, attention_mask=mask, position_ids=pos).logits
     assert 0 < float((low.float() - ref.detach())[real].abs().max()) < 0.1
+    with Precision(torch.float32, torch.bfloat16).context(CPU):  # RoPE leaves q, k float32 and v bf16 here
+        hidden = mixed.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
+    hidden.float().sum().backward()
 
 
 def test_a_bf16_mixed_run_trains_with_finite_metrics(tmp_path):

@@ -27,11 +27,12 @@ NAME = "mhpo_cpu_sdpa"
 
 def cpu_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **_):
     """``F.scaled_dot_product_attention`` with ``enable_gqa`` (no repeated key / value heads), in
-    float32 when q is bf16 (autocast off inside), as transformers' ``sdpa_attention_forward`` calls
-    it otherwise. Shapes: q [B, H, Lq, d], k / v [B, Hkv, Lk, d], mask [B, 1, Lq, Lk] bool or None
-    -> ([B, Lq, H, d] in q's dtype, None)."""
-    dtype = query.dtype
-    if dtype == torch.bfloat16:
+    float32 when any of q / k / v is bf16 (autocast off inside; the output is then bf16), as
+    transformers' ``sdpa_attention_forward`` calls it otherwise. Shapes: q [B, H, Lq, d], k / v
+    [B, Hkv, Lk, d], mask [B, 1, Lq, Lk] bool or None -> ([B, Lq, H, d], None)."""
+    low = torch.bfloat16 in (query.dtype, key.dtype, value.dtype)  # (under autocast RoPE may promote q, k only)
+    dtype = torch.bfloat16 if low else query.dtype
+    if low:
         query, key, value = query.float(), key.float(), value.float()
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = query.shape[2] > 1 and attention_mask is None and causal  # as transformers decides it
