@@ -168,7 +168,7 @@ def sample(
     cmask = cut_at_placeholders(tokens, completion_mask(tokens, eos_ids), cut_ids)  # [N, C]
     tokens, logprobs = tokens.masked_fill(~cmask, pad_id), logprobs.masked_fill(~cmask, 0.0)
     ent = None
-    if all(len(c) > 2 and c[2] is not None for c in chunks):
+    if all(c[2] is not None for c in chunks):
         ent = torch.cat([pad(c[2], (0, C - c[2].shape[1]), value=0.0) for c in chunks]).masked_fill(~cmask, 0.0)
     input_ids = torch.cat([rows["input_ids"], tokens], dim=1)
     attention_mask = torch.cat([rows["attention_mask"], cmask.long()], dim=1)
@@ -191,14 +191,15 @@ def _decode_text(model, prompts, group_size: int, batch_size: int | None, settin
 
 
 def _generate_rows(model, rows, batch_size: int | None, settings: dict, device):
-    """[(tokens [b, c], log-probs [b, c])] of rows with extra model inputs, ``model.generate`` in chunks."""
+    """[(tokens [b, c], log-probs [b, c], None)] of rows with extra model inputs, ``model.generate`` in
+    chunks (no entropy: generate does not give it)."""
     n = rows["input_ids"].shape[0]
     step = batch_size or n
     out = []
     for s in range(0, n, step):
         part = select_inputs(rows, list(range(s, min(s + step, n))), n)
         kwargs = model_kwargs(part, part["input_ids"], part["attention_mask"], device)
-        out.append(generate_with_logprobs(model, kwargs, **settings))
+        out.append((*generate_with_logprobs(model, kwargs, **settings), None))
     return out
 
 
