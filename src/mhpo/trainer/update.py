@@ -115,13 +115,13 @@ def micro_batches(rollout: Rollout, mb: torch.Tensor, max_rows: int | None) -> l
     P = rollout.prompt_width
     prompt = torch.unique(rollout.input_ids[mb, :P], dim=0, return_inverse=True)[1].tolist()  # [m] prompt id
     order = torch.sort(lengths, stable=True).indices  # [m] positions, shortest first
-    longest = lengths[order].tolist()
+    longest, ranked = lengths[order].tolist(), order.tolist()  # plain lists for the loop below
     best = [0.0] + [float("inf")] * m  # best[j]: cheapest split of the j shortest rows
     cut = [0] * (m + 1)
     for j in range(1, m + 1):
         seen: set[int] = set()
         for i in range(j - 1, max(j - cap, 0) - 1, -1):  # the micro-batch is sorted rows i .. j-1
-            seen.add(prompt[order[i]])
+            seen.add(prompt[ranked[i]])
             cost = best[i] + (j - i) * longest[j - 1] + len(seen) * P + MICRO_OVERHEAD
             if cost < best[j]:
                 best[j], cut[j] = cost, i
