@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from mhpo.generation.prompts import build_encoder, eos_token_ids
+from mhpo.models.allocator import keep_freed_memory
 from mhpo.models.attention import use_cpu_attention
 from mhpo.models.device import Precision
 from mhpo.models.loading import load_pretrained
@@ -68,7 +69,8 @@ def load_weights(
     model, a GGUF file, a model or checkpoint directory, a hub id). A directory of LoRA adapters (a LoRA
     run's checkpoint: adapter_config.json) loads its base model, ``base`` or else the one its adapter
     config names, and attaches the adapters (a peft model). On a CPU a text model's attention is
-    :mod:`mhpo.models.attention`'s. ValueError (one line) when it fails."""
+    :mod:`mhpo.models.attention`'s, and the process keeps freed memory for reuse
+    (:mod:`mhpo.models.allocator`). ValueError (one line) when it fails."""
     named_base = adapter_base(source)
     if named_base is not None:
         kwargs = dict(precision=precision, device=device, trust_remote_code=trust_remote_code)
@@ -96,6 +98,7 @@ def load_weights(
         raise ValueError(f"model {source!r} could not be loaded: {first}") from None
     if device.type == "cpu":
         use_cpu_attention(model)  # no repeated KV heads; float32 under bf16 (mhpo.models.attention)
+        keep_freed_memory()  # no page faults for each step's large buffers (mhpo.models.allocator)
     return model, processor
 
 
