@@ -235,7 +235,11 @@ def test_two_rl_steps_change_the_weights_with_finite_metrics(objective, runs, mo
         for key, value in record.items():
             if isinstance(value, float):
                 assert math.isfinite(value), (key, value)
-    assert all(r["grad_norm"] > 0 and r["update/optimizer_steps"] == 2 for r in lines)
+    assert all(r["update/optimizer_steps"] == 2 for r in lines)
+    # A step with a group of unequal rewards has a gradient; one whose groups are all ties has exactly
+    # none (zero advantages; which steps tie depends on the samples, so on the CPU's floating point).
+    assert all((r["grad_norm"] > 0) == (r["groups/zero_std_frac"] < 1) for r in lines), lines
+    assert any(r["grad_norm"] > 0 for r in lines)
     before = load_file(str(model_dir / "model.safetensors"))
     after = load_file(str(Path(summary["checkpoint"]) / "model.safetensors"))
     moved = [k for k in before if not torch.equal(before[k], after[k])]
