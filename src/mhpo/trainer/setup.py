@@ -262,24 +262,25 @@ def build_policy(cfg: Config, load, source: str, initial: str) -> Policy:
             reference, _ = load(initial)
             reference.eval().requires_grad_(False)
     loaded = run_policy(cfg, model, processor)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
+        trainable,
         lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
-        fused=fused_adamw(model),
+        fused=fused_adamw(trainable),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim, cfg.train.steps))
     return Policy(**vars(loaded), optimizer=optimizer, scheduler=scheduler, reference=reference)
 
 
-def fused_adamw(model) -> bool:
+def fused_adamw(params: list[torch.Tensor]) -> bool:
     """AdamW's fused kernel (one pass over each parameter, no temporaries) where PyTorch has it: every
-    trainable parameter on a CPU or CUDA device. Same update as the per-tensor loop up to float
+    parameter of ``params`` on a CPU or CUDA device. Same update as the per-tensor loop up to float
     rounding (1e-7 after 5 steps); 0.10 against 0.33 s a step for SmolLM2-135M's parameters on a
     2-core AMD EPYC (float32)."""
-    return all(p.device.type in ("cpu", "cuda") for p in model.parameters() if p.requires_grad)
+    return all(p.device.type in ("cpu", "cuda") for p in params)
 
 
 def with_lora(cfg: Config, model, processor, base: str) -> tuple:
