@@ -12,7 +12,7 @@ import pytest
 
 from mhpo.cli import main
 from mhpo.models import sources as model_sources
-from mhpo.models.sources import NamedModel, cache_root, check_gguf, source_digest
+from mhpo.models.sources import NamedModel, cache_root, check_gguf, gguf_parsed_once, source_digest
 
 
 def _write_gguf(path: Path, arch: str) -> Path:
@@ -37,6 +37,22 @@ def _train_error(capsys, model: str) -> str:
 
 def test_a_wellformed_gguf_names_its_architecture(tmp_path):
     assert check_gguf(_write_gguf(tmp_path / "m.gguf", "llama")) == "llama"
+
+
+def test_inside_a_load_each_gguf_file_is_parsed_once_and_nothing_stays_patched(tmp_path):
+    import gguf
+
+    path = _write_gguf(tmp_path / "m.gguf", "llama")
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with gguf_parsed_once():
+        first = gguf.GGUFReader(str(path))
+        assert gguf.GGUFReader(str(tmp_path / "." / "m.gguf")) is first  # the same file, another spelling
+        assert check_gguf(path) == "llama"
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        other = _write_gguf(tmp_path / "n.gguf", "qwen2")
+        assert gguf.GGUFReader(str(other)) is not first and check_gguf(other) == "qwen2"
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+    assert isinstance(first, reader) and bytes(first.fields["general.architecture"].parts[-1]).decode() == "llama"
 
 
 @pytest.mark.parametrize("keep", [8, 40, 100, 0.5, -10])

@@ -16,11 +16,13 @@ renamed into place, so a second process never sees half a model and a new wheel 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,13 +130,18 @@ def load_gguf(path: str | Path, log: Callable[[str], None] | None = None):
 
     Quantised weights (e.g. Q4_1) become their dequantised float values: training starts from the
     quantised model's function, in full precision."""
+    path = Path(path).expanduser().resolve()
+    with gguf_parsed_once():
+        arch = check_gguf(path)
+        if log is not None:
+            log(f"loading GGUF {path.name} ({arch}): dequantising its weights to float32")
+        return _load_gguf(path)
+
+
+def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    path = Path(path).expanduser().resolve()
-    arch = check_gguf(path)
-    if log is not None:
-        log(f"loading GGUF {path.name} ({arch}): dequantising its weights to float32")
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -149,6 +156,39 @@ def load_gguf(path: str | Path, log: Callable[[str], None] | None = None):
         if was:
             hf_logging.enable_progress_bar()
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """Within the block, each GGUF file is parsed once and gguf's tensor-name map built once per
+    (architecture, layers).
+
+    transformers parses a GGUF file's header and key-value metadata afresh for the config, the
+    tokenizer's config, the tokenizer and the weights (``gguf.GGUFReader``, a Python walk over every
+    vocabulary entry), and builds ``gguf.get_tensor_name_map`` once per submodule: converting
+    SmolLM2-135M-Instruct took 5 parses and 397 maps, about 40 of its 45 s on a 2-core AMD EPYC.
+    Both are read-only and pure in their arguments, and transformers imports them from the module
+    at each call, so memoising the module's attributes here covers every call; they are restored on
+    exit. ``gguf`` missing: nothing changes (the load then says how to install it)."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple, object] = {}
+
+    def reader(path, *args, **kwargs):
+        key = (os.path.realpath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = reader_cls(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
 
 
 def source_digest(path: Path) -> str:
