@@ -195,11 +195,14 @@ def _setup(args, objective: str):
 def worker_mhpo(args) -> dict:
     from collections import deque
 
+    import torch
+
     from mhpo.seeding import derive_seed
     from mhpo.trainer.step import rl_step
 
     cfg, plan, pol = _setup(args, args.objective)
     source = plan.task.train_source(derive_seed(cfg.seed, "rl-data"), frozenset())
+    torch.manual_seed(derive_seed(cfg.seed, "rl"))  # as the trainer seeds RL: every round samples the same batches
     times, tokens, stages, sizes, base = [], [], [], [], 0.0
     probe = plan.task.train_source(derive_seed(cfg.seed, "rl-data"), frozenset()).next(cfg.rollout.prompts_per_step)
     prompt_tokens = float(pol.encoder(probe)["attention_mask"].sum())  # the batch's unique prompt tokens
