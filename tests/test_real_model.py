@@ -92,8 +92,8 @@ def _examples(n=4):
 def test_named_model_is_converted_once_into_the_cache(cache, model_dir, conversion):
     from transformers import AutoConfig, AutoTokenizer
 
-    # transformers reads the file for the config, tokenizer config, tokenizer and weights: parsed once
-    # (mhpo.models.sources.gguf_parsed_once), a third of the conversion's time instead of all of it.
+    # transformers reads the file for the config, tokenizer config, tokenizer and weights, and
+    # check_gguf once more: parsed once in all (mhpo.models.sources.gguf_parsed_once), not 5 times.
     assert len(conversion[1]) == 1, conversion[1]
 
     assert model_dir.parent == cache / "models" and (model_dir / "model.safetensors").is_file()

@@ -118,7 +118,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc (Linux)")
 def test_a_killed_parent_leaves_no_worker_and_the_rerun_reproduces_the_runs(sweep, tmp_path):
     out = tmp_path / "s"
-    # One objective: its runs are the sweep fixture's (same seed, value and warm-up), at half the cost.
+    # One objective: its runs are the sweep fixture's (same seed, value and warm-up config).
     cmd = [sys.executable, "-m", "mhpo.cli", *_args(out, "mhpo")]
     parent = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = _run_dir(out, "0", "mhpo") / "metrics.jsonl"
