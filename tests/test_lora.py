@@ -96,10 +96,13 @@ def test_an_empty_target_module_list_is_a_usage_error():
         prepare_run(_cfg("model.lora.rank=4", "model.lora.target_modules=[]")).close()
 
 
-def test_the_cli_prints_a_bad_target_module_as_one_line():
-    p = mhpo_cli("train", "--steps", "1", *SMALL, *BASE, "model.lora.rank=4", "model.lora.target_modules=[qq]")
-    assert p.returncode == 2, p.stderr
-    assert "'qq' matches no linear module" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+def test_the_cli_prints_a_bad_target_module_as_one_line_and_leaves_no_run(tmp_path):
+    args = ("train", "--steps", "1", *SMALL, *BASE, "model.lora.rank=4", "model.lora.target_modules=[qq]")
+    for _ in range(2):  # the failed start leaves no run directory behind, so the same command fails the same way
+        p = mhpo_cli(*args, cwd=tmp_path)
+        assert p.returncode == 2, p.stderr
+        assert "'qq' matches no linear module" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 # ---------------------------------------------------------------------------------------------

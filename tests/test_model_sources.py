@@ -28,7 +28,15 @@ def _write_gguf(path: Path, arch: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _own_directory(tmp_path, monkeypatch):
+    """Each test runs in its own directory: ``mhpo train``'s default run directory is named by the
+    minute, so tests sharing one (parallel workers) could find each other's runs."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _train_error(capsys, model: str) -> str:
+    """The one-line error of ``mhpo train --model MODEL``."""
     assert main(["train", "--model", model, "--steps", "1", "train.progress=false"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -133,6 +133,14 @@ def stop_message(run_dir: Path, stop, run, saved: Path | None) -> str:
     return f"stopped by {stop.name} {where}; {kept}. Continue with: mhpo train --resume {run_dir}"
 
 
+def _undo_fresh_start(run_dir: Path) -> None:
+    """Remove the config a fresh start wrote, and the directory if that leaves it empty; a directory
+    holding anything else (warm-up checkpoints, logs) stays as it is."""
+    if [p.name for p in run_dir.iterdir()] == [CONFIG_FILE]:
+        (run_dir / CONFIG_FILE).unlink()
+        run_dir.rmdir()
+
+
 class TrainingRun:
     """One run directory being trained: its policy, data, logs and checkpoints, and the state a
     checkpoint carries besides weights and optimizer (evaluation before RL, warm-up, wall time)."""
@@ -152,10 +160,15 @@ class TrainingRun:
         # The RL-initial policy is only needed when starting, as the KL reference, or as LoRA's base.
         needs_initial = self.resume_from is None or cfg.objective.beta > 0 or cfg.objective.log_kl
         needs_initial = needs_initial or cfg.model.lora.rank > 0
-        initial, self.warm_info = (
-            warmup_stage(plan, run_dir, load, console) if needs_initial else (cfg.model.name_or_path, {})
-        )
-        self.pol = build_policy(cfg, load, str(self.resume_from) if self.resume_from else initial, initial)
+        try:
+            initial, self.warm_info = (
+                warmup_stage(plan, run_dir, load, console) if needs_initial else (cfg.model.name_or_path, {})
+            )
+            self.pol = build_policy(cfg, load, str(self.resume_from) if self.resume_from else initial, initial)
+        except UsageError:
+            if not resuming:
+                _undo_fresh_start(run_dir)  # a model that cannot load leaves no run behind to block a rerun
+            raise
         heldout_keys = frozenset(ex.key for ex in plan.heldout)
         self.source = plan.task.train_source(derive_seed(cfg.seed, "rl-data"), heldout_keys)
         try:
