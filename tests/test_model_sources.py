@@ -5,6 +5,7 @@ cache location and digests of named models."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,34 @@ def test_inside_a_load_each_gguf_file_is_parsed_once_and_nothing_stays_patched(t
         assert gguf.GGUFReader(str(other)) is not first and check_gguf(other) == "qwen2"
     assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
     assert isinstance(first, reader) and bytes(first.fields["general.architecture"].parts[-1]).decode() == "llama"
+
+
+def test_a_file_validated_before_its_load_is_parsed_once(tmp_path, monkeypatch):
+    """A config check validates a GGUF file (check_gguf) before the model loads: the load's block
+    takes that parse; a file changed in between is parsed again; after the block nothing is kept."""
+    import gguf
+
+    parses = []
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parses.append(os.path.basename(path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    path = _write_gguf(tmp_path / "m.gguf", "llama")
+    assert check_gguf(path) == "llama"  # the config check
+    with gguf_parsed_once():  # the load: its own check and transformers' reads
+        assert check_gguf(path) == "llama" and isinstance(gguf.GGUFReader(str(path)), Counting)
+    assert parses == ["m.gguf"]
+    check_gguf(path)
+    os.utime(path, ns=(0, path.stat().st_mtime_ns + 10**9))  # the file changes after the check
+    with gguf_parsed_once():
+        gguf.GGUFReader(str(path))
+    assert parses == ["m.gguf"] * 3
+    with gguf_parsed_once():  # the last block dropped what the check parsed
+        gguf.GGUFReader(str(path))
+    assert parses == ["m.gguf"] * 4
 
 
 @pytest.mark.parametrize("keep", [8, 40, 100, 0.5, -10])
