@@ -29,7 +29,7 @@ def _setup():
     return model, UpdateBatch(r, old, adv, norm_length=5.0)
 
 
-def _grads(model, batch, micro, objective, agg):
+def _grads(model, batch, micro, objective, agg, tokens=None):
     model = copy.deepcopy(model)
     captured = {}
 
@@ -38,7 +38,9 @@ def _grads(model, batch, micro, objective, agg):
             captured.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
 
     opt = Capture(model.parameters(), lr=0.0)
-    update = UpdateConfig(num_minibatches=1, epochs=1, micro_batch_size=micro, max_grad_norm=1e9)
+    update = UpdateConfig(
+        num_minibatches=1, epochs=1, micro_batch_size=micro, micro_batch_tokens=tokens, max_grad_norm=1e9
+    )
     stats = policy_update(model, opt, batch, ObjectiveConfig(name=objective, agg=agg), update).stats
     return captured, stats
 
@@ -51,10 +53,11 @@ def test_micro_batches_give_the_full_minibatch_gradient(monkeypatch):
         ("mhpo", "seq-mean-token-sum-norm"),
     ):
         with monkeypatch.context() as m:  # the reference: one forward over the whole minibatch
-            m.setattr(update_module, "micro_batches", lambda rollout, mb, max_rows: [torch.arange(len(mb))])
+            m.setattr(update_module, "micro_batches", lambda rollout, mb, *limits: [torch.arange(len(mb))])
             full, s_full = _grads(model, batch, None, objective, agg)
-        for size in (None, 5):  # split by length (automatic), and at most 5 rows each
-            micro, s_micro = _grads(model, batch, size, objective, agg)
+        # split by length (automatic), at most 5 rows each, at most 20 positions each
+        for size, tokens in ((None, None), (5, None), (None, 20)):
+            micro, s_micro = _grads(model, batch, size, objective, agg, tokens)
             assert full.keys() == micro.keys() and full
             for name in full:
                 assert torch.allclose(full[name], micro[name], atol=1e-6, rtol=1e-4), (objective, agg, name)
@@ -86,6 +89,44 @@ def test_micro_batches_group_rows_by_length():
     padded = sum(len(p) * int(lengths[p].max()) for p in parts)
     assert len(parts) > 1 and padded < 0.7 * 16 * 64
     assert len(update_module.micro_batches(rollout([30] * 16), mb, None)) == 1
+
+
+def test_micro_batch_tokens_bound_the_positions_of_each_forward():
+    """With micro_batch_tokens every micro-batch runs at most that many positions (rows x longest
+    completion + distinct prompts x prompt width), a row longer than the bound alone; rows of equal
+    length are cut between prompt groups, so no prompt runs twice where a cut can avoid it."""
+    from mhpo.generation.rollout import Rollout
+
+    P, C = 6, 64
+
+    def rollout(lengths, group=2):
+        m = len(lengths)
+        prompts = torch.arange(m).div(group, rounding_mode="floor").flip(0)[:, None].expand(m, P)
+        cmask = torch.arange(C)[None] < torch.tensor(lengths)[:, None]
+        ids = torch.cat([prompts, torch.zeros(m, C, dtype=torch.long)], 1)
+        return Rollout(ids, torch.ones_like(ids), cmask, P)
+
+    def positions(r, rows):
+        distinct = len(torch.unique(r.input_ids[rows, :P], dim=0))
+        return len(rows) * int(r.completion_mask[rows].sum(-1).max()) + distinct * P
+
+    spread = [64, 5, 64, 9, 33, 12, 64, 7, 20, 40, 6, 64, 10, 8, 50, 11]
+    mb = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    for budget in (70, 100, 200, 500):
+        r = rollout(spread)
+        parts = update_module.micro_batches(r, mb, None, budget)
+        assert sorted(torch.cat(parts).tolist()) == list(range(16))
+        for p in parts:
+            assert positions(r, mb[p]) <= budget or len(p) == 1, (budget, p)
+    assert [len(p) for p in update_module.micro_batches(rollout(spread), mb, None, 10)] == [1] * 16
+
+    # 16 rows of 64 tokens in 4 groups of 4, shuffled: 140 positions hold 2 rows of one prompt; 270 one group
+    equal = rollout([C] * 16, group=4)
+    for budget, size in ((140, 2), (270, 4)):
+        parts = update_module.micro_batches(equal, mb, None, budget)
+        assert [len(p) for p in parts] == [size] * (16 // size)
+        assert all(len(torch.unique(equal.input_ids[mb[p], :P], dim=0)) == 1 for p in parts)
+    assert len(update_module.micro_batches(equal, mb, None, None)) == 1
 
 
 def test_second_minibatch_sees_ratios_away_from_one():

@@ -75,6 +75,15 @@ def test_what_verl_cannot_hold_is_named():
     assert any("rollout.staleness=4" in n for n in notes) and any("optim.schedule='linear'" in n for n in notes)
 
 
+def test_a_token_budget_per_micro_batch_is_verls_dynamic_batch_size():
+    overrides, notes = verl_overrides(load_config(None, ["update.micro_batch_tokens=3000"]))
+    _, actor = composed(overrides)
+    assert actor.use_dynamic_bsz is True and actor.ppo_max_token_len_per_gpu == 3000
+    assert any("update.micro_batch_tokens=3000" in n and "every row's prompt" in n for n in notes)
+    _, actor = composed(verl_overrides(load_config(None))[0])
+    assert actor.use_dynamic_bsz is False  # unset: verl's default (rows per micro-batch)
+
+
 def test_hydra_values():
     assert [hydra_value(v) for v in (1e-6, True, [0.9, 0.999], {"c": 1.5, "lfm": False}, 3)] == [
         "1e-06",

@@ -48,6 +48,7 @@ What does not carry over (UsageError naming the key and the values that do):
 - vision-language models and tasks with images (model tiny-vlm, image tasks): TRL trains VLMs, but
   mhpo's image prompts are not mapped to TRL's multimodal format here;
 - train.steps=0 (nothing for TRL to run) and --resume (resuming from TRL's checkpoints is not wired);
+- update.micro_batch_tokens (TRL's micro-batches are a fixed number of rows: update.micro_batch_size);
 - a rollout batch TRL cannot split evenly: R must be divisible by update.num_minibatches, that by W,
   and that by update.micro_batch_size (mhpo's own trainer allows uneven minibatches).
 
@@ -153,6 +154,13 @@ def check_carries(cfg: Config, num_processes: int | None = None) -> None:
         raise _fail("model.gradient_checkpointing", True, "false", "use TRL's own gradient_checkpointing")
     if cfg.train.steps == 0:
         raise _fail("train.steps", 0, ">= 1", "nothing for TRL to run; evaluate with mhpo eval")
+    if cfg.update.micro_batch_tokens is not None:
+        raise _fail(
+            "update.micro_batch_tokens",
+            cfg.update.micro_batch_tokens,
+            "null (and update.micro_batch_size for the rows)",
+            "TRL's micro-batches are a fixed number of rows",
+        )
     _batch_shape(cfg, _world_size() if num_processes is None else num_processes)
 
 

@@ -20,6 +20,8 @@ update.epochs optimizer steps per RL step, as verl counts them: one per mini-bat
                                        verl multiplies by R.n)
     update.epochs                      A.ppo_epochs
     update.micro_batch_size            A.ppo_micro_batch_size_per_gpu (default: a whole mini-batch's rows)
+    update.micro_batch_tokens          A.use_dynamic_bsz=True, A.ppo_max_token_len_per_gpu (verl counts each
+                                       row's prompt and response; mhpo each distinct prompt once: a note)
     update.max_grad_norm               A.grad_clip
     optim.lr / betas / weight_decay    A.optim.lr / betas / weight_decay
     optim.warmup_steps, schedule       A.optim.lr_warmup_steps (x k), lr_scheduler_type constant | cosine,
@@ -106,6 +108,8 @@ def verl_overrides(cfg: Config) -> tuple[list[str], list[str]]:
     ]
     if r.max_new_tokens is not None:
         out.append(f"data.max_response_length={r.max_new_tokens}")
+    if u.micro_batch_tokens is not None:
+        out += [f"{A}.use_dynamic_bsz=True", f"{A}.ppo_max_token_len_per_gpu={u.micro_batch_tokens}"]
     return out, _notes(cfg)
 
 
@@ -131,6 +135,12 @@ def _notes(cfg: Config) -> list[str]:
             "rollout.behaviour_logprobs / rollout.precision are not carried over: verl recomputes the old "
             "log-probs with the actor; its rollout importance-sampling correction (algorithm.rollout_is*) is the "
             "knob for the sampler mismatch"
+        )
+    if cfg.update.micro_batch_tokens is not None:
+        notes.append(
+            f"update.micro_batch_tokens={cfg.update.micro_batch_tokens} -> ppo_max_token_len_per_gpu: verl counts "
+            "every row's prompt tokens, mhpo each distinct prompt once per micro-batch (verl's micro-batches hold "
+            "fewer rows at the same number)"
         )
     if cfg.update.micro_batch_size is None:
         notes.append(

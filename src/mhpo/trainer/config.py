@@ -185,6 +185,12 @@ class UpdateConfig:
     micro_batch_size: int | None = _f(
         None, ">=1", "most rows per forward/backward (default: the minibatch; rows are grouped by completion length)"
     )
+    micro_batch_tokens: int | None = _f(
+        None,
+        ">=1",
+        "most positions per forward/backward (rows x longest completion + distinct prompts x prompt width; "
+        "bounds activation memory; a longer single row runs alone; null: no bound)",
+    )
     max_grad_norm: float = _f(1.0, ">0", "clip the global grad norm of each optimizer step to this")
 
 

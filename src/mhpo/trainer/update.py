@@ -100,29 +100,41 @@ def minibatches(n: int, num_minibatches: int) -> list[torch.Tensor]:
 MICRO_OVERHEAD = 32
 
 
-def micro_batches(rollout: Rollout, mb: torch.Tensor, max_rows: int | None) -> list[torch.Tensor]:
+def micro_batches(
+    rollout: Rollout, mb: torch.Tensor, max_rows: int | None, max_positions: int | None = None
+) -> list[torch.Tensor]:
     """A minibatch's rows ``mb`` [m] as micro-batches (positions in ``mb``), each padded only to its own
     longest completion: rows sorted by length, cut where it minimises the positions the forward runs,
 
-        cost(micro-batch) = rows x longest completion + distinct prompts x prompt width + MICRO_OVERHEAD
+        positions(micro-batch) = rows x longest completion + distinct prompts x prompt width
+        cost(micro-batch) = positions + MICRO_OVERHEAD
 
-    (dynamic programming over the sorted rows; at most ``max_rows`` rows each). The gradient is the
-    same sum whatever the split (global token counts), up to float rounding. Completions of 5 to 64
-    tokens in one minibatch otherwise pad every row to 64."""
+    (dynamic programming over the sorted rows; at most ``max_rows`` rows and ``max_positions``
+    positions each, a single row longer than that alone). The gradient is the same sum whatever the
+    split (global token counts), up to float rounding. Completions of 5 to 64 tokens in one minibatch
+    otherwise pad every row to 64. With ``max_positions``, rows of equal length are ordered by prompt,
+    so a cut between them runs as few prompts twice as it can; without it the order within a length
+    is the minibatch's (as before that bound existed: same splits, same float sums)."""
     m = len(mb)
     cap = min(max_rows or m, m)
     lengths = rollout.completion_mask[mb].sum(-1)  # [m]
     P = rollout.prompt_width
-    prompt = torch.unique(rollout.input_ids[mb, :P], dim=0, return_inverse=True)[1].tolist()  # [m] prompt id
-    order = torch.sort(lengths, stable=True).indices  # [m] positions, shortest first
+    prompt_of = torch.unique(rollout.input_ids[mb, :P], dim=0, return_inverse=True)[1]  # [m] prompt id
+    key = lengths * m + prompt_of if max_positions is not None else lengths  # [m] sort key
+    order = torch.sort(key, stable=True).indices  # [m] positions, shortest first
+    prompt = prompt_of.tolist()
     longest, ranked = lengths[order].tolist(), order.tolist()  # plain lists for the loop below
+    budget = max_positions or float("inf")
     best = [0.0] + [float("inf")] * m  # best[j]: cheapest split of the j shortest rows
     cut = [0] * (m + 1)
     for j in range(1, m + 1):
         seen: set[int] = set()
         for i in range(j - 1, max(j - cap, 0) - 1, -1):  # the micro-batch is sorted rows i .. j-1
             seen.add(prompt[ranked[i]])
-            cost = best[i] + (j - i) * longest[j - 1] + len(seen) * P + MICRO_OVERHEAD
+            positions = (j - i) * longest[j - 1] + len(seen) * P
+            if positions > budget and i < j - 1:
+                break  # adding rows only adds positions
+            cost = best[i] + positions + MICRO_OVERHEAD
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     parts, j = [], m
@@ -136,7 +148,7 @@ def policy_update(model, optimizer, batch: UpdateBatch, objective_cfg, update_cf
     """Run the optimizer steps of one RL step; returns averaged objective stats and grad norms.
 
     ``objective_cfg`` has name, hparams, agg and beta (:class:`mhpo.trainer.config.ObjectiveConfig`);
-    ``update_cfg`` has num_minibatches, epochs, micro_batch_size and max_grad_norm
+    ``update_cfg`` has num_minibatches, epochs, micro_batch_size, micro_batch_tokens and max_grad_norm
     (:class:`mhpo.trainer.config.UpdateConfig`). Minibatch order comes from ``torch.randperm`` on the global
     generator (saved in checkpoints); ``batch.first_epoch`` gives the first epoch's when the caller
     drew them already.
@@ -193,7 +205,8 @@ def _optimizer_step(model, optimizer, params, batch, old_logp, mb, objective_cfg
         return None, 0.0
     optimizer.zero_grad(set_to_none=True)
     micro_stats, micro_lr = [], []
-    micros = micro_batches(batch.rollout, mb, update_cfg.micro_batch_size)  # positions in mb
+    u = update_cfg
+    micros = micro_batches(batch.rollout, mb, u.micro_batch_size, u.micro_batch_tokens)  # positions in mb
     for pos in micros:
         rows = mb[pos]
         part = batch.rollout.select(rows)
