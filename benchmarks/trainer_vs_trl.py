@@ -107,6 +107,9 @@ def _parse():
     p.add_argument("--objective", default="grpo", help="our objective (default: grpo, as TRL's dapo loss)")
     p.add_argument("--model", default="tiny", choices=list(JOBS), help="the built-in tiny model or the real one")
     p.add_argument("--precision", default="float32", choices=("float32", "bf16"), help="both engines alike")
+    p.add_argument(
+        "--micro-batch-tokens", type=int, help="ours: update.micro_batch_tokens (TRL's micro-batches are rows)"
+    )
     p.add_argument("--worker", choices=("trl", "mhpo"), help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -128,6 +131,8 @@ def _spawn(engine: str, args) -> dict:
         "--precision",
         args.precision,
     ]
+    if args.micro_batch_tokens:
+        cmd += ["--micro-batch-tokens", str(args.micro_batch_tokens)]
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -183,6 +188,8 @@ def _setup(args, objective: str):
         f"rollout.group_size={group}",
         "model.dtype=" + ("bf16-mixed" if args.precision == "bf16" else "float32"),
     ]
+    if getattr(args, "micro_batch_tokens", None):
+        overrides.append(f"update.micro_batch_tokens={args.micro_batch_tokens}")
     if args.model != "tiny":
         overrides += ["task.name=chat_addition", f"rollout.max_new_tokens={max_new}", "eval.size=0"]
     cfg = load_config(None, overrides)
