@@ -3,6 +3,8 @@ equal to the trainer's recompute, and the shortcuts (shared prompt prefill, drop
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from transformers import (
@@ -23,6 +25,7 @@ from mhpo.tasks import Example
 from mhpo.trainer.config import TinyModelConfig
 from mhpo.trainer.update import rollout_logprobs
 
+decode_module = importlib.import_module("mhpo.generation.decode")  # the package exports the function
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MAX_NEW = 10
@@ -226,6 +229,53 @@ def test_compaction_keeps_the_greedy_completions(setup):
     assert torch.equal(compact.tokens, full.tokens)
     sizes = [b for b, _ in log.shapes[1:]]
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0]
+
+
+@pytest.mark.parametrize("compact_fraction", [None, 0.01])
+def test_the_cache_writes_each_step_in_place_with_the_same_completions(setup, monkeypatch, compact_fraction):
+    """After the prefill every layer's keys and values live in one reserved buffer for the whole call
+    (a new one only when finished rows leave the batch), and the sampled tokens and log-probs equal,
+    bit for bit, those of transformers' cache that concatenates at every step."""
+    models, tok, prompts, stops = setup
+    buffers: dict[int, set[int]] = {}
+    update = decode_module.ReservedLayer.update
+
+    def recorded(layer, *args, **kwargs):
+        out = update(layer, *args, **kwargs)
+        buffers.setdefault(id(layer), set()).add(layer._key_room.data_ptr())
+        assert out[0].data_ptr() == layer._key_room.data_ptr()  # attention reads a view of the buffer
+        return out
+
+    run = dict(compact_fraction=compact_fraction, do_sample=True, temperature=1.3)
+    with monkeypatch.context() as m:
+        m.setattr(decode_module.ReservedLayer, "update", recorded)
+        reserved = _decode(models["qwen2"], tok, prompts, 3, stops["qwen2"], **run)
+    with monkeypatch.context() as m:
+        m.setattr(decode_module, "reserve_room", lambda cache, room: None)
+        growing = _decode(models["qwen2"], tok, prompts, 3, stops["qwen2"], **run)
+    assert torch.equal(reserved.tokens, growing.tokens) and torch.equal(reserved.logprobs, growing.logprobs)
+    assert (reserved.tokens == tok.pad_token_id).any()  # some rows ended early
+    steps = reserved.tokens.shape[1] - 1
+    assert len(buffers) == models["qwen2"].config.num_hidden_layers and steps > 1
+    if compact_fraction is None:
+        assert all(len(ptrs) == 1 for ptrs in buffers.values())
+
+
+def test_a_reserved_layer_grows_past_its_room_and_drops_rows():
+    from transformers.cache_utils import DynamicLayer
+
+    layer = DynamicLayer()
+    k, v = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5)
+    layer.update(k, v)
+    reserved = decode_module.ReservedLayer.reserve(layer, room=1)
+    new = [(torch.randn(3, 2, 1, 5), torch.randn(3, 2, 1, 5)) for _ in range(3)]  # 3 steps > room
+    for nk, nv in new:
+        keys, values = reserved.update(nk, nv)
+    assert torch.equal(keys, torch.cat([k, *(nk for nk, _ in new)], dim=2))
+    assert torch.equal(values, torch.cat([v, *(nv for _, nv in new)], dim=2))
+    assert reserved._key_room.shape[2] == 5 + decode_module.ROOM  # grown once, by ROOM positions
+    reserved.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(reserved.keys, keys[[2, 0]]) and reserved.get_seq_length() == 7
 
 
 @pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (5, 1.0), (0, 0.7), (0, 0.999), (7, 0.5), (60, 0.95)])

@@ -11,10 +11,11 @@
     stop      when every row is done, or after ``max_new_tokens`` steps
 
 Position ids are those ``generate`` uses for left-padded rows: cumsum(attention_mask) - 1, then +1
-per new token. The cache is transformers' ``DynamicCache``. The forward passes are those of
-``model.generate`` with the same settings (greedy decoding gives its tokens, tested); sampling draws
-from the same distribution with one uniform number per row (:func:`mhpo.generation.sampling.draw`;
-tested against ``generate``'s token frequencies), so a seed gives other tokens than ``generate``.
+per new token. The cache is transformers' ``DynamicCache`` with :class:`ReservedLayer` layers. The
+forward passes are those of ``model.generate`` with the same settings (greedy decoding gives its
+tokens, tested); sampling draws from the same distribution with one uniform number per row
+(:func:`mhpo.generation.sampling.draw`; tested against ``generate``'s token frequencies), so a seed
+gives other tokens than ``generate``.
 Under bf16 autocast the weights are cast once per call, not once per step.
 """
 
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from mhpo.generation.sampling import pick_tokens
 from mhpo.models.device import cast_weights_once
@@ -33,6 +35,10 @@ from mhpo.models.logprobs import decoder, prompt_prefix_cache
 # Compact the batch once this fraction of its rows is done: a compaction copies the KV cache once
 # (as DynamicCache's own append does every step), a done row costs a forward row every step.
 COMPACT_FRACTION = 0.25
+# Positions reserved at a time in each layer's key / value buffers (:class:`ReservedLayer`): a full
+# buffer is copied once into one with this much more room, i.e. once every ROOM steps instead of
+# every step, and a row holds at most ROOM unused positions (doubling would hold up to 2x the cache).
+ROOM = 128
 
 
 @dataclass
@@ -75,6 +81,7 @@ def decode(
         return Decoded(tokens, logprobs, ent)
     with cast_weights_once(input_ids.device):  # bf16 autocast: cast the weights once, not per step
         cache, logits = prefill(model, input_ids, attention_mask, group_size)  # logits [B, V]
+        reserve_room(cache, min(max_new_tokens - 1, ROOM))
         if not compactable(cache):
             compact_fraction = None
         attn = attention_mask.repeat_interleave(group_size, 0)  # [B, P]
@@ -108,6 +115,61 @@ def decode(
             cache, logits = out.past_key_values, out.logits[:, -1]
             pos += 1
     return Decoded(tokens[:, :steps], logprobs[:, :steps], ent[:, :steps] if ent is not None else None)
+
+
+class ReservedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values [B, Hkv, L, d] are views of buffers [B, Hkv, L + room, d].
+
+    ``update`` writes the new positions into the room and widens the views; DynamicLayer instead
+    concatenates, i.e. copies the layer's whole cache at every step. The views are what attention
+    reads, so every forward sees the same keys and values either way (tokens and log-probs equal bit
+    for bit, tested). Measured on a 2-core Intel Xeon with AMX-BF16 (SmolLM2-135M, 8 prompts x 4, <= 64
+    new tokens, same seeds, 4 alternations each): sampling 5.08 s against 5.56 s under bf16-mixed
+    (the concatenations were 13% of the profile there), 8.37 s against 8.71 s in float32. A full
+    buffer is copied into one with :data:`ROOM` more positions."""
+
+    @classmethod
+    def reserve(cls, layer: DynamicLayer, room: int) -> ReservedLayer:
+        """A ReservedLayer holding ``layer``'s keys and values with room for ``room`` more positions."""
+        new = cls()
+        new.dtype, new.device, new.is_initialized = layer.dtype, layer.device, True
+        new._key_room, new._value_room = _with_room(layer.keys, room), _with_room(layer.values, room)
+        new._fill(layer.keys.shape[-2])
+        return new
+
+    def update(self, key_states, value_states, *args, **kwargs):  # [B, Hkv, n, d] each
+        L, n = self.keys.shape[-2], key_states.shape[-2]
+        if L + n > self._key_room.shape[-2]:
+            self._key_room = _with_room(self.keys, max(n, ROOM))
+            self._value_room = _with_room(self.values, max(n, ROOM))
+        self._key_room[:, :, L : L + n] = key_states
+        self._value_room[:, :, L : L + n] = value_states
+        self._fill(L + n)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        L = self.keys.shape[-2]
+        self._key_room, self._value_room = self._key_room[indices], self._value_room[indices]
+        self._fill(L)
+
+    def _fill(self, length: int) -> None:
+        self.keys, self.values = self._key_room[:, :, :length], self._value_room[:, :, :length]
+
+
+def _with_room(x: torch.Tensor, room: int) -> torch.Tensor:
+    """[B, H, L, d] -> a new [B, H, L + room, d] buffer whose first L positions are ``x``."""
+    out = x.new_empty(*x.shape[:2], x.shape[2] + room, x.shape[3])
+    out[:, :, : x.shape[2]] = x
+    return out
+
+
+def reserve_room(cache, room: int) -> None:
+    """Swap each plain ``DynamicLayer`` of ``cache`` for a :class:`ReservedLayer` with ``room``
+    positions to spare (other layer types, e.g. sliding windows, stay as they are)."""
+    layers = getattr(cache, "layers", None) or []
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and room > 0:
+            layers[i] = ReservedLayer.reserve(layer, room)
 
 
 def compactable(cache) -> bool:
