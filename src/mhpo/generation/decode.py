@@ -33,7 +33,7 @@ from mhpo.models.device import cast_weights_once
 from mhpo.models.logprobs import decoder, prompt_prefix_cache
 
 # Compact the batch once this fraction of its rows is done: a compaction copies the KV cache once
-# (as DynamicCache's own append does every step), a done row costs a forward row every step.
+# (its reserved room included), a done row costs a forward row every step.
 COMPACT_FRACTION = 0.25
 # Positions reserved at a time in each layer's key / value buffers (:class:`ReservedLayer`): a full
 # buffer is copied once into one with this much more room, i.e. once every ROOM steps instead of
