@@ -328,14 +328,15 @@ class _ChunkedLogprobs(torch.autograd.Function):
             _logit_grad_(g_z, targets[rows], logz[rows], g_logp[rows], ent[rows] if g_e is not None else None, g_e)
             if need_b:
                 d_bias.add_(g_z.sum(0), alpha=inv_temp)  # [V]
-            g = g_z if low is None else g_z.to(low)  # [c, V]
+            if low is not None:  # autocast was on: the two products below take its dtype
+                g_z, h = g_z.to(low), h.to(low)  # the float32 g_z is freed here
             if need_h:
-                d_hidden[rows] = (g @ w_low).to(dtype).mul_(inv_temp)  # [c, H]
+                d_hidden[rows] = (g_z @ w_low).to(dtype).mul_(inv_temp)  # [c, H]
             if need_w and low is None:
                 d_weight.addmm_(g_z.T, h)  # [V, H]; h already carries the 1/T
             elif need_w:
-                d_weight.add_(g.T @ h.to(low))  # [V, H]: a low-precision product, summed in float32
-            del g_z, g  # free this chunk's [c, V] buffers before the next chunk allocates its own
+                d_weight.add_(g_z.T @ h)  # [V, H]: a low-precision product, summed in float32
+            del g_z  # free this chunk's [c, V] buffer before the next chunk allocates its own
         d_weight = None if d_weight is None else d_weight.to(weight.dtype)
         d_bias = None if d_bias is None else d_bias.to(bias.dtype)
         return d_hidden, d_weight, d_bias, None, None, None, None
