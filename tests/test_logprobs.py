@@ -150,13 +150,16 @@ def test_autocast_keeps_float32_log_probs_and_runs_the_backward_matmuls_in_its_d
         ),
         g_z.sum((0, 1)) / T,  # d_bias, float32
     )
-    for g, e in zip(grads_ac, expected):
-        assert g.dtype == torch.float32
-        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-3)
     grads = torch.autograd.grad(logp.sum() + ent.sum(), (hidden, weight, bias))  # all-float32 backward
+    assert [g.dtype for g in grads_ac] == [torch.float32] * 3
+    torch.testing.assert_close(grads_ac[2], expected[2], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads_ac[2], grads[2], atol=1e-5, rtol=1e-5)
-    for g, g32 in zip(grads_ac[:2], grads[:2]):
-        assert 0 < float((g - g32).norm() / g32.norm()) < 1e-2  # bf16 products: close, not equal
+    for g, e, g32 in zip(grads_ac[:2], expected[:2], grads[:2]):
+        # g_z's float32 rounding differs between the two computations, so an entry near a bf16
+        # rounding boundary may land one bf16 step apart: compare norms, not every entry
+        off_expected = float((g - e).norm() / e.norm())
+        off_float32 = float((g - g32).norm() / g32.norm())
+        assert off_expected < 2e-4 and 10 * off_expected < off_float32 < 1e-2, (off_expected, off_float32)
     grads_ref = torch.autograd.grad(ref[0].sum() + ref[1].sum(), (hidden, weight, bias))
     for g, g_r in zip(grads, grads_ref):
         torch.testing.assert_close(g_r, g, atol=1e-5, rtol=1e-5)
