@@ -12,14 +12,7 @@ Hugging Face causal LM's base model and scores the completion part of each row.
 
 Everything is computed in float32 (float64 when an input is float64), with autocast switched off:
 half-precision hidden states or weights are upcast per chunk, and gradients come back in each
-input's own dtype. One exception, under an enabled autocast (bf16-mixed): `token_logprobs`'s
-backward still computes the logits and their gradient g_z in float32, but the two products that
-carry g_z to the hidden states and the weight take inputs in autocast's dtype, as autocast's own
-linear backward does (each chunk's product rounded once, summed in float32). Measured on
-SmolLM2-135M (2-core AMD EPYC with AVX512-BF16, 16 sampled rows, bf16-mixed against float32): the
-parameter gradient's relative error 3.81% -> 3.87% and 3.20% -> 3.21% (the bf16 body dominates), a
-forward + backward 5.4-6.2 s -> 4.9-5.5 s. The log-probs themselves, the objective's inputs, are
-float32 either way.
+input's own dtype.
 """
 
 from __future__ import annotations
@@ -263,14 +256,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
     and, through z = (h W^T + b) / T:  dh = g_z W / T,  dW = g_z^T h / T,  db = sum_tokens g_z / T.
     The 1/T is folded into h before the matmul, so the chunk's logits never need a rescale pass.
-    When autocast was on at the forward, g_z, W and h enter the dh and dW products in its dtype.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, inv_temp, want_entropy, chunk):
         # hidden [N, H], weight [V, H], bias [V] | None, targets [N]
-        low = _autocast_dtype(hidden) if _compute_dtype(hidden, weight) == torch.float32 else None
-        ctx.grad_dtype = low  # the backward's matmul inputs (None: the compute dtype)
         with _no_autocast(hidden):
             return _ChunkedLogprobs._forward(ctx, hidden, weight, bias, targets, inv_temp, want_entropy, chunk)
 
@@ -318,24 +308,18 @@ class _ChunkedLogprobs(torch.autograd.Function):
         d_hidden = torch.empty_like(hidden) if need_h else None  # [N, H]
         d_weight = torch.zeros_like(w) if need_w else None  # [V, H] float accumulator
         d_bias = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if need_b else None  # [V]
-        low = ctx.grad_dtype
-        w_low = w.to(low) if low is not None and need_h else w  # [V, H] in the matmuls' dtype
         for start in range(0, n, ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             h = _scaled_hidden(hidden[rows], inv_temp, dtype)  # [c, H] = h / T
             g_z = _chunk_logits(h, w, b)  # [c, V]: the logits z, recomputed
             g_e = None if g_ent is None else g_ent[rows].to(dtype)
             _logit_grad_(g_z, targets[rows], logz[rows], g_logp[rows], ent[rows] if g_e is not None else None, g_e)
+            if need_h:
+                d_hidden[rows] = (g_z @ w).mul_(inv_temp)  # [c, H]
+            if need_w:
+                d_weight.addmm_(g_z.T, h)  # [V, H]; h already carries the 1/T
             if need_b:
                 d_bias.add_(g_z.sum(0), alpha=inv_temp)  # [V]
-            if low is not None:  # autocast was on: the two products below take its dtype
-                g_z, h = g_z.to(low), h.to(low)  # the float32 g_z is freed here
-            if need_h:
-                d_hidden[rows] = (g_z @ w_low).to(dtype).mul_(inv_temp)  # [c, H]
-            if need_w and low is None:
-                d_weight.addmm_(g_z.T, h)  # [V, H]; h already carries the 1/T
-            elif need_w:
-                d_weight.add_(g_z.T @ h)  # [V, H]: a low-precision product, summed in float32
             del g_z  # free this chunk's [c, V] buffer before the next chunk allocates its own
         d_weight = None if d_weight is None else d_weight.to(weight.dtype)
         d_bias = None if d_bias is None else d_bias.to(bias.dtype)
@@ -382,12 +366,6 @@ def _logit_grad_(z, targets, logz, g_logp, ent, g_ent) -> None:
         z.mul_(p)
         del p
     z.scatter_add_(1, targets.unsqueeze(1), g_logp.unsqueeze(1))  # + onehot(y) g_logp
-
-
-def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
-    """The enabled autocast's dtype on ``tensor``'s device, else None."""
-    device = tensor.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def _no_autocast(tensor: torch.Tensor | None):
