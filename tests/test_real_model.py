@@ -184,6 +184,33 @@ def test_recomputed_logprobs_equal_the_samplers(policy):
 
 
 @needs_model
+def test_packed_decoding_gives_the_greedy_completions_of_f_linear(policy, monkeypatch):
+    """On an x86 CPU the decode loop multiplies SmolLM2's linear weights (all of them are over
+    mhpo.models.packed's bound) through oneDNN packing: the same greedy tokens as F.linear, the
+    log-probs within float32 rounding (2.3e-5 measured)."""
+    from mhpo.generation import decode
+    from mhpo.generation.prompts import eos_token_ids
+    from mhpo.models import packed
+
+    model, tok = policy
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert linears and all(packed.packable(m) for m in linears)
+    prompts = _encoder(tok)(_examples(4))
+    eos = eos_token_ids(model, tok)
+    real, calls = packed._packed_forward, []
+    monkeypatch.setattr(packed, "_packed_forward", lambda module, weight: calls.append(module) or real(module, weight))
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(packed.OPT_OUT, flag)
+        out[flag] = decode(
+            model, **prompts, group_size=2, max_new_tokens=32, eos_ids=eos, pad_id=tok.pad_token_id, do_sample=False
+        )
+    assert len(calls) == (len(linears) if packed.onednn_usable(torch.device("cpu")) else 0)
+    assert torch.equal(out["0"].tokens, out["1"].tokens)
+    torch.testing.assert_close(out["1"].logprobs, out["0"].logprobs, rtol=0, atol=1e-4)
+
+
+@needs_model
 def test_math_verify_scores_real_completions(policy):
     """The math_verify reward (in its timeout worker) on the model's own completions equals math-verify run here."""
     from math_verify import parse, verify
