@@ -73,7 +73,8 @@ def main() -> None:
         return
     rates = machine_rates(args.precision, JOBS[args.model][4] or _cores())
     print(
-        f"machine ({_cpu()}): matmul {rates['decode_gflops']:.0f} GFLOP/s at decode shape, "
+        f"machine ({_cpu()}): matmul {rates['decode_gflops']:.0f} GFLOP/s at decode shape "
+        f"({rates['decode_gflops_matmul']:.0f} as a @ b), "
         f"{rates['update_gflops']:.0f} at update shape ({args.precision}); copy {rates['gb_s']:.1f} GB/s",
         flush=True,
     )
@@ -341,19 +342,31 @@ def _cpu() -> str:
 
 def machine_rates(precision: str, threads: int) -> dict[str, float]:
     """Matmul GFLOP/s at the decode shape (32 x 576 @ 576 x 1536) and the update shape (2048 rows),
-    in the run's matmul dtype, and copy bandwidth (GB/s, read + write) of a 512 MB float32 tensor."""
+    in the run's matmul dtype, and copy bandwidth (GB/s, read + write) of a 512 MB float32 tensor.
+    At the decode shape the faster of ``a @ b`` and the oneDNN product with a packed weight (what the
+    decode loop runs in float32 on x86, :mod:`mhpo.models.packed`) counts; ``decode_gflops_matmul``
+    keeps the first."""
     import torch
+
+    from mhpo.models.packed import onednn_usable
 
     torch.set_num_threads(threads)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
-    def gflops(m: int, reps: int) -> float:
+    def gflops(m: int, reps: int, packed: bool = False) -> float:
         a, b = torch.randn(m, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+        if packed:
+            w = torch.ops.mkldnn._reorder_linear_weight(b.T.contiguous(), m)
+            b = None
+
+        def product():
+            return a @ b if b is not None else torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+
         for _ in range(3):
-            a @ b
+            product()
         t0 = time.perf_counter()
         for _ in range(reps):
-            a @ b
+            product()
         return 2 * m * 576 * 1536 * reps / (time.perf_counter() - t0) / 1e9
 
     x = torch.ones(2**27)
@@ -363,7 +376,14 @@ def machine_rates(precision: str, threads: int) -> dict[str, float]:
     for _ in range(5):
         y.copy_(x)
     gb_s = 2 * x.numel() * 4 * 5 / (time.perf_counter() - t0) / 1e9
-    return {"decode_gflops": gflops(32, 300), "update_gflops": gflops(2048, 30), "gb_s": gb_s}
+    matmul = gflops(32, 300)
+    packed = gflops(32, 300, packed=True) if dtype == torch.float32 and onednn_usable(torch.device("cpu")) else 0.0
+    return {
+        "decode_gflops": max(matmul, packed),
+        "decode_gflops_matmul": matmul,
+        "update_gflops": gflops(2048, 30),
+        "gb_s": gb_s,
+    }
 
 
 def _matmul_params(model) -> int:
