@@ -9,10 +9,10 @@ at so few rows; oneDNN with the weight reordered once into its blocked layout
 models) does not. Measured on a 2-core AMD EPYC with AVX2 and no AVX512 (2 threads, float32,
 GFLOP/s, ``F.linear`` -> packed): SmolLM2-135M's LM head 576 -> 49,152 at 8 rows 25 -> 59-62, at 32
 rows 57-68 -> 109-118; 576 -> 1536 at 8 / 32 rows 50 / 70 -> 74 / 105; 576 -> 192 at 8 / 32 rows
-42 / 100 -> 49 / 109. Reordering all of SmolLM2-135M's linear weights takes ~0.3 s, once per decode
-call (the weights change between calls). A oneDNN call costs ~10 us more than MKL's, so small weights
-lose (128 x 64: 7 -> 19 us at 8 rows) and stay on ``F.linear``: only weights with at least
-:data:`MIN_ELEMENTS` entries are packed, which leaves the built-in tiny models untouched.
+42 / 100 -> 49 / 109. Reordering all of SmolLM2-135M's linear weights takes 0.14-0.3 s, once per
+decode call (the weights change between calls). A oneDNN call costs ~10 us more than MKL's, so
+small weights lose (128 x 64: 7 -> 19 us at 8 rows) and stay on ``F.linear``: only weights with at
+least :data:`MIN_ELEMENTS` entries are packed, which leaves the built-in tiny models untouched.
 
 Values equal ``F.linear``'s up to float32 rounding (another summation order). Off x86, under autocast,
 with gradients on, for other dtypes or Linear subclasses (LoRA layers: their base Linear is packed),
