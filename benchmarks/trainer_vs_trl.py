@@ -348,26 +348,28 @@ def machine_rates(precision: str, threads: int) -> dict[str, float]:
     keeps the first."""
     import torch
 
-    from mhpo.models.packed import onednn_usable
+    from mhpo.models.packed import packed_linears
 
     torch.set_num_threads(threads)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
-    def gflops(m: int, reps: int, packed: bool = False) -> float:
-        a, b = torch.randn(m, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
-        if packed:
-            w = torch.ops.mkldnn._reorder_linear_weight(b.T.contiguous(), m)
-            b = None
-
-        def product():
-            return a @ b if b is not None else torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
-
+    def timed(product, m: int, reps: int) -> float:
         for _ in range(3):
             product()
         t0 = time.perf_counter()
         for _ in range(reps):
             product()
         return 2 * m * 576 * 1536 * reps / (time.perf_counter() - t0) / 1e9
+
+    def gflops(m: int, reps: int) -> float:
+        a, b = torch.randn(m, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+        return timed(lambda: a @ b, m, reps)
+
+    def packed_gflops(m: int, reps: int) -> float:
+        """The decode loop's product: a Linear under packed_linears (0 where nothing is packed)."""
+        a, layer = torch.randn(m, 576, dtype=dtype), torch.nn.Linear(576, 1536, bias=False, dtype=dtype)
+        with torch.no_grad(), packed_linears(layer, rows=m, min_elements=0) as n:
+            return timed(lambda: layer(a), m, reps) if n else 0.0
 
     x = torch.ones(2**27)
     y = torch.empty_like(x)
@@ -377,7 +379,7 @@ def machine_rates(precision: str, threads: int) -> dict[str, float]:
         y.copy_(x)
     gb_s = 2 * x.numel() * 4 * 5 / (time.perf_counter() - t0) / 1e9
     matmul = gflops(32, 300)
-    packed = gflops(32, 300, packed=True) if dtype == torch.float32 and onednn_usable(torch.device("cpu")) else 0.0
+    packed = packed_gflops(32, 300)
     return {
         "decode_gflops": max(matmul, packed),
         "decode_gflops_matmul": matmul,
