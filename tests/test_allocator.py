@@ -14,13 +14,13 @@ from mhpo.models import allocator
 glibc = pytest.mark.skipif(allocator._glibc() is None, reason="mallopt is glibc's; this platform has another libc")
 
 # In a fresh process (the setting is process-wide and permanent): allocate, touch and free a 64 MiB
-# buffer ten times; print whether the setting applied and the minor page faults of each round.
+# buffer 30 times; print whether the setting applied and the minor page faults of each round.
 _PROBE = """
 import json, resource, torch
 from mhpo.models.allocator import keep_freed_memory
 applied = keep_freed_memory()
 faults = []
-for _ in range(10):
+for _ in range(30):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     buf = torch.empty(16 * 2**20, dtype=torch.float32).fill_(1.0)  # 64 MiB: above glibc's mmap threshold
     del buf
@@ -42,11 +42,12 @@ def _probe(**env) -> dict:
 def test_a_freed_buffer_is_reused_without_faulting_its_pages_in_again():
     on = _probe()
     assert on["applied"] and on["again"]
-    # The heap grows while small blocks settle between the big one's old places; then it reuses them.
-    assert sum(on["faults"][-4:]) < PAGES // 10, on
+    # The heap grows for a few rounds while small blocks settle between the big one's old places (4
+    # rounds on a 2-core EPYC, 5 on CI's machine), then every round reuses the same pages.
+    assert sum(on["faults"][-10:]) < PAGES // 10, on
     off = _probe(**{allocator.OPT_OUT: "0"})
     assert not off["applied"]
-    assert min(off["faults"][-4:]) > PAGES // 2, off  # the system's way: every round faults it in again
+    assert min(off["faults"][-10:]) > PAGES // 2, off  # the system's way: every round faults it in again
 
 
 @glibc
