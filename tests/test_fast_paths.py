@@ -175,3 +175,45 @@ def test_shared_prompt_forward_applies_only_where_it_is_exact(setup):
     )
     assert _shared_prompt_hidden(base, ids[:, P - 1 :], attn[:, P - 1 :], 1, {}) is None
     assert _shared_prompt_hidden(base, ids, attn, P, {**pos, "pixel_values": torch.zeros(1)}) is None
+
+
+def test_prompts_run_once_for_several_passes_give_the_full_pass_gradients(setup):
+    """PromptPrefix: the rows' prompts (left-padded, four lengths) run once; two passes over disjoint
+    row sets read them, and after its backward the parameter gradients equal one full pass over all
+    rows, as do the log-probs and entropies."""
+    from mhpo.generation.rollout import position_ids
+    from mhpo.models.logprobs import model_logprobs, prompt_prefix
+
+    model, tok, prompts = setup
+    rollout = _sample(model, tok, prompts, True, True, seed=4)
+    w = torch.randn(rollout.completion_mask.shape, generator=torch.Generator().manual_seed(1))
+
+    def logprobs(m, part, rows, **cache):  # ([b, c] log-probs, [b, c] entropies, the loss), zero off-mask
+        a = part.attention_mask
+        lp, ent = model_logprobs(
+            m, part.input_ids, a, part.prompt_width, entropy=True, position_ids=position_ids(a), **cache
+        )
+        cm = part.completion_mask
+        return lp * cm, ent * cm, (lp * cm * w[rows, : cm.shape[1]]).sum() + (ent * cm).sum()
+
+    full, parts = copy.deepcopy(model), copy.deepcopy(model)
+    lp_full, ent_full, loss = logprobs(full, rollout, torch.arange(len(rollout)))
+    loss.backward()
+
+    a = rollout.attention_mask
+    prefix = prompt_prefix(parts, rollout.input_ids, a, rollout.prompt_width, position_ids=position_ids(a))
+    assert prefix is not None
+    for rows in (torch.arange(0, len(rollout), 2), torch.arange(1, len(rollout), 2)):  # each half: every prompt
+        part = rollout.select(rows, trim_prompt=False)  # completions trimmed, prompt columns kept
+        assert part.prompt_width == rollout.prompt_width
+        lp, ent, loss = logprobs(parts, part, rows, prompt_cache=prefix.cache(rows))
+        c = lp.shape[1]
+        torch.testing.assert_close(lp, lp_full[rows, :c], rtol=0, atol=1e-5)
+        torch.testing.assert_close(ent, ent_full[rows, :c], rtol=0, atol=1e-5)
+        loss.backward()
+    embed = parts.model.embed_tokens.weight
+    before = embed.grad.clone()
+    prefix.backward()
+    assert not torch.equal(embed.grad, before)  # the prompt pass receives its gradient only now
+    for (name, g_full), g_parts in zip(full.named_parameters(), parts.parameters()):
+        torch.testing.assert_close(g_parts.grad, g_full.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -29,8 +29,14 @@ def _setup():
     return model, UpdateBatch(r, old, adv, norm_length=5.0)
 
 
-def _grads(model, batch, micro, objective, agg, tokens=None):
+def _grads(model, batch, micro, objective, agg, tokens=None, widths=None):
+    """(gradients, stats) of one optimizer step on a copy of ``model``; ``widths`` (a list) collects
+    the input width of every call of the copy's decoder (model.model)."""
     model = copy.deepcopy(model)
+    if widths is not None:
+        model.model.register_forward_pre_hook(
+            lambda _, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
+        )
     captured = {}
 
     class Capture(torch.optim.SGD):
@@ -47,6 +53,7 @@ def _grads(model, batch, micro, objective, agg, tokens=None):
 
 def test_micro_batches_give_the_full_minibatch_gradient(monkeypatch):
     model, batch = _setup()
+    P = batch.rollout.prompt_width
     for objective, agg in (
         ("mhpo", "token-mean"),
         ("grpo", "seq-mean-token-mean"),
@@ -54,10 +61,18 @@ def test_micro_batches_give_the_full_minibatch_gradient(monkeypatch):
     ):
         with monkeypatch.context() as m:  # the reference: one forward over the whole minibatch
             m.setattr(update_module, "micro_batches", lambda rollout, mb, *limits: [torch.arange(len(mb))])
+            m.setattr(update_module, "minibatch_prompts", lambda model, rollout: None)
             full, s_full = _grads(model, batch, None, objective, agg)
-        # split by length (automatic), at most 5 rows each, at most 20 positions each
+        # split by length (automatic), at most 5 rows each: the minibatch's prompts run once, before
+        # the micro-batches; at most 20 positions each: every micro-batch runs its own prompts
         for size, tokens in ((None, None), (5, None), (None, 20)):
-            micro, s_micro = _grads(model, batch, size, objective, agg, tokens)
+            widths: list[int] = []
+            micro, s_micro = _grads(model, batch, size, objective, agg, tokens, widths)
+            if tokens is None:
+                least = -(-len(batch.rollout) // (size or len(batch.rollout)))  # micro-batches on top of it
+                assert widths.count(P - 1) == 1 and len(widths) >= 1 + least, widths  # one pass over 0 .. P-2
+            else:
+                assert len(widths) >= 2 * 2 and widths.count(P - 1) > 1, widths  # prompts, rest; per micro-batch
             assert full.keys() == micro.keys() and full
             for name in full:
                 assert torch.allclose(full[name], micro[name], atol=1e-6, rtol=1e-4), (objective, agg, name)

@@ -63,8 +63,10 @@ class Rollout:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, rows: torch.Tensor | Sequence[int], trim: bool = True) -> Rollout:
-        """Rows ``rows`` (index tensor or list); ``trim`` drops all-padding columns at both ends.
+    def select(self, rows: torch.Tensor | Sequence[int], trim: bool = True, trim_prompt: bool = True) -> Rollout:
+        """Rows ``rows`` (index tensor or list); ``trim`` drops all-padding columns at both ends
+        (only at the completion end with ``trim_prompt=False``: the prompt columns stay as they are,
+        e.g. for a prompt cache built over more rows).
 
         Dropping leading columns that are padding in every row leaves position ids unchanged
         (they are cumsum(attention_mask) - 1).
@@ -78,7 +80,7 @@ class Rollout:
         P = self.prompt_width
         if trim and len(idx):
             left = int(attn[:, :P].any(0).long().argmax()) if attn[:, :P].any() else P - 1
-            left = min(left, P - 1)  # keep at least one prompt column
+            left = min(left, P - 1) if trim_prompt else 0  # keep at least one prompt column
             width = max(int(cmask.sum(-1).max()), 1)
             ids, attn = ids[:, left : P + width], attn[:, left : P + width]
             cmask = cmask[:, :width]

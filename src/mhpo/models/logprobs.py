@@ -119,13 +119,16 @@ def model_logprobs(
     entropy: bool = False,
     chunk_size: int | None = None,  # tokens per chunk for `token_logprobs`
     share_prompts: bool = False,  # run each distinct prompt once (see `_shared_prompt_hidden`)
+    prompt_cache=None,  # the rows' prompt keys / values at positions 0 .. P-2 (`PromptPrefix.cache`)
     **model_inputs,  # extra inputs for the base model (e.g. pixel_values for a VLM)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # ([B, L-P], [B, L-P] | None)
     """Log-probs of the completion tokens, from the base model's hidden states (no full logits).
 
     With ``share_prompts``, rows with identical prompts (a GRPO group) run the prompt once and
     share its keys and values (:func:`_shared_prompt_hidden`): same values and gradients up to
-    float rounding, about half the work when prompts are as long as completions.
+    float rounding, about half the work when prompts are as long as completions. With
+    ``prompt_cache`` (a :class:`PromptPrefix`'s, built by the caller for several calls) no prompt
+    runs here: only positions P-1 onward, on top of those keys and values.
 
     Tied or untied heads and heads with a bias are scored from hidden states with
     `token_logprobs`. Models that post-process lm_head's output (Gemma-2 style
@@ -143,7 +146,9 @@ def model_logprobs(
         return logits_logprobs(logits, targets, temperature=temperature, entropy=entropy)
     base = decoder(model)
     hidden = None
-    if share_prompts:
+    if prompt_cache is not None:
+        hidden = _hidden_after_prompts(base, input_ids, attention_mask, prompt_width, prompt_cache, model_inputs)
+    elif share_prompts:
         hidden = _shared_prompt_hidden(base, input_ids, attention_mask, prompt_width, model_inputs)
     if hidden is None:
         out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
@@ -176,6 +181,17 @@ def prompt_prefix_cache(base, input_ids, attention_mask, position_ids, rows: tor
     top: attention sees exactly the keys and values of one full pass, so results equal it up to float
     rounding. None when the cache is not one plain key/value pair per layer (e.g. sliding windows).
     """
+    cache = _prefix_pass(base, input_ids, attention_mask, position_ids)
+    if cache is None:
+        return None
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+    return cache
+
+
+def _prefix_pass(base, input_ids, attention_mask, position_ids):
+    """The base model over prompts' positions 0 .. P-2 ([U, P] inputs): its KV cache, or None when
+    that is not one plain key/value pair per layer."""
     head = {"position_ids": position_ids[:, :-1]} if position_ids is not None else {}
     cache = base(
         input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], use_cache=True, **head
@@ -183,9 +199,84 @@ def prompt_prefix_cache(base, input_ids, attention_mask, position_ids, rows: tor
     layers = getattr(cache, "layers", None)
     if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
         return None
-    for layer in layers:
-        layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
     return cache
+
+
+class PromptPrefix:
+    """The prompts of a set of rows (a minibatch), run once for several forward passes over those rows
+    (its micro-batches): each distinct prompt's keys and values at positions 0 .. P-2.
+
+    Each pass reads its rows' prompts through :meth:`cache` and leaves their gradient on this
+    object's detached copies (``index_select``'s backward sums over the rows that share a prompt);
+    :meth:`backward`, after the last pass, sends that sum through the prompt pass once. Parameter
+    gradients are those of running every row's prompt in every pass, up to float rounding: the
+    chain rule through keys and values is linear, so summing before or after the prompt pass is the
+    same. The prompt pass's activations stay alive until :meth:`backward`.
+    """
+
+    def __init__(self, cache, prompt_of: torch.Tensor):  # cache: DynamicCache of [U, heads, P-1, d]
+        self._graph = [t for layer in cache.layers for t in (layer.keys, layer.values)]  # 2 per layer
+        self._leaves = [t.detach().requires_grad_(t.requires_grad) for t in self._graph]
+        self.prompt_of = prompt_of  # [m] row -> distinct prompt 0 .. U-1
+
+    def cache(self, rows: torch.Tensor):
+        """A fresh DynamicCache of ``rows``' prompts (rows [b]: positions among the m rows)."""
+        from transformers import DynamicCache
+
+        idx = self.prompt_of[rows]  # [b]
+        gathered = [t.index_select(0, idx) for t in self._leaves]  # [b, heads, P-1, d] each
+        return DynamicCache(ddp_cache_data=list(zip(gathered[0::2], gathered[1::2])))
+
+    def backward(self) -> None:
+        """Back-propagate the gradients the passes left on the prompts' keys and values; once."""
+        pairs = [(t, leaf.grad) for t, leaf in zip(self._graph, self._leaves) if leaf.grad is not None]
+        self._graph, self._leaves = [], []
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+
+
+def prompt_prefix(model, input_ids, attention_mask, prompt_width: int, **model_inputs) -> PromptPrefix | None:
+    """:class:`PromptPrefix` of m rows ([m, L] inputs, prompts left-padded to width P, the same
+    ``model_inputs`` as the passes that will read it). None where :func:`_shared_prompt_hidden` would
+    not share: extra inputs besides position ids, a one-token prompt, no repeated prompt, gradient
+    checkpointing in training, a cache it cannot share."""
+    base = decoder(model)
+    P = prompt_width
+    if not _shareable(base, P, model_inputs):
+        return None
+    pos = model_inputs.get("position_ids")
+    first, inv = _distinct_prompts(input_ids, attention_mask, P)
+    if first is None:
+        return None
+    cache = _prefix_pass(
+        base, input_ids[first, :P], attention_mask[first, :P], pos[first, :P] if pos is not None else None
+    )
+    return PromptPrefix(cache, inv) if cache is not None else None
+
+
+def _shareable(base, prompt_width: int, model_inputs) -> bool:
+    """Whether a prompt's keys and values can serve other rows: a plain text model (position ids the
+    only extra input), a prompt of >= 2 tokens, and no checkpointed layers in training (they drop the
+    KV cache: transformers' GradientCheckpointingLayer)."""
+    pos = model_inputs.get("position_ids")
+    if getattr(base, "gradient_checkpointing", False) and base.training:
+        return False
+    if prompt_width < 2 or set(model_inputs) - {"position_ids"}:
+        return False
+    return pos is None or isinstance(pos, torch.Tensor)
+
+
+def _distinct_prompts(input_ids, attention_mask, prompt_width: int):
+    """(first row of each distinct prompt [U], row -> prompt [B]) when some prompt repeats, else
+    (None, None). Prompts are equal when their tokens and padding are."""
+    P = prompt_width
+    key = torch.cat([input_ids[:, :P], attention_mask[:, :P].to(input_ids.dtype)], dim=1)  # [B, 2P]
+    uniq, inv = torch.unique(key, dim=0, return_inverse=True)  # inv [B]: row -> distinct prompt
+    if len(uniq) == len(key):
+        return None, None
+    rows = torch.arange(len(key), device=key.device)
+    first = torch.full((len(uniq),), len(key), dtype=torch.long, device=key.device).scatter_reduce(0, inv, rows, "amin")
+    return first, inv
 
 
 def _shared_prompt_hidden(base, input_ids, attention_mask, prompt_width, model_inputs):
@@ -195,22 +286,25 @@ def _shared_prompt_hidden(base, input_ids, attention_mask, prompt_width, model_i
     one-token prompt, no repeated prompt, or a cache it cannot share.
     """
     P = prompt_width
+    if not _shareable(base, P, model_inputs):
+        return None
     pos = model_inputs.get("position_ids")
-    if getattr(base, "gradient_checkpointing", False) and base.training:
-        return None  # checkpointed layers drop the KV cache (transformers' GradientCheckpointingLayer)
-    if P < 2 or set(model_inputs) - {"position_ids"} or (pos is not None and not isinstance(pos, torch.Tensor)):
+    first, inv = _distinct_prompts(input_ids, attention_mask, P)
+    if first is None:
         return None
-    key = torch.cat([input_ids[:, :P], attention_mask[:, :P].to(input_ids.dtype)], dim=1)  # [B, 2P]
-    uniq, inv = torch.unique(key, dim=0, return_inverse=True)  # inv [B]: row -> distinct prompt
-    if len(uniq) == len(key):
-        return None
-    rows = torch.arange(len(key), device=key.device)
-    first = torch.full((len(uniq),), len(key), dtype=torch.long, device=key.device).scatter_reduce(0, inv, rows, "amin")
     cache = prompt_prefix_cache(
         base, input_ids[first, :P], attention_mask[first, :P], pos[first, :P] if pos is not None else None, inv
     )
     if cache is None:
         return None
+    return _hidden_after_prompts(base, input_ids, attention_mask, P, cache, model_inputs)
+
+
+def _hidden_after_prompts(base, input_ids, attention_mask, prompt_width, cache, model_inputs):
+    """Final hidden states [B, L-P, H] at positions P-1 .. L-2, running positions P-1 .. L-1 on top of
+    ``cache`` (the rows' keys and values at positions 0 .. P-2)."""
+    P = prompt_width
+    pos = model_inputs.get("position_ids")
     tail = {"position_ids": pos[:, P - 1 :]} if pos is not None else {}
     out = base(
         input_ids=input_ids[:, P - 1 :], attention_mask=attention_mask, past_key_values=cache, use_cache=True, **tail

@@ -189,7 +189,8 @@ class UpdateConfig:
         None,
         ">=1",
         "most positions per forward/backward (rows x longest completion + distinct prompts x prompt width; "
-        "bounds activation memory; a longer single row runs alone; null: no bound)",
+        "bounds activation memory; a longer single row runs alone; each micro-batch runs its own prompts; "
+        "null: no bound, and a minibatch's prompts run once for all its micro-batches)",
     )
     max_grad_norm: float = _f(1.0, ">0", "clip the global grad norm of each optimizer step to this")
 

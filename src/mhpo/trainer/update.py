@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mhpo.generation.rollout import Rollout, forward_inputs
-from mhpo.models.logprobs import model_logprobs
+from mhpo.models.logprobs import PromptPrefix, model_logprobs, prompt_prefix
 from mhpo.models.multimodal import model_kwargs
 from mhpo.objectives.aggregation import global_counts
 from mhpo.objectives.diagnostics import log_ratio_order_stats, masked_log_ratio
@@ -49,15 +49,33 @@ def rollout_logprobs(
     return logp, ent
 
 
-def completion_logprobs(model, part: Rollout, temperature: float, entropy: bool):
+def completion_logprobs(model, part: Rollout, temperature: float, entropy: bool, prompt_cache=None):
     """(log pi(y_t | x, y_<t) / T-tempered, entropy or None) of a rollout's completion tokens,
-    [b, w] each (w: the rollout's completion width), on the model's device, with gradients if enabled."""
+    [b, w] each (w: the rollout's completion width), on the model's device, with gradients if enabled.
+    ``prompt_cache``: the rows' prompts already run (:meth:`PromptPrefix.cache`)."""
     device = next(model.parameters()).device
     ids, attn = part.input_ids.to(device), part.attention_mask.to(device)
     extra = model_kwargs(forward_inputs(part), ids, attn, device)
     return model_logprobs(
-        model, ids, attn, part.prompt_width, temperature=temperature, entropy=entropy, share_prompts=True, **extra
+        model,
+        ids,
+        attn,
+        part.prompt_width,
+        temperature=temperature,
+        entropy=entropy,
+        share_prompts=True,
+        prompt_cache=prompt_cache,
+        **extra,
     )
+
+
+def minibatch_prompts(model, rollout: Rollout) -> PromptPrefix | None:
+    """The prompts of a minibatch's rows (``rollout``), run once for all its micro-batches; None where
+    they cannot be shared (:func:`mhpo.models.logprobs.prompt_prefix`)."""
+    device = next(model.parameters()).device
+    ids, attn = rollout.input_ids.to(device), rollout.attention_mask.to(device)
+    extra = model_kwargs(forward_inputs(rollout), ids, attn, device)
+    return prompt_prefix(model, ids, attn, rollout.prompt_width, **extra)
 
 
 @dataclass
@@ -101,13 +119,19 @@ MICRO_OVERHEAD = 32
 
 
 def micro_batches(
-    rollout: Rollout, mb: torch.Tensor, max_rows: int | None, max_positions: int | None = None
+    rollout: Rollout,
+    mb: torch.Tensor,
+    max_rows: int | None,
+    max_positions: int | None = None,
+    prompts_shared: bool = False,
 ) -> list[torch.Tensor]:
     """A minibatch's rows ``mb`` [m] as micro-batches (positions in ``mb``), each padded only to its own
     longest completion: rows sorted by length, cut where it minimises the positions the forward runs,
 
         positions(micro-batch) = rows x longest completion + distinct prompts x prompt width
         cost(micro-batch) = positions + MICRO_OVERHEAD
+
+    (the prompt term is 0 with ``prompts_shared``: the minibatch's prompts ran once already)
 
     (dynamic programming over the sorted rows; at most ``max_rows`` rows and ``max_positions``
     positions each, a single row longer than that alone). The gradient is the same sum whatever the
@@ -119,6 +143,7 @@ def micro_batches(
     cap = min(max_rows or m, m)
     lengths = rollout.completion_mask[mb].sum(-1)  # [m]
     P = rollout.prompt_width
+    prompt_cost = 0 if prompts_shared else P  # positions a distinct prompt adds to a micro-batch
     prompt_of = torch.unique(rollout.input_ids[mb, :P], dim=0, return_inverse=True)[1]  # [m] prompt id
     key = lengths * m + prompt_of if max_positions is not None else lengths  # [m] sort key
     order = torch.sort(key, stable=True).indices  # [m] positions, shortest first
@@ -131,7 +156,7 @@ def micro_batches(
         seen: set[int] = set()
         for i in range(j - 1, max(j - cap, 0) - 1, -1):  # the micro-batch is sorted rows i .. j-1
             seen.add(prompt[ranked[i]])
-            positions = (j - i) * longest[j - 1] + len(seen) * P
+            positions = (j - i) * longest[j - 1] + len(seen) * prompt_cost
             if positions > budget and i < j - 1:
                 break  # adding rows only adds positions
             cost = best[i] + positions + MICRO_OVERHEAD
@@ -206,12 +231,17 @@ def _optimizer_step(model, optimizer, params, batch, old_logp, mb, objective_cfg
     optimizer.zero_grad(set_to_none=True)
     micro_stats, micro_lr = [], []
     u = update_cfg
-    micros = micro_batches(batch.rollout, mb, u.micro_batch_size, u.micro_batch_tokens)  # positions in mb
-    for pos in micros:
+    whole = batch.rollout.select(mb)
+    # Unless micro-batches are bounded in positions (each then counts and runs its own prompts), the
+    # minibatch's prompts run once: forward here, backward after the last micro-batch.
+    prompts = minibatch_prompts(model, whole) if u.micro_batch_tokens is None else None
+    micros = micro_batches(batch.rollout, mb, u.micro_batch_size, u.micro_batch_tokens, prompts is not None)
+    for pos in micros:  # positions in mb
         rows = mb[pos]
-        part = batch.rollout.select(rows)
+        part = whole.select(pos, trim_prompt=False) if prompts is not None else batch.rollout.select(rows)
+        cache = prompts.cache(pos) if prompts is not None else None
         w = part.completion_mask.shape[1]
-        logp, ent = completion_logprobs(model, part, batch.temperature, fill_entropy is not None)  # [b, w]
+        logp, ent = completion_logprobs(model, part, batch.temperature, fill_entropy is not None, cache)  # [b, w]
         mask = part.completion_mask.to(device)
         if fill_entropy is not None:  # the behaviour log-probs of these rows are this very forward pass
             old_logp[rows, :w] = logp.detach().float().cpu() * part.completion_mask
@@ -236,6 +266,8 @@ def _optimizer_step(model, optimizer, params, batch, old_logp, mb, objective_cfg
         )
         loss.backward()
         micro_stats.append(stats)
+    if prompts is not None:
+        prompts.backward()
     norm = torch.nn.utils.clip_grad_norm_(params, update_cfg.max_grad_norm)
     optimizer.step()
     return combine_micro(micro_stats, torch.cat(micro_lr) if micro_lr else None), float(norm)
