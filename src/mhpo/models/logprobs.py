@@ -202,6 +202,44 @@ def _prefix_pass(base, input_ids, attention_mask, position_ids):
     return cache
 
 
+def _distinct_prompts(base, input_ids, attention_mask, prompt_width: int, model_inputs):
+    """(the distinct prompts' positions 0 .. P-2 run once: their KV cache [U, heads, P-1, d] per layer,
+    row -> distinct prompt [B]) for B rows ([B, L] inputs, prompts left-padded to width P); rows
+    share a prompt when its tokens and padding are equal. None where that does not apply: extra model
+    inputs besides position ids (e.g. pixels), a one-token prompt, no repeated prompt, checkpointed
+    layers in training (they drop the KV cache: transformers' GradientCheckpointingLayer), or a cache
+    it cannot share."""
+    P = prompt_width
+    pos = model_inputs.get("position_ids")
+    if getattr(base, "gradient_checkpointing", False) and base.training:
+        return None
+    if P < 2 or set(model_inputs) - {"position_ids"} or (pos is not None and not isinstance(pos, torch.Tensor)):
+        return None
+    key = torch.cat([input_ids[:, :P], attention_mask[:, :P].to(input_ids.dtype)], dim=1)  # [B, 2P]
+    uniq, inv = torch.unique(key, dim=0, return_inverse=True)  # inv [B]: row -> distinct prompt
+    if len(uniq) == len(key):
+        return None
+    rows = torch.arange(len(key), device=key.device)
+    first = torch.full((len(uniq),), len(key), dtype=torch.long, device=key.device).scatter_reduce(0, inv, rows, "amin")
+    cache = _prefix_pass(
+        base, input_ids[first, :P], attention_mask[first, :P], pos[first, :P] if pos is not None else None
+    )
+    return (cache, inv) if cache is not None else None
+
+
+def _shared_prompt_hidden(base, input_ids, attention_mask, prompt_width, model_inputs):
+    """Final hidden states [B, L-P, H] at positions P-1 .. L-2, computing each distinct prompt once
+    (:func:`_distinct_prompts`) and gathering its keys and values to the rows that share it. None
+    where prompts cannot be shared."""
+    found = _distinct_prompts(base, input_ids, attention_mask, prompt_width, model_inputs)
+    if found is None:
+        return None
+    cache, inv = found
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, inv), layer.values.index_select(0, inv)
+    return _hidden_after_prompts(base, input_ids, attention_mask, prompt_width, cache, model_inputs)
+
+
 class PromptPrefix:
     """The prompts of a set of rows (a minibatch), run once for several forward passes over those rows
     (its micro-batches): each distinct prompt's keys and values at positions 0 .. P-2.
@@ -237,67 +275,10 @@ class PromptPrefix:
 
 def prompt_prefix(model, input_ids, attention_mask, prompt_width: int, **model_inputs) -> PromptPrefix | None:
     """:class:`PromptPrefix` of m rows ([m, L] inputs, prompts left-padded to width P, the same
-    ``model_inputs`` as the passes that will read it). None where :func:`_shared_prompt_hidden` would
-    not share: extra inputs besides position ids, a one-token prompt, no repeated prompt, gradient
-    checkpointing in training, a cache it cannot share."""
-    base = decoder(model)
-    P = prompt_width
-    if not _shareable(base, P, model_inputs):
-        return None
-    pos = model_inputs.get("position_ids")
-    first, inv = _distinct_prompts(input_ids, attention_mask, P)
-    if first is None:
-        return None
-    cache = _prefix_pass(
-        base, input_ids[first, :P], attention_mask[first, :P], pos[first, :P] if pos is not None else None
-    )
-    return PromptPrefix(cache, inv) if cache is not None else None
-
-
-def _shareable(base, prompt_width: int, model_inputs) -> bool:
-    """Whether a prompt's keys and values can serve other rows: a plain text model (position ids the
-    only extra input), a prompt of >= 2 tokens, and no checkpointed layers in training (they drop the
-    KV cache: transformers' GradientCheckpointingLayer)."""
-    pos = model_inputs.get("position_ids")
-    if getattr(base, "gradient_checkpointing", False) and base.training:
-        return False
-    if prompt_width < 2 or set(model_inputs) - {"position_ids"}:
-        return False
-    return pos is None or isinstance(pos, torch.Tensor)
-
-
-def _distinct_prompts(input_ids, attention_mask, prompt_width: int):
-    """(first row of each distinct prompt [U], row -> prompt [B]) when some prompt repeats, else
-    (None, None). Prompts are equal when their tokens and padding are."""
-    P = prompt_width
-    key = torch.cat([input_ids[:, :P], attention_mask[:, :P].to(input_ids.dtype)], dim=1)  # [B, 2P]
-    uniq, inv = torch.unique(key, dim=0, return_inverse=True)  # inv [B]: row -> distinct prompt
-    if len(uniq) == len(key):
-        return None, None
-    rows = torch.arange(len(key), device=key.device)
-    first = torch.full((len(uniq),), len(key), dtype=torch.long, device=key.device).scatter_reduce(0, inv, rows, "amin")
-    return first, inv
-
-
-def _shared_prompt_hidden(base, input_ids, attention_mask, prompt_width, model_inputs):
-    """Final hidden states [B, L-P, H] at positions P-1 .. L-2, computing each distinct prompt once
-    (rows whose prompt tokens and padding are identical share :func:`prompt_prefix_cache`). Returns
-    None where that does not apply: extra model inputs besides position ids (e.g. pixels), a
-    one-token prompt, no repeated prompt, or a cache it cannot share.
-    """
-    P = prompt_width
-    if not _shareable(base, P, model_inputs):
-        return None
-    pos = model_inputs.get("position_ids")
-    first, inv = _distinct_prompts(input_ids, attention_mask, P)
-    if first is None:
-        return None
-    cache = prompt_prefix_cache(
-        base, input_ids[first, :P], attention_mask[first, :P], pos[first, :P] if pos is not None else None, inv
-    )
-    if cache is None:
-        return None
-    return _hidden_after_prompts(base, input_ids, attention_mask, P, cache, model_inputs)
+    ``model_inputs`` as the passes that will read it); None where prompts cannot be shared
+    (:func:`_distinct_prompts`)."""
+    found = _distinct_prompts(decoder(model), input_ids, attention_mask, prompt_width, model_inputs)
+    return PromptPrefix(*found) if found is not None else None
 
 
 def _hidden_after_prompts(base, input_ids, attention_mask, prompt_width, cache, model_inputs):

@@ -8,6 +8,10 @@ full-minibatch gradient exactly:
 
     loss_mb = sum_micro policy_loss(..., num_tokens=N_tok(mb), num_seqs=N_seq(mb))
     g = clip(grad loss_mb, max_grad_norm);  AdamW step
+
+The minibatch's distinct prompts run once (:class:`mhpo.models.logprobs.PromptPrefix`): their keys
+and values serve every micro-batch, and the gradient the micro-batches leave on them goes back
+through the prompt pass once, after the last micro-batch.
 """
 
 from __future__ import annotations
@@ -131,9 +135,8 @@ def micro_batches(
         positions(micro-batch) = rows x longest completion + distinct prompts x prompt width
         cost(micro-batch) = positions + MICRO_OVERHEAD
 
-    (the prompt term is 0 with ``prompts_shared``: the minibatch's prompts ran once already)
-
-    (dynamic programming over the sorted rows; at most ``max_rows`` rows and ``max_positions``
+    (the prompt term 0 with ``prompts_shared``: the minibatch's prompts ran once already;
+    dynamic programming over the sorted rows; at most ``max_rows`` rows and ``max_positions``
     positions each, a single row longer than that alone). The gradient is the same sum whatever the
     split (global token counts), up to float rounding. Completions of 5 to 64 tokens in one minibatch
     otherwise pad every row to 64. With ``max_positions``, rows of equal length are ordered by prompt,
