@@ -182,8 +182,11 @@ def prompt_prefix_cache(base, input_ids, attention_mask, position_ids, rows: tor
     rounding. None when the cache is not one plain key/value pair per layer (e.g. sliding windows).
     """
     cache = _prefix_pass(base, input_ids, attention_mask, position_ids)
-    if cache is None:
-        return None
+    return _gather_rows(cache, rows) if cache is not None else None
+
+
+def _gather_rows(cache, rows: torch.Tensor):
+    """``cache`` with each layer's keys and values [U, heads, P-1, d] gathered to ``rows`` [B] (in place)."""
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
     return cache
@@ -234,9 +237,7 @@ def _shared_prompt_hidden(base, input_ids, attention_mask, prompt_width, model_i
     found = _distinct_prompts(base, input_ids, attention_mask, prompt_width, model_inputs)
     if found is None:
         return None
-    cache, inv = found
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys.index_select(0, inv), layer.values.index_select(0, inv)
+    cache = _gather_rows(*found)
     return _hidden_after_prompts(base, input_ids, attention_mask, prompt_width, cache, model_inputs)
 
 

@@ -57,9 +57,7 @@ def completion_logprobs(model, part: Rollout, temperature: float, entropy: bool,
     """(log pi(y_t | x, y_<t) / T-tempered, entropy or None) of a rollout's completion tokens,
     [b, w] each (w: the rollout's completion width), on the model's device, with gradients if enabled.
     ``prompt_cache``: the rows' prompts already run (:meth:`PromptPrefix.cache`)."""
-    device = next(model.parameters()).device
-    ids, attn = part.input_ids.to(device), part.attention_mask.to(device)
-    extra = model_kwargs(forward_inputs(part), ids, attn, device)
+    ids, attn, extra = _model_inputs(model, part)
     return model_logprobs(
         model,
         ids,
@@ -76,10 +74,15 @@ def completion_logprobs(model, part: Rollout, temperature: float, entropy: bool,
 def minibatch_prompts(model, rollout: Rollout) -> PromptPrefix | None:
     """The prompts of a minibatch's rows (``rollout``), run once for all its micro-batches; None where
     they cannot be shared (:func:`mhpo.models.logprobs.prompt_prefix`)."""
-    device = next(model.parameters()).device
-    ids, attn = rollout.input_ids.to(device), rollout.attention_mask.to(device)
-    extra = model_kwargs(forward_inputs(rollout), ids, attn, device)
+    ids, attn, extra = _model_inputs(model, rollout)
     return prompt_prefix(model, ids, attn, rollout.prompt_width, **extra)
+
+
+def _model_inputs(model, part: Rollout):
+    """(input_ids [b, L], attention_mask [b, L], extra keyword inputs) of ``part`` on the model's device."""
+    device = next(model.parameters()).device
+    ids, attn = part.input_ids.to(device), part.attention_mask.to(device)
+    return ids, attn, model_kwargs(forward_inputs(part), ids, attn, device)
 
 
 @dataclass
@@ -241,7 +244,7 @@ def _optimizer_step(model, optimizer, params, batch, old_logp, mb, objective_cfg
     micros = micro_batches(batch.rollout, mb, u.micro_batch_size, u.micro_batch_tokens, prompts is not None)
     for pos in micros:  # positions in mb
         rows = mb[pos]
-        part = whole.select(pos, trim_prompt=False) if prompts is not None else batch.rollout.select(rows)
+        part = whole.select(pos, trim_prompt=prompts is None)  # with prompts: their columns as they ran
         cache = prompts.cache(pos) if prompts is not None else None
         w = part.completion_mask.shape[1]
         logp, ent = completion_logprobs(model, part, batch.temperature, fill_entropy is not None, cache)  # [b, w]
