@@ -28,7 +28,7 @@ loop (each prompt prefilled once and its cache repeated for the G completions, f
 dropped, one uniform draw per token) where TRL runs transformers' ``generate`` on every completion's
 own copy of the prompt; in float32 the behaviour log-probs are the sampler's (TRL: a separate
 no-grad pass), under bf16 the first minibatch's come from its own update pass; the update runs each
-distinct prompt once per micro-batch, micro-batches grouped by completion length, and computes
+distinct prompt once per minibatch (for all its micro-batches), micro-batches grouped by completion length, and computes
 log-probs from hidden states in token chunks without materialising full logits.
 
 Floors (printed under the table): matmul throughput at SmolLM2's decode and update shapes and the
