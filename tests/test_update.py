@@ -155,3 +155,104 @@ def test_second_minibatch_sees_ratios_away_from_one():
     assert stats["grad_norm"] > 0
     for key in ("policy/clip_frac", "policy/multiplier/mean", "policy/mhpo/psi_mean", "policy/loss"):
         assert key in stats
+
+
+def test_group_ordered_minibatches_keep_each_group_whole():
+    groups = torch.arange(6).repeat_interleave(4)[torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 20, 21])]
+    # rows of groups 0, 2, 3 (whole) and 5 (two rows left), as kept rows after a filter
+    seen = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        parts = update_module.minibatches(len(groups), 3, groups)
+        rows = torch.cat(parts)
+        assert sorted(rows.tolist()) == list(range(len(groups)))  # every row exactly once
+        assert [len(torch.unique(groups[p])) for p in parts] == [2, 1, 1]  # 4 groups in 3 near-equal parts
+        for p in parts:  # a group's rows all in one part
+            assert all(int((groups[p] == g).sum()) == int((groups == g).sum()) for g in torch.unique(groups[p]))
+        seen.add(tuple(tuple(groups[p].unique().tolist()) for p in parts))
+    assert len(seen) > 3  # the groups' order is drawn, not fixed
+    torch.manual_seed(0)
+    first = update_module.minibatches(len(groups), 3, groups)
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(first, update_module.minibatches(len(groups), 3, groups)))
+    torch.manual_seed(0)
+    assert len(update_module.minibatches(len(groups), 9, groups)) == 4  # at most one part per group
+    assert update_module.minibatches(0, 2, groups[:0]) == []
+
+
+def test_group_ordered_minibatches_run_each_prompt_once_per_epoch(monkeypatch):
+    """With whole groups per minibatch, each of the 3 prompts' prefix passes runs once in an epoch of
+    2 minibatches (shuffled rows put most prompts in both); the update needs the groups."""
+    model, batch = _setup()
+    G = 4
+    prompt_rows = []
+    real = update_module.minibatch_prompts
+
+    def spy(model, whole, *args, **kwargs):
+        prompt_rows.append(len(torch.unique(whole.input_ids[:, : whole.prompt_width], dim=0)))
+        return real(model, whole, *args, **kwargs)
+
+    monkeypatch.setattr(update_module, "minibatch_prompts", spy)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    objective = ObjectiveConfig(name="mhpo", agg="token-mean")
+    update = UpdateConfig(num_minibatches=2, epochs=2, max_grad_norm=1.0, minibatch_order="groups")
+    with pytest.raises(ValueError, match="minibatch_order=groups needs UpdateBatch.groups"):
+        policy_update(model, opt, batch, objective, update)
+    batch.groups = torch.arange(len(batch.rollout)) // G
+    torch.manual_seed(0)
+    stats = policy_update(model, opt, batch, objective, update).stats
+    assert stats["update/optimizer_steps"] == 4
+    assert len(prompt_rows) == 4 and sorted(prompt_rows) == [1, 1, 2, 2]  # 3 prompts per epoch, each once
+
+
+@pytest.mark.parametrize("behaviour", ["trainer", "sampler"])
+def test_a_trainer_step_with_group_ordered_minibatches_trains_whole_groups(monkeypatch, behaviour):
+    """rl_step with update.minibatch_order=groups and zero-std groups dropped: the minibatches (drawn
+    with the behaviour log-probs for the trainer's, in the update for the sampler's) keep every kept
+    group whole."""
+    from collections import deque
+
+    from mhpo.trainer import step as step_module
+    from mhpo.trainer.config import load_config
+    from mhpo.trainer.setup import build_policy, model_loader, prepare_run
+
+    drawn, batches = [], []
+    real_minibatches, real_update = update_module.minibatches, step_module.policy_update
+
+    def spy_minibatches(n, num, groups=None):
+        parts = real_minibatches(n, num, groups)
+        drawn.append((groups, parts))
+        return parts
+
+    def spy_update(model, optimizer, batch, objective_cfg, update_cfg):
+        batches.append((batch.groups, len(batch.rollout)))
+        return real_update(model, optimizer, batch, objective_cfg, update_cfg)
+
+    monkeypatch.setattr(step_module, "minibatches", spy_minibatches)
+    monkeypatch.setattr(update_module, "minibatches", spy_minibatches)
+    monkeypatch.setattr(step_module, "policy_update", spy_update)
+    coin = torch.Generator().manual_seed(1)
+    advantages = step_module.group_advantages  # the untrained model scores 0: draw 0/1 rewards instead
+
+    def drawn_rewards(rewards, *args):
+        return advantages(torch.randint(0, 2, rewards.shape, generator=coin).float(), *args)
+
+    monkeypatch.setattr(step_module, "group_advantages", drawn_rewards)
+    overrides = ["warmup.enabled=off", "train.steps=2", "train.report_to=[]", "eval.size=0"]
+    overrides += ["rollout.prompts_per_step=6", "rollout.group_size=4", "update.num_minibatches=2"]
+    overrides += ["advantage.drop_zero_std=true", "update.minibatch_order=groups"]
+    overrides += [f"rollout.behaviour_logprobs={behaviour}"]
+    with prepare_run(load_config(None, overrides)) as plan:
+        pol = build_policy(plan.cfg, model_loader(plan.cfg), "tiny", "tiny")
+        source = plan.task.train_source(0, frozenset())
+        torch.manual_seed(0)
+        pending = deque()
+        for step in (1, 2):
+            step_module.rl_step(plan, pol, source, pending, step)
+    assert len(batches) == 2 and len(drawn) == 2
+    for (groups, n), (drawn_groups, parts) in zip(batches, drawn):
+        assert torch.equal(groups, drawn_groups)
+        assert len(groups) == n and n % 4 == 0 and 4 <= n < 24  # kept rows: whole groups of 4, some dropped
+        assert sorted(torch.cat(parts).tolist()) == list(range(n))
+        for part in parts:
+            assert all(int((groups[part] == g).sum()) == 4 for g in torch.unique(groups[part]))

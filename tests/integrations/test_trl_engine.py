@@ -169,6 +169,7 @@ def test_unset_values_are_resolved_as_mhpo_train_resolves_them(tmp_path):
         (["model.name_or_path=tiny-vlm"], "model.name_or_path"),
         (["train.steps=0"], "train.steps"),
         (["update.micro_batch_tokens=512"], "update.micro_batch_tokens"),
+        (["update.minibatch_order=groups"], "update.minibatch_order"),
         (["rollout.prompts_per_step=3", "rollout.group_size=2", "update.num_minibatches=4"], "update.num_minibatches"),
         (["rollout.prompts_per_step=3", "rollout.group_size=2", "update.num_minibatches=2"], "update.num_minibatches"),
         (

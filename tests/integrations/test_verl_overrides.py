@@ -84,6 +84,13 @@ def test_a_token_budget_per_micro_batch_is_verls_dynamic_batch_size():
     assert actor.use_dynamic_bsz is False  # unset: verl's default (rows per micro-batch)
 
 
+def test_group_ordered_minibatches_are_a_note_for_verl():
+    overrides, notes = verl_overrides(load_config(None, ["update.minibatch_order=groups"]))
+    assert overrides == verl_overrides(load_config(None))[0]
+    assert any(n.startswith("update.minibatch_order=groups is not carried over") for n in notes)
+    assert not any("minibatch_order" in n for n in verl_overrides(load_config(None))[1])
+
+
 def test_hydra_values():
     assert [hydra_value(v) for v in (1e-6, True, [0.9, 0.999], {"c": 1.5, "lfm": False}, 3)] == [
         "1e-06",

@@ -49,6 +49,7 @@ What does not carry over (UsageError naming the key and the values that do):
   mhpo's image prompts are not mapped to TRL's multimodal format here;
 - train.steps=0 (nothing for TRL to run) and --resume (resuming from TRL's checkpoints is not wired);
 - update.micro_batch_tokens (TRL's micro-batches are a fixed number of rows: update.micro_batch_size);
+- update.minibatch_order=groups (TRL shuffles rows into minibatches one by one);
 - a rollout batch TRL cannot split evenly: R must be divisible by update.num_minibatches, that by W,
   and that by update.micro_batch_size (mhpo's own trainer allows uneven minibatches).
 
@@ -154,6 +155,13 @@ def check_carries(cfg: Config, num_processes: int | None = None) -> None:
         raise _fail("model.gradient_checkpointing", True, "false", "use TRL's own gradient_checkpointing")
     if cfg.train.steps == 0:
         raise _fail("train.steps", 0, ">= 1", "nothing for TRL to run; evaluate with mhpo eval")
+    if cfg.update.minibatch_order != "rows":
+        raise _fail(
+            "update.minibatch_order",
+            cfg.update.minibatch_order,
+            "rows",
+            "TRL shuffles rows into minibatches one by one",
+        )
     if cfg.update.micro_batch_tokens is not None:
         raise _fail(
             "update.micro_batch_tokens",

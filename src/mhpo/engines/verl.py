@@ -136,6 +136,11 @@ def _notes(cfg: Config) -> list[str]:
             "log-probs with the actor; its rollout importance-sampling correction (algorithm.rollout_is*) is the "
             "knob for the sampler mismatch"
         )
+    if cfg.update.minibatch_order != "rows":
+        notes.append(
+            f"update.minibatch_order={cfg.update.minibatch_order} is not carried over: verl orders the rows of its "
+            "mini-batches itself (trainer.balance_batch, actor.shuffle)"
+        )
     if cfg.update.micro_batch_tokens is not None:
         notes.append(
             f"update.micro_batch_tokens={cfg.update.micro_batch_tokens} -> ppo_max_token_len_per_gpu: verl counts "

@@ -193,6 +193,12 @@ class UpdateConfig:
         "null: no bound, and a minibatch's prompts run once for all its micro-batches)",
     )
     max_grad_norm: float = _f(1.0, ">0", "clip the global grad norm of each optimizer step to this")
+    minibatch_order: Literal["rows", "groups"] = _f(
+        "rows",
+        help="rows: each row shuffled into a minibatch on its own (TRL's order); groups: whole groups shuffled, "
+        "a group's rows in one minibatch (its prompt then runs once per epoch in the update, not once per "
+        "minibatch; each optimizer step sees fewer distinct prompts)",
+    )
 
 
 @dataclass

@@ -150,7 +150,8 @@ def behaviour_logprobs(plan: Plan, pol: Policy, rollout, keep):
             }
         return rollout.logprobs, entropy, None, stats
     kept = keep.nonzero().squeeze(-1)  # [n]
-    first_epoch = minibatches(len(kept), cfg.update.num_minibatches) if cfg.rollout.staleness == 0 else None
+    groups = kept_groups(cfg, kept)
+    first_epoch = minibatches(len(kept), cfg.update.num_minibatches, groups) if cfg.rollout.staleness == 0 else None
     in_first = torch.zeros(len(rollout), dtype=torch.bool)
     if first_epoch:
         in_first[kept[first_epoch[0]]] = True
@@ -182,8 +183,15 @@ def update_batch(plan: Plan, pol: Policy, sb: ScoredBatch, timer):
         temperature=cfg.rollout.temperature,
         norm_length=float(plan.max_new_tokens),
         ref_logp=ref_logp[kept] if ref_logp is not None else None,
+        groups=kept_groups(cfg, kept),
         first_epoch=sb.first_epoch,
     )
+
+
+def kept_groups(cfg: Config, kept: torch.Tensor) -> torch.Tensor | None:
+    """[n] the group of each kept row (rows i*G .. i*G+G-1 are group i) when minibatches keep groups
+    whole (update.minibatch_order = groups); None otherwise."""
+    return kept // cfg.rollout.group_size if cfg.update.minibatch_order == "groups" else None
 
 
 def step_metrics(plan, pol, sb: ScoredBatch, lr, update_stats, timer) -> dict[str, float]:

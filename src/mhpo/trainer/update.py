@@ -95,6 +95,8 @@ class UpdateBatch:
     temperature: float = 1.0  # the sampling temperature: log-probs are those of the tempered policy
     norm_length: float | None = None  # constant L of seq-mean-token-sum-norm (the completion budget)
     ref_logp: torch.Tensor | None = None  # [N, C] reference log-probs (KL)
+    # [N] the group of each row, given when minibatches keep groups whole (update.minibatch_order = groups)
+    groups: torch.Tensor | None = None
     # The first epoch's minibatches, drawn by the caller (:func:`minibatches`) before the update.
     # Given, the first minibatch's behaviour log-probs need no pass of their own: before the first
     # optimizer step the policy IS the behaviour policy, so that step's forward pass gives them
@@ -112,12 +114,22 @@ class UpdateResult:
     first_entropy: torch.Tensor | None = None  # [n1, C] float32, zero off-mask
 
 
-def minibatches(n: int, num_minibatches: int) -> list[torch.Tensor]:
-    """One epoch's minibatches: a random permutation of range(n) (global generator) in
-    min(num_minibatches, n) near-equal parts."""
+def minibatches(n: int, num_minibatches: int, groups: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """One epoch's minibatches of rows range(n), drawn with the global generator.
+
+    ``groups`` None: a random permutation of the rows in min(num_minibatches, n) near-equal parts.
+    ``groups`` [n] (the group of each row; ``update.minibatch_order = groups``): a random permutation of
+    the g distinct groups in min(num_minibatches, g) near-equal parts, each part's rows in row order, so
+    that a group's rows share a minibatch.
+    """
     if n == 0:
         return []
-    return list(torch.tensor_split(torch.randperm(n), min(num_minibatches, n)))
+    if groups is None:
+        return list(torch.tensor_split(torch.randperm(n), min(num_minibatches, n)))
+    _, group_of_row = torch.unique(groups, return_inverse=True)  # [n] in 0 .. g-1
+    g = int(group_of_row.max()) + 1
+    parts = torch.tensor_split(torch.randperm(g), min(num_minibatches, g))  # group ids per minibatch
+    return [torch.isin(group_of_row, part).nonzero().squeeze(1) for part in parts]
 
 
 # A forward + backward's fixed cost in completion positions (weight reads, per-call overheads): a
@@ -182,9 +194,11 @@ def policy_update(model, optimizer, batch: UpdateBatch, objective_cfg, update_cf
     ``update_cfg`` has num_minibatches, epochs, micro_batch_size, micro_batch_tokens and max_grad_norm
     (:class:`mhpo.trainer.config.UpdateConfig`). Minibatch order comes from ``torch.randperm`` on the global
     generator (saved in checkpoints); ``batch.first_epoch`` gives the first epoch's when the caller
-    drew them already.
+    drew them already; ``batch.groups`` keeps groups whole (``update_cfg.minibatch_order = groups``).
     """
     n = len(batch.rollout)
+    if getattr(update_cfg, "minibatch_order", "rows") == "groups" and batch.groups is None:
+        raise ValueError("update.minibatch_order=groups needs UpdateBatch.groups (the group of each row)")
     if n == 0:
         return UpdateResult({"update/optimizer_steps": 0.0})
     params = [p for p in model.parameters() if p.requires_grad]
@@ -195,9 +209,10 @@ def policy_update(model, optimizer, batch: UpdateBatch, objective_cfg, update_cf
     norms: list[float] = []
     model.train()
     for epoch in range(update_cfg.epochs):
-        splits = batch.first_epoch if epoch == 0 and from_first_step else minibatches(n, update_cfg.num_minibatches)
+        first = epoch == 0 and from_first_step
+        splits = batch.first_epoch if first else minibatches(n, update_cfg.num_minibatches, batch.groups)
         for i, mb in enumerate(splits):
-            fill = from_first_step and epoch == 0 and i == 0
+            fill = first and i == 0
             stats, norm = _optimizer_step(
                 model,
                 optimizer,
