@@ -6,7 +6,8 @@
 The job is `trainer_vs_trl.py --model smollm2-135m-instruct`'s sampling stage (8 chat_addition
 prompts x group 4, <= 64 new tokens, temperature 1, float32, all cores up to 8), sampled by the
 trainer's own ``sample_completions`` from the untrained weights. A hook on the model records each
-forward of the decode loop: its rows (the batch shrinks as rows finish and leave) and wall time.
+forward of the decode loop (and the prefill's one-token forward of the last prompt token): its rows
+(the batch shrinks as rows finish and leave) and wall time.
 Then, for every row count seen, the decode's matrix products alone are replayed: every Linear of
 the model in its module order, with the packing the decode loop uses (:mod:`mhpo.models.packed`),
 on an input of that many rows, back to back and nothing else (the weights come from memory as in
@@ -62,7 +63,9 @@ def main() -> None:
 
     def after(module, args, kwargs, out):
         ids = kwargs.get("input_ids")
-        if ids is not None and ids.shape[1] == 1:  # a decode step (the prefill has longer inputs)
+        # one new position per row: the decode steps, and the prefill's last prompt token on top of the
+        # prompts' shared part (which runs through the decoder alone, not this hooked model)
+        if ids is not None and ids.shape[1] == 1:
             steps.append((ids.shape[0], time.perf_counter() - start[-1]))
 
     sample_completions(plan, pol, source.next(cfg.rollout.prompts_per_step))  # warm

@@ -126,8 +126,8 @@ def minibatches(n: int, num_minibatches: int, groups: torch.Tensor | None = None
         return []
     if groups is None:
         return list(torch.tensor_split(torch.randperm(n), min(num_minibatches, n)))
-    _, group_of_row = torch.unique(groups, return_inverse=True)  # [n] in 0 .. g-1
-    g = int(group_of_row.max()) + 1
+    distinct, group_of_row = torch.unique(groups, return_inverse=True)  # [g], [n] in 0 .. g-1
+    g = len(distinct)
     parts = torch.tensor_split(torch.randperm(g), min(num_minibatches, g))  # group ids per minibatch
     return [torch.isin(group_of_row, part).nonzero().squeeze(1) for part in parts]
 
@@ -191,13 +191,14 @@ def policy_update(model, optimizer, batch: UpdateBatch, objective_cfg, update_cf
     """Run the optimizer steps of one RL step; returns averaged objective stats and grad norms.
 
     ``objective_cfg`` has name, hparams, agg and beta (:class:`mhpo.trainer.config.ObjectiveConfig`);
-    ``update_cfg`` has num_minibatches, epochs, micro_batch_size, micro_batch_tokens and max_grad_norm
-    (:class:`mhpo.trainer.config.UpdateConfig`). Minibatch order comes from ``torch.randperm`` on the global
-    generator (saved in checkpoints); ``batch.first_epoch`` gives the first epoch's when the caller
-    drew them already; ``batch.groups`` keeps groups whole (``update_cfg.minibatch_order = groups``).
+    ``update_cfg`` has num_minibatches, epochs, micro_batch_size, micro_batch_tokens, max_grad_norm and
+    minibatch_order (:class:`mhpo.trainer.config.UpdateConfig`). Minibatch order comes from
+    ``torch.randperm`` on the global generator (saved in checkpoints); ``batch.first_epoch`` gives the
+    first epoch's when the caller drew them already; ``batch.groups`` keeps groups whole
+    (``update_cfg.minibatch_order = groups``).
     """
     n = len(batch.rollout)
-    if getattr(update_cfg, "minibatch_order", "rows") == "groups" and batch.groups is None:
+    if update_cfg.minibatch_order == "groups" and batch.groups is None:
         raise ValueError("update.minibatch_order=groups needs UpdateBatch.groups (the group of each row)")
     if n == 0:
         return UpdateResult({"update/optimizer_steps": 0.0})
